@@ -1,0 +1,96 @@
+r"""MCTF DeiT-S fine-tuning: the official recipe (mlvlab/MCTF), the base of every config.
+
+Fine-tunes a pretrained DeiT with multi-criteria token fusion (r=16 on blocks 1..11) and
+token reduction consistency (teacher r' drawn from [0, 8)). Launch::
+
+  python train.py --config=configs/deit_s.py --workdir=/tmp/mctf_deit_s \
+      --config.data.data_dir=/path/to/tfds --config.init.checkpoint=deit_small.pth
+
+Variants (deit_t.py, deit_b.py, *_fast.py, tome.py, digits.py) edit this config.
+"""
+
+import ml_collections
+
+
+def deit_model(size: str) -> ml_collections.ConfigDict:
+  """DeiT-Ti/S/B at 224x224, patch 16."""
+  width, heads = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
+  return ml_collections.ConfigDict(dict(
+      img_size=224, patch_size=16, in_chans=3, embed_dim=width, depth=12, num_heads=heads,
+      num_classes=1000, mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6,
+      drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))
+
+
+def mctf_fusion(**changes) -> ml_collections.ConfigDict:
+  """MCTF as the official scripts run it (mctf_type [16,8,0,1,1,1,20,40,1,1,0])."""
+  fusion = ml_collections.ConfigDict(dict(
+      r=16.0,                     # tokens removed per fused block (or a ratio < 1); a
+                                  # float so that overrides may give either
+      layers=tuple(range(1, 12)),  # fused blocks, 0-based
+      prop_attn=True,             # proportional attention: + log(size) on the keys
+      one_step_ahead="approx",    # 'off' | 'approx' | 'precise'
+      tau_sim=1.0, tau_info=20.0, tau_size=40.0,  # temperatures (0 = criterion off)
+      bidirectional=True,
+      pooling="attn",             # 'size' | 'attn' | 'max' | 'mean'; official scripts: attn
+      trace_source=False,
+      teacher_r_max=8.0,          # teacher r' ~ U{0, ..., teacher_r_max - 1} (or a ratio)
+      merge_impl="auto",          # 'auto' | 'scatter' | 'matmul'
+  ))
+  fusion.update(changes)
+  return fusion
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = deit_model("small")
+  config.fusion = mctf_fusion()
+
+  # Data: any tfds image classification dataset, a folder of class folders, or 'digits'.
+  config.data = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012",     # tfds name, "folder:/path/to/root", or "digits"
+      data_dir=None,              # tfds data_dir (ImageNet: manual download, see README)
+      train_split="train",
+      eval_split="validation",
+      crop_pct=0.875,             # eval: resize shorter side to img_size / crop_pct, crop
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      randaugment="rand-m9-mstd0.5-inc1",  # "" to disable
+      reprob=0.25,                # random erasing probability
+      mixup=0.0, cutmix=0.0,
+      repeated_aug=3,             # repeated augmentation (1 = off)
+      shuffle_buffer=16_384,
+      prefetch=2,
+  ))
+
+  config.batch_size = 1024        # global
+  config.eval_batch_size = 1024
+  config.num_epochs = 30
+  config.cooldown_epochs = 10     # at min_lr after the cosine
+  config.warmup_epochs = 0
+  config.base_lr = 5e-4 * 0.03    # per 512 images; scaled by batch_size / 512
+  config.min_lr = 1e-6
+  config.warmup_lr = 1e-7
+  config.weight_decay = 0.05
+  config.grad_clip = 0.0          # global norm; 0 = off
+  config.ema_decay = 0.99996      # 0 = no EMA
+
+  config.loss = ml_collections.ConfigDict(dict(
+      label_smoothing=0.1, consistency_threshold=0.4,
+      weight_student=1.0, weight_teacher=1.0, weight_consistency=3.0))
+
+  config.init = ml_collections.ConfigDict(dict(
+      checkpoint="",              # pretrained DeiT: Orbax dir from mctf_jax.convert or .pth
+  ))
+  config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices that shard parameters
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.eval_every_epochs = 1
+
+  config.eval = ml_collections.ConfigDict(dict(
+      r_values=(),                # r to evaluate at (empty: fusion.r and 0)
+      output_dir="",
+  ))
+  return config

@@ -1,0 +1,134 @@
+"""Parameter checkpoints: what the converter writes and what train.py / eval.py read.
+
+A *parameter checkpoint* is a directory with an Orbax ``params`` item and a
+``mctf_jax.json`` file that records the model config it was made for::
+
+    DIR/mctf_jax.json
+    DIR/params/...        (ocp.StandardCheckpointer)
+
+train.py keeps its checkpoints in ``WORKDIR/checkpoints/<step>/`` (an Orbax
+CheckpointManager) with the items ``params``, ``ema`` (when it keeps an EMA),
+``opt_state`` and ``meta``.
+
+``load_params`` reads a parameter checkpoint, a train.py work directory (its latest checkpoint,
+EMA weights by default), or a PyTorch file (.pth/.npz/.safetensors, converted on the fly),
+and checks every weight against the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from mctf_jax.config import ModelConfig, model_config
+
+METADATA = "mctf_jax.json"
+PARAMS_ITEM = "params"
+EMA_ITEM = "ema"
+CHECKPOINTS_DIR = "checkpoints"
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".npz", ".safetensors")
+
+
+def _config_dict(config: Any) -> dict:
+  import dataclasses
+  out = {"model": dataclasses.asdict(model_config(config))}
+  fusion = getattr(config, "fusion", None)
+  if fusion is not None and hasattr(fusion, "to_dict"):
+    out["fusion"] = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in fusion.to_dict().items()}
+  return out
+
+
+def save_params(path: str, params, config: Any, *, overwrite: bool = False) -> str:
+  """Writes params (and the config they belong to) as a parameter checkpoint at `path`."""
+  import orbax.checkpoint as ocp
+  path = os.path.abspath(os.fspath(path))
+  if os.path.exists(path):
+    if not overwrite:
+      raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    shutil.rmtree(path)
+  os.makedirs(path)
+  params = jax.tree.map(np.asarray, params)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, PARAMS_ITEM), params)
+  ckptr.wait_until_finished()
+  with open(os.path.join(path, METADATA), "w") as f:
+    json.dump({"format": "mctf_jax.params", **_config_dict(config)}, f, indent=1)
+  return path
+
+
+def _check_tree(params, cfg: ModelConfig, source: str):
+  from mctf_jax import convert
+  flat = convert.flax_to_torch(params)
+  want = convert.expected_shapes(cfg)
+  missing = [k for k in want if k not in flat]
+  unexpected = [k for k in flat if k not in want]
+  wrong = [(k, flat[k].shape, s) for k, s in want.items() if k in flat and flat[k].shape != s]
+  if missing or unexpected or wrong:
+    raise convert.CheckpointMismatchError(missing, unexpected, wrong, source)
+
+
+def _restore_params_item(item_path: str, cfg: ModelConfig, source: str):
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  params = ckptr.restore(item_path)
+  params = jax.tree.map(np.asarray, params)
+  _check_tree(params, cfg, source)
+  return params
+
+
+def _latest_step_dir(path: str) -> str | None:
+  steps = [d for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
+  return os.path.join(path, max(steps, key=int)) if steps else None
+
+
+def find_train_params(path: str, ema: bool = True) -> str | None:
+  """The params (or EMA) item of the latest checkpoint under a train.py workdir, or None.
+
+  `path` may be the workdir, its checkpoints/ directory, or one step directory.
+  """
+  candidates = [path]
+  if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+    candidates.insert(0, os.path.join(path, CHECKPOINTS_DIR))
+  for directory in candidates:
+    step_dir = directory if os.path.isdir(os.path.join(directory, PARAMS_ITEM)) else \
+        _latest_step_dir(directory)
+    if step_dir is None:
+      continue
+    for item in ((EMA_ITEM, PARAMS_ITEM) if ema else (PARAMS_ITEM,)):
+      if os.path.isdir(os.path.join(step_dir, item)):
+        return os.path.join(step_dir, item)
+  return None
+
+
+def load_params(path: str, config: Any, *, ema: bool = True):
+  """Params for `config` from a parameter checkpoint, a train.py workdir or a torch file.
+
+  ema: for train.py checkpoints, take the EMA weights when the run kept them.
+  Raises FileNotFoundError for a path that does not exist or holds no checkpoint, and
+  CheckpointMismatchError (listing every weight) when the shapes do not fit the config.
+  """
+  from mctf_jax import convert
+  cfg = model_config(config)
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+  if os.path.isfile(path):
+    if not path.lower().endswith(TORCH_EXTENSIONS):
+      raise ValueError(f"{path!r} is a file but not a PyTorch checkpoint ({', '.join(TORCH_EXTENSIONS)});"
+                       f" Orbax checkpoints are directories")
+    return convert.torch_to_flax(convert.load_state_dict(path), cfg, source=path)
+  if os.path.isfile(os.path.join(path, METADATA)):
+    return _restore_params_item(os.path.join(path, PARAMS_ITEM), cfg, path)
+  found = find_train_params(path, ema=ema)
+  if found is None:
+    raise FileNotFoundError(
+        f"{path!r} holds no checkpoint: expected a directory written by "
+        f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
+        f"file ({', '.join(TORCH_EXTENSIONS)})")
+  return _restore_params_item(found, cfg, path)

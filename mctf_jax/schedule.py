@@ -1,0 +1,115 @@
+"""The fusion schedule: how many tokens every block sees and removes, fixed before tracing.
+
+Everything MCTF decides from shapes alone (r at each layer, its split between the two
+matching directions, the token counts) is computed here once, in plain Python, so that
+every array shape inside ``jit`` is static. Print a schedule to see it::
+
+    >>> print(mctf_jax.create_model(config).schedule())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mctf_jax.config import FusionConfig, ModelConfig, normalize_r
+
+# The reference never fuses below this many tokens.
+MIN_TOKENS = 10
+# The class token is never merged.
+NUM_PROTECTED = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """One block of the schedule.
+
+  Attributes:
+    layer: 0-based block index.
+    tokens_in: tokens entering the block.
+    r: tokens this block removes (0: an ordinary block).
+    r_ab: tokens of set A (even positions) merged into set B.
+    r_ba: tokens of set B (odd positions) merged into the unmerged A tokens.
+  """
+  layer: int
+  tokens_in: int
+  r: int = 0
+  r_ab: int = 0
+  r_ba: int = 0
+
+  @property
+  def tokens_out(self) -> int:
+    return self.tokens_in - self.r
+
+  @property
+  def fuses(self) -> bool:
+    return self.r > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The per-layer plan of a model at one r; hashable, so it can key compiled functions."""
+  layers: tuple[LayerPlan, ...]
+  r: int | float = 0
+
+  @property
+  def tokens_in(self) -> int:
+    return self.layers[0].tokens_in
+
+  @property
+  def tokens_out(self) -> int:
+    return self.layers[-1].tokens_out
+
+  @property
+  def fuses(self) -> bool:
+    return any(plan.fuses for plan in self.layers)
+
+  @property
+  def tokens_per_layer(self) -> tuple[int, ...]:
+    """Tokens entering each block, then the tokens leaving the last one."""
+    return tuple(p.tokens_in for p in self.layers) + (self.tokens_out,)
+
+  def __str__(self) -> str:
+    lines = [f"fusion schedule (r={self.r!r}): {self.tokens_in} -> {self.tokens_out} tokens",
+             "  layer  tokens_in    r  (A->B, B->A)  tokens_out"]
+    for p in self.layers:
+      split = f"({p.r_ab:3d}, {p.r_ba:3d})" if p.fuses else "          "
+      lines.append(f"  {p.layer:5d}  {p.tokens_in:9d}  {p.r:3d}  {split:>12s}  "
+                   f"{p.tokens_out:10d}")
+    return "\n".join(lines)
+
+
+def effective_r(r: int | float, tokens: int, num_protected: int = NUM_PROTECTED) -> int:
+  """Tokens one fused layer removes from `tokens` tokens, as the reference computes it.
+
+  A ratio r < 1 becomes int((tokens - protected) * r); never fuse below MIN_TOKENS tokens;
+  never more than half of the unprotected tokens (bipartite matching merges each token of
+  one half at most once).
+  """
+  if tokens - r < MIN_TOKENS:
+    r = tokens - MIN_TOKENS
+  if r < 1:
+    r = int((tokens - num_protected) * r)
+  r = min(int(r), (tokens - num_protected) // 2)
+  # The reference breaks on a negative r (fewer than MIN_TOKENS tokens); it means no fusion.
+  return max(r, 0)
+
+
+def compute_schedule(model: ModelConfig, fusion: FusionConfig, r=None) -> Schedule:
+  """The schedule of `model` under `fusion`, at fusion.r or at the r given."""
+  r = fusion.r if r is None else normalize_r(r, "r")
+  fusion.check_depth(model.depth)
+  tokens = model.num_tokens
+  plans = []
+  for layer in range(model.depth):
+    if layer in fusion.layers and r != 0:
+      n = effective_r(r, tokens)
+      if fusion.bidirectional:
+        r_ab, r_ba = n // 2, n - n // 2
+      else:
+        r_ab, r_ba = n, 0
+      plan = LayerPlan(layer, tokens, n, r_ab, r_ba)
+    else:
+      plan = LayerPlan(layer, tokens)
+    plans.append(plan)
+    tokens = plan.tokens_out
+  return Schedule(tuple(plans), r)

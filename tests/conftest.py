@@ -1,0 +1,51 @@
+"""Shared test helpers: the golden cases of the official PyTorch code, tiny configs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+EVAL_CASES = ("tiny_default", "tiny_ratio", "tiny_no_osa", "tiny_tome_like")
+TRAIN_CASES = ("tiny_train",)
+
+
+def load_golden(case: str):
+  with open(os.path.join(GOLDEN_DIR, f"{case}.json")) as f:
+    meta = json.load(f)
+  data = np.load(os.path.join(GOLDEN_DIR, f"{case}.npz"))
+  return meta, {k: data[k] for k in data.files}
+
+
+def golden_config(meta, dtype="float32", **fusion_changes):
+  """The JAX config of a golden case: the JSON's model/fusion fields map one to one."""
+  fusion = dict(meta["fusion"], **fusion_changes)
+  return {"model": dict(meta["model"], dtype=dtype, param_dtype=dtype), "fusion": fusion}
+
+
+def golden_state_dict(data):
+  return {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+
+
+def golden_images(data, dtype):
+  return np.asarray(data["images"].transpose(0, 2, 3, 1), dtype)
+
+
+def tiny_config(**fusion):
+  """A small model for fast tests (the golden architecture, 65 tokens)."""
+  base = dict(r=8, layers=(1, 2, 3), one_step_ahead="approx", pooling="size",
+              trace_source=True, teacher_r_max=4)
+  base.update(fusion)
+  return {"model": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                        num_classes=10), "fusion": base}
+
+
+@pytest.fixture
+def x64():
+  """Runs a test with float64 enabled (and restores the setting)."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", previous)
