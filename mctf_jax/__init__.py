@@ -24,6 +24,11 @@ def create_model(config: Any, **fusion_changes) -> VisionTransformer:
   if fusion_changes:
     fusion_cfg = dataclasses.replace(fusion_cfg, **fusion_changes)
   fusion_cfg.check_depth(model_cfg.depth)
+  if "float64" in (model_cfg.dtype, model_cfg.param_dtype):
+    import jax
+    if not jax.config.jax_enable_x64:
+      raise ConfigError("model.dtype/param_dtype float64 needs 64-bit JAX: set "
+                        "jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1 first")
   return VisionTransformer(model=model_cfg, fusion=fusion_cfg)
 
 

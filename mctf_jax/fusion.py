@@ -6,10 +6,11 @@ One fusion step turns T_in tokens into T_out = T_in - r tokens:
    holds the class token) and the odd tokens (set B), the product of three criteria:
    similarity, informativeness (attention received) and size.
 2. ``bipartite_matching``: bidirectional (or one-directional) bipartite soft matching on
-   those scores. Its result is one integer per input token, ``dest_BxT``: the output token
-   it is fused into. This single map describes the whole step; the output order is the
-   reference's ``[unmerged A in original order, remaining B by descending score]``.
-3. ``fuse_tokens``: pooling of the tokens (and their sizes) along ``dest_BxT``.
+   those scores. Its result, ``Fusion``, says where every input token goes (``dest_BxT``)
+   and, for merging, which input token each output token is built on and which r tokens
+   move into another; the output order is the reference's
+   ``[unmerged A in original order, remaining B by descending score]``.
+3. ``fuse_tokens``: pooling of the tokens (and their sizes) along that map.
 4. ``merged_attention_output``: one-step-ahead attention, the attention of the fused
    tokens computed from the attention map of the unfused ones.
 
@@ -19,7 +20,7 @@ H heads, d head width, N initial tokens. All sizes come from the static schedule
 
 from __future__ import annotations
 
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,9 @@ def matching_scores(metric_BxTxC: jax.Array,
   """
   dtype = jnp.promote_types(metric_BxTxC.dtype, jnp.float32)
   metric = jax.lax.stop_gradient(metric_BxTxC).astype(dtype)
-  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  # (A zero token would give 0/0; the guard never changes a non-zero norm.)
+  norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  metric = metric / jnp.maximum(norm, jnp.finfo(dtype).tiny)
   a_BxAxC, b_BxBxC = metric[:, ::2], metric[:, 1::2]
   num_a, num_b = a_BxAxC.shape[1], b_BxBxC.shape[1]
 
@@ -85,21 +88,49 @@ def matching_scores(metric_BxTxC: jax.Array,
 # ----------------------------------------------------------------------------- matching
 
 
-def _descending_order(values_BxK: jax.Array) -> jax.Array:
-  """Indices that sort each row by descending value (ties: lower index first)."""
-  return jnp.argsort(-values_BxK, axis=-1, stable=True)
+class Fusion(NamedTuple):
+  """One fusion step, T input tokens -> O = T - r output tokens (all int32).
+
+  dest_BxT: the output token each input token is fused into.
+  anchor_BxO: for each output token, the input token it is built on (it keeps that token's
+    place): the unmerged A tokens and the B tokens that stay.
+  moved_BxR: the r input tokens merged into another token (A->B first, then B->A).
+  moved_dest_BxR: their output tokens.
+  A merge is then ``x[anchor] + sum of x[moved] into moved_dest``: a gather of O rows and a
+  reduction of only r rows.
+  """
+  dest_BxT: jax.Array
+  anchor_BxO: jax.Array
+  moved_BxR: jax.Array
+  moved_dest_BxR: jax.Array
+
+  @property
+  def num_out(self) -> int:
+    return self.anchor_BxO.shape[1]
 
 
-def _inverse_permutation(perm_BxK: jax.Array) -> jax.Array:
-  batch, k = perm_BxK.shape
-  rows = jnp.arange(batch)[:, None]
-  return jnp.zeros_like(perm_BxK).at[rows, perm_BxK].set(
-      jnp.broadcast_to(jnp.arange(k, dtype=perm_BxK.dtype), perm_BxK.shape))
+def _descending_rank(values_BxK: jax.Array) -> jax.Array:
+  """Each entry's place in a stable descending sort (0 = largest; ties: lower index first).
+
+  Counted by pairwise comparison, O(K^2) integer work that is negligible next to the
+  attention and needs no sort, scatter or inverse permutation.
+  """
+  k = values_BxK.shape[-1]
+  before_KxK = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]   # [i, j] = j < i
+  v_i, v_j = values_BxK[:, :, None], values_BxK[:, None, :]
+  ahead = (v_j > v_i) | ((v_j == v_i) & before_KxK)
+  return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+
+
+def _position_of(values_BxN: jax.Array, wanted: range) -> jax.Array:
+  """For each wanted value, the index n of the (unique) entry values[b, n] equal to it."""
+  hit_BxKxN = values_BxN[:, None, :] == jnp.asarray(list(wanted), values_BxN.dtype)[None, :, None]
+  return jnp.argmax(hit_BxKxN, axis=-1).astype(jnp.int32)
 
 
 def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
-                       bidirectional: bool = True) -> jax.Array:
-  """Which output token every input token goes to: ``dest_BxT`` (int32).
+                       bidirectional: bool = True) -> Fusion:
+  """Bidirectional (or one-directional) bipartite soft matching on the scores.
 
   A -> B: each A token's best B; the r_ab A tokens with the highest best score merge
   into it. B -> A (bidirectional), on the same scores restricted to the unmerged A
@@ -110,60 +141,80 @@ def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
   first), then the B tokens that stay, by descending best score (bidirectional) or in
   their original order (one-directional). This order feeds the next layer's even/odd split.
   """
+  scores_BxAxB = jax.lax.stop_gradient(scores_BxAxB)
   batch, num_a, num_b = scores_BxAxB.shape
-  rows = jnp.arange(batch)[:, None]
-
-  best_b_BxA = jnp.argmax(scores_BxAxB, axis=-1)
-  best_score_BxA = jnp.max(scores_BxAxB, axis=-1)
-  merged_a = _descending_order(best_score_BxA)[:, :r_ab]
-  keep_a_BxA = jnp.ones((batch, num_a), bool).at[rows, merged_a].set(False)
-  # Position of each kept A token among the kept ones (original order).
-  pos_a_BxA = jnp.cumsum(keep_a_BxA, axis=-1, dtype=jnp.int32) - 1
   num_kept_a = num_a - r_ab
+
+  best_b_BxA = jnp.argmax(scores_BxAxB, axis=-1).astype(jnp.int32)
+  rank_a_BxA = _descending_rank(jnp.max(scores_BxAxB, axis=-1))
+  keep_a_BxA = rank_a_BxA >= r_ab
+  # Place of each kept A token among the kept ones, in original order.
+  before_AxA = jnp.arange(num_a)[None, :] < jnp.arange(num_a)[:, None]
+  pos_a_BxA = jnp.sum(keep_a_BxA[:, None, :] & before_AxA, axis=-1, dtype=jnp.int32)
 
   if bidirectional:
     scores_ba_BxAxB = jnp.where(keep_a_BxA[:, :, None], scores_BxAxB, -jnp.inf)
-    best_a_BxB = jnp.argmax(scores_ba_BxAxB, axis=1)
-    best_score_BxB = jnp.max(scores_ba_BxAxB, axis=1)
-    rank_b_BxB = _inverse_permutation(_descending_order(best_score_BxB).astype(jnp.int32))
+    best_a_BxB = jnp.argmax(scores_ba_BxAxB, axis=1).astype(jnp.int32)
+    rank_b_BxB = _descending_rank(jnp.max(scores_ba_BxAxB, axis=1))
     dest_b_BxB = jnp.where(rank_b_BxB < r_ba,
                            jnp.take_along_axis(pos_a_BxA, best_a_BxB, axis=-1),
                            num_kept_a + rank_b_BxB - r_ba)
+    kept_b_BxK = _position_of(rank_b_BxB, range(r_ba, num_b))
+    moved_b_BxR = _position_of(rank_b_BxB, range(r_ba))
   else:
     dest_b_BxB = jnp.broadcast_to(num_kept_a + jnp.arange(num_b, dtype=jnp.int32),
                                   (batch, num_b))
-
+    kept_b_BxK = jnp.broadcast_to(jnp.arange(num_b, dtype=jnp.int32), (batch, num_b))
+    moved_b_BxR = jnp.zeros((batch, 0), jnp.int32)
   dest_a_BxA = jnp.where(keep_a_BxA, pos_a_BxA,
                          jnp.take_along_axis(dest_b_BxB, best_b_BxA, axis=-1))
-  dest_BxT = jnp.zeros((batch, num_a + num_b), jnp.int32)
-  dest_BxT = dest_BxT.at[:, ::2].set(dest_a_BxA).at[:, 1::2].set(dest_b_BxB)
-  return jax.lax.stop_gradient(dest_BxT)
+
+  # Interleave back to token order: A token i is token 2i, B token j is token 2j + 1.
+  pairs = jnp.stack([dest_a_BxA[:, :num_b], dest_b_BxB], axis=-1).reshape(batch, 2 * num_b)
+  dest_BxT = jnp.concatenate([pairs, dest_a_BxA[:, num_b:]], axis=-1)
+  kept_a_BxK = _position_of(jnp.where(keep_a_BxA, pos_a_BxA, -1), range(num_kept_a))
+  anchor_BxO = jnp.concatenate([2 * kept_a_BxK, 2 * kept_b_BxK + 1], axis=-1)
+  moved_BxR = jnp.concatenate([2 * _position_of(rank_a_BxA, range(r_ab)),
+                               2 * moved_b_BxR + 1], axis=-1)
+  moved_dest_BxR = jnp.take_along_axis(dest_BxT, moved_BxR, axis=-1)
+  return Fusion(dest_BxT, anchor_BxO, moved_BxR, moved_dest_BxR)
 
 
 # ----------------------------------------------------------------------------- merging
 
 
-def _segment_reduce(x_BxTxF, dest_BxT, num_out: int, how: str, impl: str):
-  """Reduce the rows of x that share a destination: (B, T, ...) -> (B, num_out, ...)."""
-  if impl == "matmul" and how == "sum":
-    onehot_BxOxT = (dest_BxT[:, None, :] == jnp.arange(num_out)[None, :, None])
-    flat = x_BxTxF.reshape(x_BxTxF.shape[:2] + (-1,))
-    out = jnp.einsum("bot,btf->bof", onehot_BxOxT.astype(x_BxTxF.dtype), flat,
-                     precision=jax.lax.Precision.HIGHEST,
-                     preferred_element_type=jnp.promote_types(x_BxTxF.dtype, jnp.float32))
-    return out.astype(x_BxTxF.dtype).reshape((x_BxTxF.shape[0], num_out) + x_BxTxF.shape[2:])
-  reduce = {"sum": jax.ops.segment_sum, "max": jax.ops.segment_max}[how]
-  return jax.vmap(functools.partial(reduce, num_segments=num_out))(x_BxTxF, dest_BxT)
+def _take_tokens(x_BxTxF, idx_BxK):
+  """x[b, idx[b, k]] for token-major arrays of any trailing shape."""
+  idx = idx_BxK.reshape(idx_BxK.shape + (1,) * (x_BxTxF.ndim - 2))
+  return jnp.take_along_axis(x_BxTxF, idx, axis=1)
 
 
-def merge_sum(x_BxTxF, dest_BxT, num_out: int, impl: str = "scatter"):
-  """Sum of the tokens fused into each output token."""
-  return _segment_reduce(x_BxTxF, dest_BxT, num_out, "sum", impl)
+def merge_sum(x_BxTxF, fz: Fusion, impl: str = "scatter"):
+  """Sum of the tokens fused into each output token: (B, T, ...) -> (B, O, ...).
+
+  impl 'scatter' adds the r moved rows with a scatter-add; 'matmul' with a one-hot (O, r)
+  matrix product (MXU-friendly on TPU). Both gather the O anchor rows.
+  """
+  out = _take_tokens(x_BxTxF, fz.anchor_BxO)
+  if fz.moved_BxR.shape[1] == 0:
+    return out
+  moved = _take_tokens(x_BxTxF, fz.moved_BxR)
+  if impl == "matmul":
+    onehot_BxOxR = (fz.moved_dest_BxR[:, None, :] ==
+                    jnp.arange(fz.num_out)[None, :, None]).astype(x_BxTxF.dtype)
+    flat = moved.reshape(moved.shape[:2] + (-1,))
+    added = jnp.einsum("bor,brf->bof", onehot_BxOxR, flat,
+                       precision=jax.lax.Precision.HIGHEST)
+    return out + added.reshape(out.shape)
+  rows = jnp.arange(out.shape[0])[:, None]
+  return out.at[rows, fz.moved_dest_BxR].add(moved)
 
 
-def merge_max(x_BxTxF, dest_BxT, num_out: int):
+def merge_max(x_BxTxF, fz: Fusion):
   """Element-wise max of the tokens fused into each output token."""
-  return _segment_reduce(x_BxTxF, dest_BxT, num_out, "max", "scatter")
+  out = _take_tokens(x_BxTxF, fz.anchor_BxO)
+  rows = jnp.arange(out.shape[0])[:, None]
+  return out.at[rows, fz.moved_dest_BxR].max(_take_tokens(x_BxTxF, fz.moved_BxR))
 
 
 def pooling_weights(pooling: str, size_BxT: jax.Array,
@@ -187,33 +238,31 @@ def pooling_weights(pooling: str, size_BxT: jax.Array,
   raise ValueError(f"unknown pooling {pooling!r}")
 
 
-def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, dest_BxT: jax.Array, num_out: int,
-                *, pooling: str = "size", attn_received_BxT: jax.Array | None = None,
-                impl: str = "scatter"):
-  """Fuses tokens along dest_BxT.
+def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, fz: Fusion, *, pooling: str = "size",
+                attn_received_BxT: jax.Array | None = None, impl: str = "scatter"):
+  """Fuses tokens as `fz` says.
 
   Returns (x_BxOxC, size_BxO, weights_BxT, norm_BxO): the fused tokens, their sizes (sum
   of the sizes fused), and the weights and normalisers of the average (None for max
   pooling), which ``merged_attention_output`` reuses for the query rows of the attention.
   """
   size_BxT = jax.lax.stop_gradient(size_BxT)
-  size_BxO = merge_sum(size_BxT[..., None], dest_BxT, num_out, impl)[..., 0]
+  size_BxO = merge_sum(size_BxT, fz, impl)
   weights_BxT = pooling_weights(pooling, size_BxT, attn_received_BxT)
   if weights_BxT is None:
-    return merge_max(x_BxTxC, dest_BxT, num_out), size_BxO, None, None
+    return merge_max(x_BxTxC, fz), size_BxO, None, None
   weights_BxT = jax.lax.stop_gradient(weights_BxT)
-  norm_BxO = size_BxO if pooling == "size" else merge_sum(weights_BxT[..., None], dest_BxT,
-                                                           num_out, impl)[..., 0]
+  norm_BxO = size_BxO if pooling == "size" else merge_sum(weights_BxT, fz, impl)
   # Accumulate in float32 at least, whatever the compute dtype.
   acc = jnp.promote_types(x_BxTxC.dtype, jnp.float32)
   weighted = x_BxTxC.astype(acc) * weights_BxT[..., None].astype(acc)
-  x_BxOxC = merge_sum(weighted, dest_BxT, num_out, impl) / norm_BxO[..., None].astype(acc)
+  x_BxOxC = merge_sum(weighted, fz, impl) / norm_BxO[..., None].astype(acc)
   return x_BxOxC.astype(x_BxTxC.dtype), size_BxO, weights_BxT, norm_BxO
 
 
-def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxOxHxd: jax.Array,
-                            dest_BxT: jax.Array, weights_BxT: jax.Array | None,
-                            norm_BxO: jax.Array | None, *, impl: str = "scatter") -> jax.Array:
+def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxOxHxd: jax.Array, fz: Fusion,
+                            weights_BxT: jax.Array | None, norm_BxO: jax.Array | None, *,
+                            impl: str = "scatter") -> jax.Array:
   """One-step-ahead attention: the fused tokens attend with the merged attention map.
 
   The reference merges the map itself: it sums the key columns of each group, then pools
@@ -226,21 +275,18 @@ def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxOxHxd: jax.Array,
 
   Returns the attention output of the fused tokens, (B, O, H, d).
   """
-  num_out = v_BxOxHxd.shape[1]
   dtype = v_BxOxHxd.dtype
   if weights_BxT is None:  # max pooling: merge the map, then attend
     probs_BxHxTxT = probs_BxHxTxT.astype(dtype)
-    cols_BxHxTxO = jnp.moveaxis(
-        merge_sum(jnp.moveaxis(probs_BxHxTxT, 3, 1), dest_BxT, num_out, impl), 1, 3)
-    merged_BxHxOxO = jnp.moveaxis(
-        merge_max(jnp.moveaxis(cols_BxHxTxO, 2, 1), dest_BxT, num_out), 1, 2)
+    cols_BxHxTxO = jnp.moveaxis(merge_sum(jnp.moveaxis(probs_BxHxTxT, 3, 1), fz, impl), 1, 3)
+    merged_BxHxOxO = jnp.moveaxis(merge_max(jnp.moveaxis(cols_BxHxTxO, 2, 1), fz), 1, 2)
     return jnp.einsum("bhqk,bkhd->bqhd", merged_BxHxOxO, v_BxOxHxd)
   acc = jnp.promote_types(dtype, jnp.float32)
-  v_back_BxTxHxd = jnp.take_along_axis(v_BxOxHxd, dest_BxT[:, :, None, None], axis=1)
+  v_back_BxTxHxd = _take_tokens(v_BxOxHxd, fz.dest_BxT)
   out_BxTxHxd = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxTxT.astype(dtype), v_back_BxTxHxd,
                            preferred_element_type=acc)
   weighted = out_BxTxHxd * weights_BxT[:, :, None, None].astype(acc)
-  out = merge_sum(weighted, dest_BxT, num_out, impl) / norm_BxO[:, :, None, None].astype(acc)
+  out = merge_sum(weighted, fz, impl) / norm_BxO[:, :, None, None].astype(acc)
   return out.astype(dtype)
 
 

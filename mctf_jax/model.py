@@ -202,18 +202,17 @@ class Block(nn.Module):
     scores = F.matching_scores(metric_BxTxC, attn_received_BxT=received_BxT,
                                size_BxT=state.size_BxT, tau_sim=fz.tau_sim,
                                tau_info=fz.tau_info, tau_size=fz.tau_size)
-    dest_BxT = F.bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
-                                    bidirectional=fz.bidirectional)
+    fusion = F.bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
+                                  bidirectional=fz.bidirectional)
     size_BxT = state.size_BxT
     if size_BxT is None:
       size_BxT = jnp.ones((batch, tokens), jnp.promote_types(state.x_BxTxC.dtype, jnp.float32))
-    x, size, weights, norm = F.fuse_tokens(state.x_BxTxC, size_BxT, dest_BxT, plan.tokens_out,
-                                           pooling=fz.pooling, attn_received_BxT=received_BxT,
-                                           impl=impl)
+    x, size, weights, norm = F.fuse_tokens(state.x_BxTxC, size_BxT, fusion, pooling=fz.pooling,
+                                           attn_received_BxT=received_BxT, impl=impl)
     token_map = state.token_map_BxN
     if token_map is not None:
-      token_map = F.update_token_map(token_map, dest_BxT)
-    return TokenState(x, size, token_map), (dest_BxT, weights, norm, impl)
+      token_map = F.update_token_map(token_map, fusion.dest_BxT)
+    return TokenState(x, size, token_map), (fusion, weights, norm, impl)
 
   def _attn_size(self, state: TokenState):
     return _log_size(state.size_BxT) if self.fusion.prop_attn else None
@@ -226,9 +225,9 @@ class Block(nn.Module):
 
     if mode == "approx":
       # Fuse with this block's attention, then reuse that attention, merged.
-      state, (dest, weights, norm, impl) = self._fuse(state, x, probs, plan)
+      state, (fusion, weights, norm, impl) = self._fuse(state, x, probs, plan)
       v = self.attn.values(self.norm1(state.x_BxTxC))
-      out = F.merged_attention_output(probs, v, dest, weights, norm, impl=impl)
+      out = F.merged_attention_output(probs, v, fusion, weights, norm, impl=impl)
     elif mode == "precise":
       # Fuse with this block's attention (no gradient), recompute it on the fused tokens.
       state, _ = self._fuse(state, x, jax.lax.stop_gradient(probs), plan)

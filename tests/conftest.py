@@ -42,6 +42,12 @@ def tiny_config(**fusion):
                         num_classes=10), "fusion": base}
 
 
+def jit_apply(model, **kwargs):
+  """model.apply({'params': p}, images, **kwargs), jitted (eager Flax is slow on CPU)."""
+  return jax.jit(lambda params, images, rngs=None: model.apply(
+      {"params": params}, images, rngs=rngs, **kwargs))
+
+
 @pytest.fixture
 def x64():
   """Runs a test with float64 enabled (and restores the setting)."""

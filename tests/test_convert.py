@@ -1,0 +1,183 @@
+"""PyTorch checkpoints <-> Flax params, the torch-free .pth reader, and the convert CLI."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mctf_jax
+from mctf_jax import checkpoint, convert, torch_pickle
+from conftest import golden_config, golden_images, golden_state_dict, jit_apply, load_golden
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def golden():
+  meta, data = load_golden("tiny_default")
+  return meta, data, golden_state_dict(data)
+
+
+def test_round_trip_is_exact(golden, x64):
+  meta, _, state = golden
+  config = golden_config(meta, "float64")
+  params = convert.torch_to_flax(state, config)
+  back = convert.flax_to_torch(params)
+  assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  again = convert.torch_to_flax(back, config)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  # The flax tree is exactly the model's.
+  model = mctf_jax.create_model(config)
+  want = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  assert jax.tree.structure(want["params"]) == jax.tree.structure(params)
+  jax.tree.map(lambda w, p: (w.shape == p.shape) or pytest.fail(f"{w.shape} vs {p.shape}"),
+               want["params"], params)
+
+
+def test_wrapped_and_torch_file(golden):
+  meta, data, state = golden
+  config = golden_config(meta, "float32")
+  wrapped = convert.torch_to_flax({"model": state, "epoch": 3}, config)
+  plain = convert.torch_to_flax(state, config)
+  jax.tree.map(np.testing.assert_array_equal, wrapped, plain)
+  from_pth = convert.torch_to_flax(convert.load_state_dict(os.path.join(DATA, "tiny_deit.pth")),
+                                   config)
+  jax.tree.map(np.testing.assert_array_equal, from_pth, plain)
+  logits = jit_apply(mctf_jax.create_model(config))(from_pth, golden_images(data, np.float32))
+  np.testing.assert_allclose(logits, data["f32/logits"], atol=1e-4, rtol=0)
+  ema = convert.load_state_dict(os.path.join(DATA, "tiny_deit.pth"), ema=True)
+  np.testing.assert_allclose(ema["norm.bias"], state["norm.bias"].astype(np.float32) * 0.5)
+
+
+def test_npz_and_safetensors(golden, tmp_path):
+  from safetensors.numpy import save_file
+  _, _, state = golden
+  np.savez(tmp_path / "w.npz", **state)
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+  for name in ("w.npz", "w.safetensors"):
+    loaded = convert.load_state_dict(str(tmp_path / name))
+    assert sorted(loaded) == sorted(state)
+    for k in state:
+      np.testing.assert_array_equal(loaded[k], state[k])
+
+
+def test_torch_free_reader_matches_torch_load():
+  loaded = torch_pickle.load(os.path.join(DATA, "torch_reader.pth"))
+  expected = np.load(os.path.join(DATA, "torch_reader_expected.npz"))
+  for name in expected.files:
+    got = loaded["tensors"][name]
+    assert got.shape == expected[name].shape, name
+    np.testing.assert_array_equal(np.asarray(got, expected[name].dtype), expected[name])
+  assert str(loaded["tensors"]["bf16"].dtype) == "bfloat16"
+  np.testing.assert_array_equal(loaded["nested"][1]["x"], np.arange(-5, 5))
+
+
+def test_reader_agrees_with_torch_when_installed():
+  torch = pytest.importorskip("torch")
+  path = os.path.join(DATA, "tiny_deit.pth")
+  ours = torch_pickle.load(path)["model"]
+  theirs = torch.load(path, map_location="cpu", weights_only=False)["model"]
+  assert sorted(ours) == sorted(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k].numpy())
+
+
+def test_not_a_checkpoint(tmp_path):
+  bad = tmp_path / "notes.pth"
+  bad.write_text("hello")
+  with pytest.raises(ValueError, match="legacy|not a zip"):
+    torch_pickle.load(str(bad))
+  with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+    convert.load_state_dict(str(tmp_path / "missing.pth"))
+  with pytest.raises(ValueError, match="unknown checkpoint format '.txt'"):
+    (tmp_path / "w.txt").write_text("x")
+    convert.load_state_dict(str(tmp_path / "w.txt"))
+
+
+def test_pos_embed_resize_matches_torch_bicubic():
+  data = np.load(os.path.join(DATA, "pos_embed_resize.npz"))
+  for new in (10, 4):
+    got = convert.resize_pos_embed(data["pos_embed"], 1 + new * new)
+    np.testing.assert_allclose(got, data[f"resized_{new}"], rtol=0, atol=1e-12)
+  same = convert.resize_pos_embed(data["pos_embed"], data["pos_embed"].shape[1])
+  np.testing.assert_allclose(same, data["pos_embed"], atol=1e-12)
+
+
+def test_other_image_size_and_class_count(golden, caplog):
+  meta, data, state = golden
+  config = golden_config(meta, "float32")
+  config["model"].update(img_size=48, num_classes=7)   # 144 patches, new head
+  with caplog.at_level(logging.WARNING):
+    params = convert.torch_to_flax(state, config)
+  assert "resizing pos_embed from 65 to 145 tokens" in caplog.text
+  assert "dropping the checkpoint's head (10 classes)" in caplog.text
+  assert params["pos_embed"].shape == (1, 145, 64)
+  assert params["head"]["kernel"].shape == (64, 7)
+  model = mctf_jax.create_model(config)
+  logits = jit_apply(model)(params, np.zeros((2, 48, 48, 3), np.float32))
+  assert logits.shape == (2, 7) and np.all(np.isfinite(logits))
+
+
+def test_mismatch_lists_every_problem(golden):
+  meta, _, state = golden
+  config = golden_config(meta, "float32")
+  broken = dict(state)
+  del broken["blocks.1.mlp.fc1.bias"], broken["norm.weight"]
+  broken["blocks.0.attn.qkv.weight"] = np.zeros((10, 64))
+  broken["head_dist.weight"] = np.zeros((10, 64))
+  with pytest.raises(convert.CheckpointMismatchError) as err:
+    convert.torch_to_flax(broken, config)
+  message = str(err.value)
+  for needle in ("missing (2)", "blocks.1.mlp.fc1.bias", "norm.weight", "unexpected (1)",
+                 "head_dist.weight", "blocks.0.attn.qkv.weight is (10, 64), the config needs "
+                 "(192, 64)"):
+    assert needle in message
+  ok = dict(state, head_dist_extra=np.zeros(3))
+  convert.torch_to_flax(ok, config, allow_unexpected=True)
+
+
+def test_cli_writes_an_orbax_checkpoint_that_loads(tmp_path, golden):
+  _, data, _ = golden
+  out = tmp_path / "converted"
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "mctf_jax.convert", "--config=tests/configs/tiny.py",
+         f"--torch={DATA}/tiny_deit.pth", f"--out={out}"]
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert "converted" in done.stdout and "parameters" in done.stdout
+  config = {"model": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                          num_classes=10)}
+  params = checkpoint.load_params(str(out), config)
+  direct = convert.torch_to_flax(convert.load_state_dict(f"{DATA}/tiny_deit.pth"), config)
+  jax.tree.map(np.testing.assert_array_equal, params, direct)
+  # Refuses to overwrite; a bad checkpoint gives a clear message, no traceback.
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+  bad = subprocess.run(cmd[:-1] + [f"--out={tmp_path}/x", "--config.model.embed_dim=32",
+                                   "--config.model.num_heads=2"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "wrong shape" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
+def test_load_params_errors(tmp_path):
+  config = {"model": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                          num_classes=10)}
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    checkpoint.load_params(str(tmp_path / "nope"), config)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    checkpoint.load_params(str(tmp_path / "empty"), config)
+  (tmp_path / "notes.txt").write_text("x")
+  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+    checkpoint.load_params(str(tmp_path / "notes.txt"), config)
+  wrong = dict(config["model"], embed_dim=32)
+  with pytest.raises(convert.CheckpointMismatchError, match="wrong shape"):
+    checkpoint.load_params(os.path.join(DATA, "tiny_deit.pth"), {"model": wrong})
