@@ -47,20 +47,26 @@ def get_config():
   config.fusion = mctf_fusion()
 
   # Data: any tfds image classification dataset, a folder of class folders, or 'digits'.
+  # (Fields of this section are read by mctf_jax.data.)
   config.data = ml_collections.ConfigDict(dict(
       dataset="imagenet2012",     # tfds name, "folder:/path/to/root", or "digits"
-      data_dir=None,              # tfds data_dir (ImageNet: manual download, see README)
+      data_dir=ml_collections.config_dict.placeholder(str),  # tfds data_dir (see README)
       train_split="train",
       eval_split="validation",
-      crop_pct=0.875,             # eval: resize shorter side to img_size / crop_pct, crop
-      mean=(0.485, 0.456, 0.406),
-      std=(0.229, 0.224, 0.225),
-      randaugment="rand-m9-mstd0.5-inc1",  # "" to disable
-      reprob=0.25,                # random erasing probability
-      mixup=0.0, cutmix=0.0,
+      # Training augmentation (the DeiT recipe).
+      crop_scale=(0.08, 1.0),     # random resized crop (bicubic)
+      crop_ratio=(3 / 4, 4 / 3),
+      hflip=True,
+      randaugment="rand-m9-mstd0.5-inc1",  # timm notation; "" to disable
+      reprob=0.25,                # random erasing probability (timm 'pixel' mode)
+      mixup=0.0, cutmix=0.0,      # alphas; 0 = off
       repeated_aug=3,             # repeated augmentation (1 = off)
       shuffle_buffer=16_384,
-      prefetch=2,
+      # Evaluation: resize shorter side to img_size / crop_pct (bicubic, antialiased), crop.
+      crop_pct=0.875,
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      prefetch=2,                 # batches prefetched to the devices
   ))
 
   config.batch_size = 1024        # global
