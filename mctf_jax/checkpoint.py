@@ -62,24 +62,9 @@ def save_params(path: str, params, config: Any, *, overwrite: bool = False) -> s
   return path
 
 
-def _check_tree(params, cfg: ModelConfig, source: str):
-  from mctf_jax import convert
-  flat = convert.flax_to_torch(params)
-  want = convert.expected_shapes(cfg)
-  missing = [k for k in want if k not in flat]
-  unexpected = [k for k in flat if k not in want]
-  wrong = [(k, flat[k].shape, s) for k, s in want.items() if k in flat and flat[k].shape != s]
-  if missing or unexpected or wrong:
-    raise convert.CheckpointMismatchError(missing, unexpected, wrong, source)
-
-
-def _restore_params_item(item_path: str, cfg: ModelConfig, source: str):
+def _restore_item(item_path: str):
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
-  params = ckptr.restore(item_path)
-  params = jax.tree.map(np.asarray, params)
-  _check_tree(params, cfg, source)
-  return params
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(item_path))
 
 
 def _latest_step_dir(path: str) -> str | None:
@@ -106,10 +91,12 @@ def find_train_params(path: str, ema: bool = True) -> str | None:
   return None
 
 
-def load_params(path: str, config: Any, *, ema: bool = True):
+def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = False):
   """Params for `config` from a parameter checkpoint, a train.py workdir or a torch file.
 
-  ema: for train.py checkpoints, take the EMA weights when the run kept them.
+  ema: for train.py checkpoints, take the EMA weights (when the run kept them).
+  adapt: resize the position embedding and re-initialise the head where the image size or
+    class count differ (initialising a fine-tuning run); without it those are errors.
   Raises FileNotFoundError for a path that does not exist or holds no checkpoint, and
   CheckpointMismatchError (listing every weight) when the shapes do not fit the config.
   """
@@ -120,15 +107,19 @@ def load_params(path: str, config: Any, *, ema: bool = True):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if os.path.isfile(path):
     if not path.lower().endswith(TORCH_EXTENSIONS):
-      raise ValueError(f"{path!r} is a file but not a PyTorch checkpoint ({', '.join(TORCH_EXTENSIONS)});"
-                       f" Orbax checkpoints are directories")
-    return convert.torch_to_flax(convert.load_state_dict(path), cfg, source=path)
-  if os.path.isfile(os.path.join(path, METADATA)):
-    return _restore_params_item(os.path.join(path, PARAMS_ITEM), cfg, path)
-  found = find_train_params(path, ema=ema)
-  if found is None:
-    raise FileNotFoundError(
-        f"{path!r} holds no checkpoint: expected a directory written by "
-        f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
-        f"file ({', '.join(TORCH_EXTENSIONS)})")
-  return _restore_params_item(found, cfg, path)
+      raise ValueError(f"{path!r} is a file but not a PyTorch checkpoint "
+                       f"({', '.join(TORCH_EXTENSIONS)}); Orbax checkpoints are directories")
+    state = convert.load_state_dict(path)
+  else:
+    if os.path.isfile(os.path.join(path, METADATA)):
+      item = os.path.join(path, PARAMS_ITEM)
+    else:
+      item = find_train_params(path, ema=ema)
+    if item is None:
+      raise FileNotFoundError(
+          f"{path!r} holds no checkpoint: expected a directory written by "
+          f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
+          f"file ({', '.join(TORCH_EXTENSIONS)})")
+    state = convert.flax_to_torch(_restore_item(item))
+  # One path for every format: the torch-layout names checked against the config.
+  return convert.torch_to_flax(state, cfg, adapt=adapt, source=path)

@@ -248,13 +248,15 @@ def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], config: Any, *, dtype=None, seed: int = 0,
-                  allow_unexpected: bool = False, source: str = "checkpoint") -> dict:
+                  adapt: bool = True, allow_unexpected: bool = False,
+                  source: str = "checkpoint") -> dict:
   """Flax params (nested dict of numpy arrays) from a PyTorch state dict.
 
   config: the full config (with .model) or a ModelConfig. dtype: of the params (default
-  model.param_dtype). Differences in image size (position embedding, resized) and class
-  count (head, re-initialised) are adapted with a warning; any other mismatch raises
-  CheckpointMismatchError listing them all.
+  model.param_dtype). With adapt (the default), differences in image size (position
+  embedding, resized) and class count (head, re-initialised) are adapted with a warning;
+  any other mismatch, and those too without adapt, raises CheckpointMismatchError listing
+  them all.
   """
   cfg = model_config(config)
   dtype = np.dtype(dtype or cfg.param_dtype)
@@ -270,14 +272,14 @@ def torch_to_flax(state_dict: Mapping[str, Any], config: Any, *, dtype=None, see
     state["patch_embed.proj.weight"] = pe.reshape(want["patch_embed.proj.weight"])
 
   pos = state.get("pos_embed")
-  if pos is not None and pos.ndim == 3 and pos.shape[1] != want["pos_embed"][1] \
+  if adapt and pos is not None and pos.ndim == 3 and pos.shape[1] != want["pos_embed"][1] \
       and pos.shape[2] == want["pos_embed"][2]:
     logger.warning("resizing pos_embed from %d to %d tokens (bicubic)", pos.shape[1],
                    want["pos_embed"][1])
     state["pos_embed"] = resize_pos_embed(pos, want["pos_embed"][1])
 
   head_w = state.get("head.weight")
-  if head_w is not None and tuple(head_w.shape) != want["head.weight"] \
+  if adapt and head_w is not None and tuple(head_w.shape) != want["head.weight"] \
       and head_w.ndim == 2 and head_w.shape[1] == cfg.embed_dim:
     logger.warning("dropping the checkpoint's head (%d classes): the config has %d classes; "
                    "the head is initialised afresh", head_w.shape[0], cfg.num_classes)

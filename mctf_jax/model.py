@@ -326,6 +326,10 @@ class VisionTransformer(nn.Module):
               if trace else None)
     return EncoderOutput(tokens_out, size, source, tuple(layer_maps))
 
+  def classify(self, tokens_BxTxC):
+    """Logits from the class token of the final (normalised) tokens."""
+    return self.head(tokens_BxTxC[:, 0])
+
   def encode(self, images, *, train: bool = False, r=None,
              trace_source: bool | None = None) -> EncoderOutput:
     """Final tokens, sizes and (optionally) sources of `images`, at fusion.r or r."""
@@ -337,7 +341,7 @@ class VisionTransformer(nn.Module):
     deterministic = not train
     x = self.embed(images, deterministic)
     student = self.run_blocks(x, self.schedule(), deterministic=deterministic)
-    student_logits = self.head(student.tokens_BxTxC[:, 0])
+    student_logits = self.classify(student.tokens_BxTxC)
     if teacher_r is None:
       return student_logits
     if not train:
@@ -346,14 +350,19 @@ class VisionTransformer(nn.Module):
     teacher_r = normalize_r(teacher_r, "teacher_r")
     teacher = self.run_blocks(x, self.schedule(teacher_r), deterministic=deterministic,
                               trace_source=False)
-    teacher_cls = jax.lax.stop_gradient(teacher.tokens_BxTxC[:, 0])
-    acc = jnp.promote_types(teacher_cls.dtype, jnp.float32)
-    diff = teacher_cls.astype(acc) - student.tokens_BxTxC[:, 0].astype(acc)
     return {
         "student_logits": student_logits,
-        "teacher_logits": self.head(teacher.tokens_BxTxC[:, 0]),
-        "consistency": jnp.mean(jnp.square(diff), axis=-1),
+        "teacher_logits": self.classify(teacher.tokens_BxTxC),
+        "consistency": consistency(student.tokens_BxTxC, teacher.tokens_BxTxC),
     }
+
+
+def consistency(student_BxTxC, teacher_BxTxC):
+  """Per-example mean squared difference of the final class tokens, the teacher's held fixed."""
+  teacher_cls = jax.lax.stop_gradient(teacher_BxTxC[:, 0])
+  acc = jnp.promote_types(teacher_cls.dtype, jnp.float32)
+  diff = teacher_cls.astype(acc) - student_BxTxC[:, 0].astype(acc)
+  return jnp.mean(jnp.square(diff), axis=-1)
 
 
 class PatchEmbed(nn.Module):

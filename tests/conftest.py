@@ -3,6 +3,10 @@
 import json
 import os
 
+# Multi-device behaviour is tested on 8 simulated CPU devices (set before JAX starts).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 import numpy as np
 import pytest

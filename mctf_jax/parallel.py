@@ -1,0 +1,90 @@
+"""Devices, mesh and shardings: data parallel over every device, optional FSDP.
+
+The mesh has two axes, ``('data', 'fsdp')``. The batch is split over both; parameters (and
+optimizer state, EMA) are either replicated (fsdp=1) or split along one dimension over the
+``fsdp`` axis, and XLA inserts the all-gathers. Multi-host runs call
+``jax.distributed.initialize()`` first (``maybe_initialize_distributed``); each process then
+feeds its own slice of the global batch (``global_batch``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+def _several_processes() -> bool:
+  """Whether the environment describes a multi-process job jax.distributed can join."""
+  env = os.environ
+  return bool(env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+              or int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+  """jax.distributed.initialize() when asked ('true') or, for 'auto', when the environment
+  describes several processes (a TPU pod slice, SLURM, Open MPI, or a coordinator address)."""
+  if mode not in ("auto", "true", "false"):
+    raise ValueError(f"--distributed must be auto, true or false, got {mode!r}")
+  if mode == "false" or (mode == "auto" and not _several_processes()):
+    return False
+  jax.distributed.initialize()
+  return True
+
+
+def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if fsdp < 1 or len(devices) % fsdp:
+    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the number of devices "
+                     f"({len(devices)})")
+  grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
+  return Mesh(grid, BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _leaf_spec(shape, fsdp: int) -> P:
+  """Split the largest dimension divisible by fsdp; replicate small or indivisible leaves."""
+  if fsdp == 1 or not shape or int(np.prod(shape)) < 2 ** 14:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      spec = [None] * len(shape)
+      spec[dim] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, tree):
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): FSDP where it applies."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, _leaf_spec(tuple(x.shape), fsdp)), tree)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size"):
+  n = mesh.devices.size
+  if global_batch_size % n:
+    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of devices "
+                     f"({n}); choose a multiple of {n}")
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of processes "
+                     f"({jax.process_count()})")
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Assembles each process's numpy slice into global arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}

@@ -1,0 +1,190 @@
+"""The jitted MCTF train and eval steps (pure functions of the state and a batch).
+
+One train step runs the student path (fixed r) and the teacher path (same weights, r'
+drawn inside the step from [0, teacher_r_max)), and updates the parameters and the EMA.
+The teacher r' changes token counts, hence shapes, so every r' has its own static
+schedule; the distinct schedules become the branches of one ``lax.switch``, compiled
+once, and a draw from the step's key picks the branch. The key is derived from the seed
+and the step number, so the whole step is a deterministic function of (state, batch) and a
+resumed run repeats an uninterrupted one exactly; r' is the same over the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mctf_jax import losses
+from mctf_jax.config import FusionConfig
+from mctf_jax.model import VisionTransformer, consistency
+from mctf_jax.schedule import Schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array     # number of updates done (int32 scalar)
+  params: Any
+  opt_state: Any
+  ema: Any            # EMA of the params, or None
+
+
+def teacher_values(fusion: FusionConfig) -> tuple:
+  """The r' a step may draw, uniformly: 0 .. teacher_r_max - 1 for a count, or the
+  ratios k / 100 for k < 100 * teacher_r_max (the official code's draw for a ratio)."""
+  top = fusion.teacher_r_max
+  if top == 0:
+    return ()
+  if isinstance(top, int):
+    return tuple(range(top))
+  return tuple(k / 100 for k in range(int(round(top * 100))))
+
+
+class TeacherBranches(NamedTuple):
+  values: tuple            # the r' that can be drawn
+  schedules: tuple         # the distinct schedules among them (the switch branches)
+  branch_of_value: tuple   # values[i] runs schedules[branch_of_value[i]]
+
+
+def teacher_branches(model: VisionTransformer) -> TeacherBranches:
+  values = teacher_values(model.fusion)
+  schedules: list[Schedule] = []
+  branch_of_value = []
+  for value in values:
+    schedule = model.schedule(value)
+    # Ratios that give the same token counts share a branch.
+    same = [i for i, s in enumerate(schedules) if s.layers == schedule.layers]
+    if same:
+      branch_of_value.append(same[0])
+    else:
+      branch_of_value.append(len(schedules))
+      schedules.append(schedule)
+  return TeacherBranches(values, tuple(schedules), tuple(branch_of_value))
+
+
+def loss_config(config) -> losses.LossConfig:
+  c = config.loss
+  return losses.LossConfig(label_smoothing=c.label_smoothing,
+                           threshold=c.consistency_threshold,
+                           weights=(c.weight_student, c.weight_teacher, c.weight_consistency))
+
+
+def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, config,
+                    schedule_fn=None):
+  """train_step(state, batch) -> (state, metrics); jit it with the shardings you need.
+
+  batch: 'image' (B, H, W, 3) float, 'label' (B,) int, and with mixup/cutmix 'targets'
+  (B, C) soft targets and 'mixed_label' (B,).
+
+  The loss is L = L_student + L_teacher + L_consistency(student, stop_gradient(teacher)),
+  so its gradient splits into the gradient of L_teacher, which depends on the teacher path
+  alone, and that of L_student + L_consistency with the teacher's class token held fixed.
+  Each switch branch computes its teacher's forward and backward pass itself, and nothing
+  is differentiated through the switch: differentiating through it would make every
+  branch carry every other branch's residuals, and compile time grow with their square.
+  """
+  student_schedule = model.schedule()
+  teachers = teacher_branches(model)
+  loss_cfg = loss_config(config)
+  w_student, w_teacher, w_cons = loss_cfg.weights
+  ema_decay = float(config.ema_decay)
+  base_key = jax.random.PRNGKey(config.seed)
+
+  def embed(params, images, key):
+    return model.apply({"params": params}, images, deterministic=False, method=model.embed,
+                       rngs={"dropout": key})
+
+  def encode(params, x, schedule, key):
+    return model.apply({"params": params}, x, schedule, deterministic=False, trace_source=False,
+                       method=model.run_blocks, rngs={"dropout": key}).tokens_BxTxC
+
+  def classify(params, tokens):
+    return model.apply({"params": params}, tokens, method=model.classify)
+
+  def ce(logits, batch):
+    return losses.classification_loss(logits, batch["label"], loss_cfg.label_smoothing,
+                                      batch.get("targets"))
+
+  def teacher_branch(schedule):
+    def run(params, batch, k_embed, k_teacher):
+      def teacher_loss(params):
+        # Same key as the student's embedding: the same dropout mask, as the reference
+        # shares the embedded tokens between the two paths.
+        tokens = encode(params, embed(params, batch["image"], k_embed), schedule, k_teacher)
+        cls = tokens[:, :1]
+        return w_teacher * ce(classify(params, cls), batch), cls
+      (loss, cls), grads = jax.value_and_grad(teacher_loss, has_aux=True)(params)
+      return loss, cls, grads
+    return run
+
+  def student_loss(params, batch, teacher_cls, k_embed, k_student):
+    tokens = encode(params, embed(params, batch["image"], k_embed), student_schedule, k_student)
+    logits = classify(params, tokens)
+    loss = w_student * ce(logits, batch)
+    parts = {"loss_student": loss}
+    if teacher_cls is not None:
+      cons, passed = losses.consistency_loss(consistency(tokens, teacher_cls), logits,
+                                             batch["label"], loss_cfg.threshold,
+                                             batch.get("mixed_label"))
+      parts.update(loss_consistency=w_cons * cons, pass_rate=jnp.mean(passed))
+      loss = loss + w_cons * cons
+    return loss, (parts, logits)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(base_key, state.step)
+    k_draw, k_embed, k_student, k_teacher = jax.random.split(key, 4)
+    teacher_cls, teacher_r = None, jnp.zeros((), jnp.float32)
+    if teachers.values:
+      draw = jax.random.randint(k_draw, (), 0, len(teachers.values))
+      branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
+      teacher_r = jnp.asarray(teachers.values, jnp.float32)[draw]
+      loss_teacher, teacher_cls, teacher_grads = jax.lax.switch(
+          branch, [teacher_branch(s) for s in teachers.schedules], state.params, batch,
+          k_embed, k_teacher)
+    (loss, (parts, logits)), grads = jax.value_and_grad(student_loss, has_aux=True)(
+        state.params, batch, teacher_cls, k_embed, k_student)
+    if teacher_cls is not None:
+      grads = jax.tree.map(jnp.add, grads, teacher_grads)
+      loss = loss + loss_teacher
+      parts["loss_teacher"] = loss_teacher
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema is not None:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    metrics = dict(parts, loss=loss, teacher_r=teacher_r,
+                   accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+                   grad_norm=optax.global_norm(grads))
+    if schedule_fn is not None:
+      metrics["lr"] = schedule_fn(state.step)
+    metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+  return train_step
+
+
+def make_eval_step(model: VisionTransformer):
+  """eval_step(params, batch) -> summed top-1 / top-5 hits and the count of real examples."""
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    hits = top == batch["label"][:, None]
+    return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(jnp.any(hits, -1) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+def tree_is_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -1,0 +1,435 @@
+"""MCTF fine-tuning on one device, many devices and many hosts: ``train_and_evaluate``.
+
+The loop around ``train_step``: data, mesh and shardings, initialisation (random or from a
+converted/PyTorch checkpoint), Orbax checkpoints with exact resumption, preemption
+(SIGTERM) handling, a stop on a non-finite loss that keeps the last good checkpoint,
+progress lines, TensorBoard events and per-epoch evaluation at the student r and without
+fusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mctf_jax
+from mctf_jax import checkpoint as ckpt_lib
+from mctf_jax import optim, parallel
+from mctf_jax.train_step import (TrainState, count_params, make_eval_step, make_train_step,
+                                 teacher_branches, tree_is_finite)
+
+logger = logging.getLogger("mctf_jax.train")
+
+CONFIG_FILE = "config.json"
+# Fields that may change between a run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                     "eval_every_epochs", "eval_batch_size", "init.checkpoint", "data.data_dir",
+                     "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp")
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, incompatible workdir); the message says why."""
+
+
+def _log(msg: str, *args):
+  if jax.process_index() == 0:
+    print(msg % args if args else msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def _flatten_config(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten_config(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def check_workdir_config(workdir: str, config) -> None:
+  """Records the config in the workdir; refuses a workdir that holds another config's run."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = _flatten_config(json.loads(config.to_json_best_effort()))
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = _flatten_config(json.load(f))
+    differ = sorted(k for k in set(stored) | set(current)
+                    if stored.get(k) != current.get(k)
+                    and not any(k == c or (c.endswith(".") and k.startswith(c))
+                                for c in RESUMABLE_CHANGES))
+    if differ:
+      details = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:8])
+      raise TrainingError(
+          f"workdir {workdir} holds a run of another config ({len(differ)} field(s) differ: "
+          f"{details}). Use a new --workdir, or the same config to resume that run.")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def prefetch_to_mesh(batches: Iterator[dict], mesh, size: int) -> Iterator[dict]:
+  """Moves batches onto the mesh in a background thread, `size` batches ahead."""
+  size = max(int(size), 1)
+  out: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+  sentinel = object()
+
+  def produce():
+    try:
+      for local in batches:
+        if stop.is_set():
+          return
+        out.put(parallel.global_batch(local, mesh))
+      out.put(sentinel)
+    except BaseException as e:  # re-raised in the consumer
+      out.put(e)
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = out.get()
+      if item is sentinel:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatch:
+  """Turns SIGTERM (and SIGINT) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = True
+    _log("received %s: saving a checkpoint after this step, then stopping "
+         "(rerun the same command to resume)", signal.Signals(signum).name)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, manager, step: int) -> bool:
+    stop = self.requested
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+    return stop or bool(manager.reached_preemption(step))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  items = ("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINTS_DIR),
+                               item_names=items, options=options)
+
+
+def save_checkpoint(manager, state: TrainState, epoch: float):
+  import orbax.checkpoint as ocp
+  step = int(state.step)
+  items = dict(params=ocp.args.StandardSave(state.params),
+               opt_state=ocp.args.StandardSave(state.opt_state),
+               meta=ocp.args.JsonSave({"step": step, "epoch": epoch}))
+  if state.ema is not None:
+    items["ema"] = ocp.args.StandardSave(state.ema)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainState:
+  import orbax.checkpoint as ocp
+  items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+               opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+               meta=ocp.args.JsonRestore())
+  if abstract_state.ema is not None:
+    items["ema"] = ocp.args.StandardRestore(abstract_state.ema)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if restored.meta["step"] != step:
+    raise TrainingError(f"checkpoint {step} records step {restored.meta['step']}")
+  return TrainState(step=jnp.asarray(step, jnp.int32), params=restored.params,
+                    opt_state=restored.opt_state,
+                    ema=restored.ema if abstract_state.ema is not None else None)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_fns: dict, params, batches_fn, mesh) -> dict:
+  """Top-1/top-5 (%) for each r in eval_fns over every example of the eval split."""
+  results = {}
+  for r, fn in eval_fns.items():
+    totals = None
+    for local in batches_fn():
+      sums = fn(params, parallel.global_batch(local, mesh))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    results[r] = {"top1": 100 * float(totals["top1"]) / max(count, 1),
+                  "top5": 100 * float(totals["top5"]) / max(count, 1), "images": int(count)}
+  return results
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def _summary_writer(workdir: str):
+  """TensorBoard event files in WORKDIR/tensorboard (process 0 only)."""
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _write_scalars(writer, step: int, scalars: dict):
+  if writer is None:
+    return
+  for name, value in scalars.items():
+    writer.add_scalar(name, value, step)
+  writer.flush()
+
+
+def initial_params(model, config, rng, shardings):
+  """Random initialisation, or a checkpoint (head reset / pos_embed resized as needed)."""
+  img = config.model.img_size
+  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, img, img, config.model.in_chans)))
+                 ["params"], out_shardings=shardings)
+  path = config.init.checkpoint
+  if not path:
+    _log("initialising parameters at random (seed %d)", config.seed)
+    return init(rng)
+  _log("initialising from %s", path)
+  loaded = ckpt_lib.load_params(path, config, adapt=True)
+  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), loaded,
+                      shardings)
+
+
+def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=None,
+                       steps_per_epoch: int | None = None, devices=None) -> TrainState:
+  """Trains `config` in `workdir`, resuming the latest checkpoint there.
+
+  batches / eval_batches_fn / steps_per_epoch replace the input pipeline of config.data
+  (tests): batches(start_step) -> iterator of local numpy batches; eval_batches_fn() ->
+  iterator of eval batches with 'mask'. devices: the devices of the mesh (default: all).
+  """
+  workdir = os.path.abspath(workdir)
+  check_workdir_config(workdir, config)
+  mesh = parallel.create_mesh(config.mesh.fsdp, devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  model = mctf_jax.create_model(config)
+  teachers = teacher_branches(model)
+
+  _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
+       jax.__version__, jax.process_count(), mesh.devices.size,
+       ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in mesh.devices.flat})))
+  _log("mesh %s | global batch %d, per device %d", dict(mesh.shape), config.batch_size,
+       config.batch_size // mesh.devices.size)
+  _log("config:\n%s", config)
+  _log("student %s", model.schedule())
+  if teachers.values:
+    _log("teacher r' drawn from %s: %d distinct schedule(s), ending at %s tokens",
+         list(teachers.values), len(teachers.schedules),
+         sorted({s.tokens_out for s in teachers.schedules}))
+
+  if batches is None:
+    from mctf_jax import data as data_lib
+    info = data_lib.dataset_info(config)
+    if info.num_classes != config.model.num_classes:
+      raise TrainingError(f"dataset {info.name} has {info.num_classes} classes but "
+                          f"model.num_classes={config.model.num_classes}; set "
+                          f"--config.model.num_classes={info.num_classes}")
+    pipeline = data_lib.TrainPipeline(config, config.batch_size, config.seed,
+                                      jax.process_index(), jax.process_count(),
+                                      label_smoothing=config.loss.label_smoothing)
+    steps_per_epoch = pipeline.steps_per_epoch
+    batches = pipeline.iterate
+    eval_batches_fn = lambda: data_lib.eval_batches(config, config.eval_batch_size,
+                                                    jax.process_index(), jax.process_count())
+    _log("data: %s, %d train / %d eval images, %d classes", info.name, info.num_train,
+         info.num_eval, info.num_classes)
+  total_steps = optim.total_epochs(config) * steps_per_epoch
+  schedule_fn = optim.make_schedule(config, steps_per_epoch)
+  tx = optim.make_optimizer(config, steps_per_epoch)
+
+  # Shapes and shardings of the state, before anything is allocated.
+  img = config.model.img_size
+  def abstract_params():
+    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, img, img, config.model.in_chans)))[
+        "params"]
+  params_shape = jax.eval_shape(abstract_params)
+  param_sh = parallel.tree_shardings(mesh, params_shape)
+  opt_shape = jax.eval_shape(tx.init, params_shape)
+  opt_sh = parallel.tree_shardings(mesh, opt_shape)
+  use_ema = config.ema_decay > 0
+  state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh,
+                        ema=param_sh if use_ema else None)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape,
+                                     opt_shape, params_shape if use_ema else None), state_sh)
+  _log("parameters: %s", f"{count_params(params_shape):,}")
+
+  manager = _checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    _log("resuming from %s at step %d", manager.directory, latest)
+    state = restore_checkpoint(manager, abstract, latest)
+    state = state.replace(step=jax.device_put(state.step, parallel.replicated(mesh)))
+  else:
+    params = initial_params(model, config, jax.random.PRNGKey(config.seed), param_sh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(
+        params) if use_ema else None
+    state = TrainState(jax.device_put(jnp.asarray(0, jnp.int32), parallel.replicated(mesh)),
+                       params, opt_state, ema)
+  start_step = int(state.step)
+
+  train_step = jax.jit(make_train_step(model, tx, config, schedule_fn),
+                       in_shardings=(state_sh, parallel.batch_sharding(mesh)),
+                       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+  eval_rs = [model.fusion.r] + ([0] if model.fusion.r != 0 and model.fusion.layers else [])
+  eval_fns = {r: jax.jit(make_eval_step(model.with_fusion(r=r)),
+                         in_shardings=(param_sh, parallel.batch_sharding(mesh)))
+              for r in eval_rs}
+  all_finite = jax.jit(tree_is_finite)
+
+  writer = _summary_writer(workdir)
+  if start_step >= total_steps:
+    _log("the run in %s is complete (step %d of %d)", workdir, start_step, total_steps)
+    manager.close()
+    return state
+  _log("training %d steps (%d epochs of %d steps) from step %d", total_steps,
+       optim.total_epochs(config), steps_per_epoch, start_step)
+
+  batch_iter = prefetch_to_mesh(batches(start_step), mesh, config.data.prefetch)
+  history: list = []        # (step, metrics on device) not yet checked
+  last_good = latest
+  t_log, steps_since_log, t_run = None, 0, None
+
+  def drain(upto_step):
+    """Fetches metrics of finished steps, stops on a non-finite loss, returns them."""
+    fetched = []
+    while history and history[0][0] <= upto_step:
+      step, metrics = history.pop(0)
+      m = jax.device_get(metrics)
+      if not bool(m["finite"]):
+        where = (f"the last good checkpoint (step {last_good}) is kept in {manager.directory}"
+                 if last_good is not None else "no checkpoint had been saved yet")
+        raise TrainingError(f"non-finite loss at step {step + 1} (epoch "
+                            f"{step / steps_per_epoch:.2f}): loss={float(m['loss'])}, grad_norm="
+                            f"{float(m['grad_norm'])}; stopping, {where}")
+      fetched.append(m)
+    return fetched
+
+  pending_logs: list = []
+  with PreemptionWatch() as watch:
+    try:
+      for step in range(start_step, total_steps):
+        batch = next(batch_iter)
+        if step == start_step:
+          t0 = time.time()
+          train_step = train_step.lower(state, batch).compile()
+          _log("compiled the train step (student + %d teacher schedule(s)) in %.1f s",
+               len(teachers.schedules), time.time() - t0)
+          t_log = t_run = time.time()
+        state, metrics = train_step(state, batch)
+        history.append((step, metrics))
+        pending_logs += drain(step - 1)   # one step late: keeps the device busy
+        steps_since_log += 1
+        done = step + 1
+        epoch_end = done % steps_per_epoch == 0
+        if done % config.log_every_steps == 0 or done == total_steps:
+          pending_logs += drain(step)
+          now = time.time()
+          means = {k: float(np.mean([m[k] for m in pending_logs])) for k in pending_logs[0]
+                   if k != "finite"}
+          pending_logs = []
+          rate = steps_since_log * config.batch_size / max(now - t_log, 1e-9)
+          eta = (total_steps - done) * (now - t_run) / max(done - start_step, 1)
+          parts = " ".join(f"{k}={means[k]:.4g}" for k in
+                           ("loss", "loss_student", "loss_teacher", "loss_consistency",
+                            "pass_rate", "accuracy", "teacher_r", "lr", "grad_norm") if k in means)
+          _log("step %d/%d epoch %.2f | %s | %.1f img/s | ETA %s", done, total_steps,
+               done / steps_per_epoch, parts, rate, _format_eta(eta))
+          _write_scalars(writer, done, {f"train/{k}": v for k, v in means.items()} |
+                         {"train/img_per_s": rate})
+          t_log, steps_since_log = now, 0
+        stop = watch.should_stop(manager, done)
+        if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
+          pending_logs += drain(step)
+          if not bool(all_finite(state.params)):
+            raise TrainingError(f"non-finite parameters after step {done}; stopping, the last "
+                                f"good checkpoint (step {last_good}) is kept")
+          save_checkpoint(manager, state, done / steps_per_epoch)
+          last_good = done
+        if epoch_end and (done // steps_per_epoch) % config.eval_every_epochs == 0:
+          t_eval = time.time()
+          results = evaluate(eval_fns, state.params, eval_batches_fn, mesh)
+          epoch = done // steps_per_epoch
+          _log("epoch %d eval (%.1f s): %s", epoch, time.time() - t_eval, " | ".join(
+              f"r={r}: top1 {v['top1']:.2f} top5 {v['top5']:.2f} ({v['images']} images)"
+              for r, v in results.items()))
+          # Evaluation time counts neither in the training img/s nor in the ETA.
+          t_log += time.time() - t_eval
+          t_run += time.time() - t_eval
+          _write_scalars(writer, done, {f"eval/top1_r{r}": v["top1"] for r, v in results.items()}
+                         | {f"eval/top5_r{r}": v["top5"] for r, v in results.items()})
+        if stop:
+          manager.wait_until_finished()
+          _log("stopped at step %d on request; checkpoint saved in %s. Rerun the same command "
+               "to resume.", done, manager.directory)
+          return state
+      manager.wait_until_finished()
+      _log("done: %d steps in %s; checkpoints in %s", total_steps,
+           _format_eta(time.time() - (t_run or time.time())), manager.directory)
+      return state
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+      if writer is not None:
+        writer.close()

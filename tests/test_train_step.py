@@ -1,0 +1,173 @@
+"""The jitted train step: the same loss and gradients as the model's own teacher path, the
+same losses and parameters on 8 devices (data parallel, FSDP) as on one, the schedule."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mctf_jax
+from mctf_jax import losses, optim, parallel
+from mctf_jax.train_step import (TrainState, make_train_step, teacher_branches, teacher_values)
+from configs import default
+
+
+def small_config(**fusion):
+  c = default.get_config()
+  c.model.update(dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                      num_classes=10, drop_path_rate=0.0))
+  c.fusion.update(dict(r=2.0, layers=(1, 2), teacher_r_max=3.0, pooling="attn"))
+  c.fusion.update(fusion)
+  c.batch_size = 16
+  c.ema_decay = 0.9
+  c.base_lr = 5e-3
+  return c
+
+
+def _batch(seed, n=16, size=16, mixup=False):
+  rng = np.random.default_rng(seed)
+  batch = {"image": rng.standard_normal((n, size, size, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, n).astype(np.int32)}
+  if mixup:
+    lam = 0.7
+    onehot = losses.smooth_labels(batch["label"], 10, 0.1)
+    batch["mixed_label"] = batch["label"][::-1].copy()
+    batch["targets"] = np.asarray(lam * onehot + (1 - lam) * onehot[::-1], np.float32)
+  return batch
+
+
+def test_teacher_values_and_branches():
+  no_teacher = mctf_jax.create_model(small_config(teacher_r_max=0.0))
+  assert teacher_values(no_teacher.fusion) == ()
+  model = mctf_jax.create_model(small_config())
+  branches = teacher_branches(model)
+  assert branches.values == (0, 1, 2)
+  assert len(branches.schedules) == 3
+  ratio = mctf_jax.create_model(small_config(r=0.35, teacher_r_max=0.15))
+  b = teacher_branches(ratio)
+  assert b.values == tuple(k / 100 for k in range(15))
+  # 17 tokens, then 17 - r: r = int(16 k/100) and int((16 - r) k/100) are (0, 0) for k < 7,
+  # (1, 1) for k = 7..12 and (2, 1) for k = 13, 14: three distinct schedules.
+  assert [tuple(p.r for p in s.layers[1:]) for s in b.schedules] == [(0, 0), (1, 1), (2, 1)]
+  assert b.branch_of_value == (0,) * 7 + (1,) * 6 + (2,) * 2
+
+
+def test_step_equals_model_teacher_path():
+  config = small_config(layers=(1,))
+  config.model.depth = 2
+  model = mctf_jax.create_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  tx = optax.sgd(1.0)   # params - grads: the update shows the gradient
+  step = jax.jit(make_train_step(model, tx, config))
+  cfg = losses.LossConfig(0.1, config.loss.consistency_threshold, (1.0, 1.0, 3.0))
+  # Steps that draw different r' (the draw depends on the step number only).
+  first_of = {}
+  for i in range(12):
+    state = TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None)
+    first_of.setdefault(int(step(state, _batch(1))[1]["teacher_r"]), i)
+  assert len(first_of) >= 2
+  for (r, i), mixup in zip(sorted(first_of.items())[-2:], (False, True)):
+    batch = _batch(1, mixup=mixup)
+    new, metrics = step(TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None),
+                        batch)
+
+    def loss_fn(p):
+      out = model.apply({"params": p}, batch["image"], train=True, teacher_r=r)
+      return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
+                              mixed_labels=batch.get("mixed_label"))
+
+    (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for k in ("loss_student", "loss_teacher", "loss_consistency", "pass_rate"):
+      np.testing.assert_allclose(metrics[k], parts[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    want = jax.tree.map(lambda p, g: p - g, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 new.params, want)
+
+
+def _run(config, mesh, steps=3):
+  model = mctf_jax.create_model(config)
+  tx = optim.make_optimizer(config, steps_per_epoch=2)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  param_sh = parallel.tree_shardings(mesh, params)
+  params = jax.device_put(params, param_sh)
+  opt_state = jax.jit(tx.init, out_shardings=parallel.tree_shardings(
+      mesh, jax.eval_shape(tx.init, params)))(params)
+  ema = jax.tree.map(jnp.copy, params)
+  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)),
+                     params, opt_state, ema)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(make_train_step(model, tx, config), in_shardings=(state_sh,
+                 parallel.batch_sharding(mesh)), out_shardings=(state_sh,
+                 parallel.replicated(mesh)), donate_argnums=(0,))
+  history = []
+  for i in range(steps):
+    state, metrics = step(state, parallel.global_batch(_batch(10 + i), mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_eight_devices_equal_one():
+  config = small_config()
+  one, h1 = _run(config, parallel.create_mesh(1, jax.devices()[:1]))
+  for fsdp in (1, 2):
+    config.mesh.fsdp = fsdp
+    mesh = parallel.create_mesh(fsdp)
+    assert mesh.devices.size == 8
+    eight, h8 = _run(config, mesh)
+    for a, b in zip(h1, h8):
+      assert float(a["teacher_r"]) == float(b["teacher_r"])
+      for k in ("loss", "loss_student", "loss_teacher", "loss_consistency", "pass_rate",
+                "grad_norm"):
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    # Adam divides by sqrt(v): a near-zero gradient turns reduction-order noise into
+    # ~1e-6 absolute differences after a few steps at lr 5e-3 (parameters are ~1e-2).
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    jax.tree.map(close, one.params, eight.params)
+    jax.tree.map(close, one.ema, eight.ema)
+
+
+def test_fsdp_shards_parameters():
+  mesh = parallel.create_mesh(2) if jax.device_count() >= 2 else None
+  if mesh is None:
+    pytest.skip("needs 2 devices")
+  shapes = {"big": jax.ShapeDtypeStruct((384, 1152), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((1152,), jnp.float32),
+            "odd": jax.ShapeDtypeStruct((3, 5, 7, 99), jnp.float32)}
+  sh = parallel.tree_shardings(mesh, shapes)
+  assert sh["big"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sh["bias"].spec == jax.sharding.PartitionSpec()
+  assert sh["odd"].spec == jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of "
+                                       r"devices \(8\)"):
+    parallel.check_batch_size(12, parallel.create_mesh(1, jax.devices()[:8]))
+
+
+def test_official_lr_schedule():
+  c = default.get_config()   # 30 + 10 epochs, base 1.5e-5 per 512 -> 3e-5, min 1e-6
+  assert optim.peak_lr(c) == pytest.approx(3e-5)
+  sched = optim.make_schedule(c, steps_per_epoch=10)
+  lrs = [float(sched(e * 10 + 3)) for e in range(40)]
+  assert lrs[0] == lrs[1] == pytest.approx(3e-5)          # epoch e uses lr(e - 1)
+  assert lrs[2] == pytest.approx(1e-6 + (3e-5 - 1e-6) * (1 + np.cos(np.pi / 30)) / 2)
+  assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+  assert lrs[31:] == [pytest.approx(1e-6)] * 9             # cool-down at min_lr
+  assert float(sched(5)) == float(sched(9))                # constant within an epoch
+  c.warmup_epochs = 5
+  sched = optim.make_schedule(c, steps_per_epoch=10)
+  assert float(sched(10)) == pytest.approx(c.warmup_lr)
+  assert float(sched(30)) == pytest.approx(c.warmup_lr + 2 * (3e-5 - c.warmup_lr) / 5)
+
+
+def test_weight_decay_mask():
+  model = mctf_jax.create_model(small_config())
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  mask = optim.weight_decay_mask(params)
+  assert not mask["pos_embed"] and not mask["cls_token"]
+  assert not mask["blocks_0"]["norm1"]["scale"] and not mask["head"]["bias"]
+  assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["head"]["kernel"]
+  assert mask["patch_embed"]["proj"]["kernel"]

@@ -1,0 +1,43 @@
+r"""MCTF fine-tuning: ``python train.py --config=configs/deit_s.py --workdir=DIR``.
+
+Rerunning the same command resumes from the latest checkpoint in DIR. Config fields are
+overridden with ``--config.<field>=value`` (e.g. ``--config.batch_size=256``); see
+configs/default.py for all of them. On several hosts, the same command runs on every host
+(``jax.distributed.initialize()`` is called when the environment describes several
+processes, or with ``--distributed=true``).
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard events.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                  "Call jax.distributed.initialize() (auto: when running on several hosts).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from mctf_jax import parallel, trainer
+  from mctf_jax.config import ConfigError
+  from mctf_jax.convert import CheckpointMismatchError
+  parallel.maybe_initialize_distributed(FLAGS.distributed)
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (trainer.TrainingError, ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
