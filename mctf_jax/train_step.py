@@ -167,19 +167,6 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   return train_step
 
 
-def make_eval_step(model: VisionTransformer):
-  """eval_step(params, batch) -> summed top-1 / top-5 hits and the count of real examples."""
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
-    mask = batch["mask"].astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    hits = top == batch["label"][:, None]
-    return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(jnp.any(hits, -1) * mask),
-            "count": jnp.sum(mask)}
-  return eval_step
-
-
 def tree_is_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.floating)]

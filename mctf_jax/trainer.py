@@ -26,9 +26,9 @@ import numpy as np
 
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
-from mctf_jax import optim, parallel
-from mctf_jax.train_step import (TrainState, count_params, make_eval_step, make_train_step,
-                                 teacher_branches, tree_is_finite)
+from mctf_jax import evaluation, optim, parallel
+from mctf_jax.train_step import (TrainState, count_params, make_train_step, teacher_branches,
+                                 tree_is_finite)
 
 logger = logging.getLogger("mctf_jax.train")
 
@@ -191,24 +191,6 @@ def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainS
                     ema=restored.ema if abstract_state.ema is not None else None)
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(eval_fns: dict, params, batches_fn, mesh) -> dict:
-  """Top-1/top-5 (%) for each r in eval_fns over every example of the eval split."""
-  results = {}
-  for r, fn in eval_fns.items():
-    totals = None
-    for local in batches_fn():
-      sums = fn(params, parallel.global_batch(local, mesh))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    results[r] = {"top1": 100 * float(totals["top1"]) / max(count, 1),
-                  "top5": 100 * float(totals["top5"]) / max(count, 1), "images": int(count)}
-  return results
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -333,8 +315,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
                        in_shardings=(state_sh, parallel.batch_sharding(mesh)),
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
   eval_rs = [model.fusion.r] + ([0] if model.fusion.r != 0 and model.fusion.layers else [])
-  eval_fns = {r: jax.jit(make_eval_step(model.with_fusion(r=r)),
-                         in_shardings=(param_sh, parallel.batch_sharding(mesh)))
+  eval_fns = {r: evaluation.compile_eval_step(model.with_fusion(r=r), mesh, param_sh)
               for r in eval_rs}
   all_finite = jax.jit(tree_is_finite)
 
@@ -409,7 +390,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           last_good = done
         if epoch_end and (done // steps_per_epoch) % config.eval_every_epochs == 0:
           t_eval = time.time()
-          results = evaluate(eval_fns, state.params, eval_batches_fn, mesh)
+          results = {r: evaluation.accuracy(fn, state.params, eval_batches_fn(), mesh)
+                     for r, fn in eval_fns.items()}
           epoch = done // steps_per_epoch
           _log("epoch %d eval (%.1f s): %s", epoch, time.time() - t_eval, " | ".join(
               f"r={r}: top1 {v['top1']:.2f} top5 {v['top5']:.2f} ({v['images']} images)"

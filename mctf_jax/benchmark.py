@@ -1,0 +1,338 @@
+r"""Forward-pass throughput of a config with and without token fusion.
+
+    python -m mctf_jax.benchmark --config=configs/deit_s.py --batch_size=256
+    python -m mctf_jax.benchmark --config=configs/deit_s.py --batch_size=256 --dtype=bfloat16 \
+        --r=8 --json=/tmp/bench.json
+
+Runs on the first device of ``jax.devices()`` (CPU, GPU or TPU). Weights are random unless
+``--checkpoint`` is given (speed does not depend on their values). For the config at its r
+(or ``--r``) and for the same model without fusion (r=0), it measures:
+
+* img/s: the jitted forward pass (logits) on a device-resident batch, after compilation and
+  warm-up calls; each timed repetition runs the call enough times to last at least
+  ``--min_repeat_s`` and waits with ``block_until_ready``; the median repetition is reported
+  (with the fastest and slowest). The two models' repetitions alternate, so that other load
+  on the machine slows both alike and their ratio stays fair;
+* compile time: tracing + lowering, and XLA compilation (``.lower()``, ``.compile()``);
+* memory: XLA's static estimate from ``compiled.memory_analysis()`` (arguments + outputs +
+  temporaries - aliased), and on GPU/TPU also ``device.memory_stats()['peak_bytes_in_use']``
+  after each model's warm-up. That is the process's running peak: the fused model is warmed
+  up first, so the baseline's figure is its own unless the fused model needed more;
+
+and prints both with the speed-up and the FLOP ratio (fvcore convention, ``mctf_jax.flops``).
+Compared with the official ``benchmark()`` (utils/utils.py: 200 runs of batch 256 in fp16
+autocast on a GPU, first quarter thrown away, mean), this reports the median and keeps the
+input on the device.
+
+The measuring loop is a library function, ``benchmark_forward(model, params, batch_size)``
+(one model), built from ``prepare_forward`` and ``time_calls`` (any set of calls).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from mctf_jax.config import DTYPES
+
+MIB = 2 ** 20
+
+
+def memory_figures(compiled, device) -> dict[str, int]:
+  """Memory of a compiled executable: XLA's static analysis, and the device's running peak."""
+  out: dict[str, int] = {}
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # some backends implement none
+    stats = None
+  if stats is not None:
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "alias_size_in_bytes", "generated_code_size_in_bytes", "peak_memory_in_bytes"):
+      value = getattr(stats, name, None)
+      if value is not None:
+        out[name.replace("_in_bytes", "_bytes")] = int(value)
+    out["estimated_peak_bytes"] = (
+        out.get("argument_size_bytes", 0) + out.get("output_size_bytes", 0)
+        + out.get("temp_size_bytes", 0) - out.get("alias_size_bytes", 0))
+  try:
+    device_stats = device.memory_stats()
+  except Exception:
+    device_stats = None
+  if device_stats and "peak_bytes_in_use" in device_stats:
+    out["device_peak_bytes_in_use"] = int(device_stats["peak_bytes_in_use"])
+  return out
+
+
+def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
+               seconds_per_call: Mapping[str, float] | None = None,
+               min_repeat_s: float = 0.1) -> dict[str, tuple[list[float], int]]:
+  """Seconds per call of each of `calls` (functions returning arrays, already warm).
+
+  Each repetition runs a call n times back to back (n from ``seconds_per_call``, an
+  estimate, so that a repetition lasts about `min_repeat_s`; 1 without an estimate) and
+  blocks until the last result is ready. The calls' repetitions are interleaved (a, b, a,
+  b, ...) so that other load on the machine slows them alike. Returns, per call,
+  (seconds per call for each repetition, n).
+  """
+  if repeats < 1 or min_repeat_s < 0:
+    raise ValueError(f"need repeats >= 1 and min_repeat_s >= 0; got repeats={repeats}, "
+                     f"min_repeat_s={min_repeat_s}")
+  seconds_per_call = seconds_per_call or {}
+  inner = {name: max(1, math.ceil(min_repeat_s / max(seconds_per_call.get(name, math.inf),
+                                                      1e-9)))
+           for name in calls}
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      for _ in range(inner[name]):
+        out = call()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / inner[name])
+  return {name: (times[name], inner[name]) for name in calls}
+
+
+def prepare_forward(model, params, images, *, warmup: int = 2):
+  """Compiles the forward pass of `model` for `images` and runs it `warmup` times (>= 1).
+
+  params and images must already be on the device. Returns (call, info): call() runs the
+  compiled forward pass once; info has trace_s (tracing + lowering), compile_s (XLA),
+  warm_call_s (the last warm-up call), memory (``memory_figures`` after the warm-up) and
+  the device, its platform and kind, batch_size, dtype.
+  """
+  if warmup < 0:
+    raise ValueError(f"warmup must be >= 0, got {warmup}")
+  device = next(iter(images.devices()))
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  start = time.perf_counter()
+  lowered = forward.lower(params, images)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  call = lambda: compiled(params, images)
+  warm = 0.0
+  for _ in range(max(warmup, 1)):
+    t = time.perf_counter()
+    jax.block_until_ready(call())
+    warm = time.perf_counter() - t
+  return call, {
+      "batch_size": int(images.shape[0]),
+      "trace_s": traced - start,
+      "compile_s": compiled_at - traced,
+      "warm_call_s": warm,
+      "memory": memory_figures(compiled, device),
+      "device": str(device),
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "dtype": model.model.dtype,
+  }
+
+
+def random_images(model, batch_size: int, seed: int = 0, device=None):
+  """Random normal images for `model`, float32 NHWC, on `device` (default: the first)."""
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  device = jax.devices()[0] if device is None else device
+  m = model.model
+  images = jax.random.normal(jax.random.key(seed),
+                             (batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  return jax.device_put(images, device)
+
+
+def _figures(info: dict, timing: tuple[list[float], int], repeats: int) -> dict:
+  times, inner = timing
+  median = statistics.median(times)
+  return dict(info, img_per_s=info["batch_size"] / median, median_s=median,
+              min_s=min(times), max_s=max(times), times_s=times, repeats=repeats,
+              iters_per_repeat=inner)
+
+
+def benchmark_forward(model, params, batch_size: int, *, repeats: int = 10, warmup: int = 2,
+                      min_repeat_s: float = 0.1, seed: int = 0, device=None) -> dict:
+  """Inference throughput of ``model.apply({'params': params}, images)`` on one device.
+
+  Random normal images (batch_size, img_size, img_size, in_chans), float32, on the device
+  (default: the first of ``jax.devices()``). Returns a dict: img_per_s (from the median
+  repetition), median_s / min_s / max_s / times_s (seconds per batch), repeats,
+  iters_per_repeat, trace_s, compile_s, memory (see ``memory_figures``), batch_size,
+  device, platform, device_kind, dtype.
+  """
+  images = random_images(model, batch_size, seed, device)
+  params = jax.device_put(params, next(iter(images.devices())))
+  call, info = prepare_forward(model, params, images, warmup=warmup)
+  timing = time_calls({"model": call}, repeats=repeats, min_repeat_s=min_repeat_s,
+                      seconds_per_call={"model": info["warm_call_s"]})["model"]
+  return _figures(info, timing, repeats)
+
+
+def random_params(model, seed: int = 0):
+  """Freshly initialised parameters (jitted init, on the default device).
+
+  Initialised through the model without fusion (the same parameters; init runs a forward
+  pass, which compiles much quicker without fusion), with the 'rbg' generator, whose
+  compilation is 2-3x quicker than threefry's on CPU.
+  """
+  m = model.model
+  images = jnp.zeros((1, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  key = jax.random.key(seed, impl="rbg")
+  return jax.jit(model.with_fusion(r=0).init)(key, images)["params"]
+
+
+def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
+            warmup: int = 2, min_repeat_s: float = 0.1, seed: int = 0, device=None) -> dict:
+  """Throughput of `config` at its r (or `r`) and of the same model at r=0, with FLOPs.
+
+  Both run on the same weights (random when params is None) and images; both are compiled
+  and warmed up first (the fused one first), then their timed repetitions alternate.
+  Returns {'fused': ..., 'plain': ..., 'speedup': img/s fused / plain, 'flop_ratio': plain /
+  fused FLOPs}; each entry is a ``benchmark_forward`` dict plus r, tokens_in, tokens_out
+  and gflops (fvcore convention). With no fusion in the config, 'fused' is None.
+  """
+  import mctf_jax
+  from mctf_jax import flops
+
+  model = mctf_jax.create_model(config)
+  if r is not None:
+    model = model.with_fusion(r=r)
+  if params is None:
+    params = random_params(model, seed)
+  images = random_images(model, batch_size, seed, device)
+  params = jax.device_put(params, next(iter(images.devices())))
+  models = {"plain": model.with_fusion(r=0)}
+  if model.schedule().fuses:
+    models = {"fused": model, **models}
+  prepared = {name: prepare_forward(mdl, params, images, warmup=warmup)
+              for name, mdl in models.items()}
+  timings = time_calls({name: call for name, (call, _) in prepared.items()}, repeats=repeats,
+                       min_repeat_s=min_repeat_s,
+                       seconds_per_call={n: info["warm_call_s"] for n, (_, info) in
+                                         prepared.items()})
+  result = {"fused": None, "plain": None, "speedup": None, "flop_ratio": None}
+  for name, mdl in models.items():
+    report = flops.model_flops(mdl)
+    s = report.schedule
+    result[name] = dict(_figures(prepared[name][1], timings[name], repeats), r=s.r,
+                        tokens_in=s.tokens_in, tokens_out=s.tokens_out, gflops=report.gflops)
+  if result["fused"] is not None:
+    result["speedup"] = result["fused"]["img_per_s"] / result["plain"]["img_per_s"]
+    result["flop_ratio"] = result["plain"]["gflops"] / result["fused"]["gflops"]
+  return result
+
+
+def format_result(result: dict) -> str:
+  """The table that the command line prints."""
+  rows = [("MCTF r=" + repr(result["fused"]["r"]), result["fused"])] if result["fused"] else []
+  rows.append(("no fusion (r=0)", result["plain"]))
+  first = rows[0][1]
+  lines = [f"device {first['device']} ({first['device_kind']}), dtype {first['dtype']}, "
+           f"batch {first['batch_size']}, median of {first['repeats']} repetitions"]
+  has_device_peak = any("device_peak_bytes_in_use" in row["memory"] for _, row in rows)
+  head = (f"{'model':<16s} {'tokens':>8s} {'GFLOPs':>7s} {'img/s':>9s} {'ms/batch':>9s} "
+          f"{'(min-max)':>15s} "
+          f"{'trace s':>7s} {'compile s':>9s} {'XLA mem MiB':>11s}")
+  if has_device_peak:
+    head += f" {'peak MiB':>9s}"
+  lines += [head, "-" * len(head)]
+  for name, row in rows:
+    tokens = (f"{row['tokens_in']}->{row['tokens_out']}" if row["tokens_in"] != row["tokens_out"]
+              else str(row["tokens_in"]))
+    mem = row["memory"].get("estimated_peak_bytes")
+    spread = f"({row['min_s'] * 1e3:.1f}-{row['max_s'] * 1e3:.1f})"
+    line = (f"{name:<16s} {tokens:>8s} {row['gflops']:7.3f} {row['img_per_s']:9.1f} "
+            f"{row['median_s'] * 1e3:9.1f} "
+            f"{spread:>15s} {row['trace_s']:7.2f} {row['compile_s']:9.2f} "
+            f"{(mem / MIB if mem is not None else float('nan')):11.1f}")
+    if has_device_peak:
+      peak = row["memory"].get("device_peak_bytes_in_use")
+      line += f" {(peak / MIB if peak is not None else float('nan')):9.1f}"
+    lines.append(line)
+  if result["speedup"] is not None:
+    lines.append(f"speed-up {result['speedup']:.2f}x (img/s fused / plain); FLOP ratio "
+                 f"{result['flop_ratio']:.2f}x (plain / fused, fvcore convention)")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(1)
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
+                                  "fields may be overridden: --config.fusion.r=8.")
+  flags.DEFINE_integer("batch_size", 32, "Images per forward call.")
+  flags.DEFINE_string("r", None, "Benchmark at this r (a count, or a ratio < 1) instead of "
+                      "config.fusion.r.")
+  flags.DEFINE_enum("dtype", None, DTYPES, "Compute dtype (model.dtype); parameters stay in "
+                    "model.param_dtype. Default: the config's.")
+  flags.DEFINE_string("checkpoint", None, "Optional weights (converted Orbax dir, train.py "
+                      "workdir or .pth/.npz/.safetensors); random weights otherwise.")
+  flags.DEFINE_integer("repeats", 10, "Timed repetitions (the median is reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+  flags.DEFINE_float("min_repeat_s", 0.1, "Each repetition repeats the call to last at "
+                     "least this long (0: one call).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights and images.")
+  flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv_):
+    if len(argv_) > 1:
+      _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
+    from mctf_jax.config import ConfigError, normalize_r
+    config = FLAGS.config
+    if FLAGS.batch_size < 1:
+      _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.min_repeat_s < 0:
+      _fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0; got "
+            f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}")
+    if FLAGS.dtype is not None:
+      config.model.dtype = FLAGS.dtype
+    try:
+      r = None
+      if FLAGS.r is not None:
+        try:
+          r = normalize_r(float(FLAGS.r), "--r")
+        except ValueError as e:
+          raise ConfigError(str(e) if isinstance(e, ConfigError) else
+                            f"--r must be a number (a token count or a ratio < 1), got "
+                            f"{FLAGS.r!r}")
+      import mctf_jax
+      mctf_jax.create_model(config)  # validates the config before anything is timed
+      params = None
+      if FLAGS.checkpoint:
+        from mctf_jax import checkpoint
+        params = checkpoint.load_params(FLAGS.checkpoint, config)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+      _fail(str(e))
+    result = compare(config, params, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
+                     warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s, seed=FLAGS.seed)
+    print(format_result(result))
+    if FLAGS.json:
+      result = dict(result, checkpoint=FLAGS.checkpoint or None,
+                    jax_version=jax.__version__, num_devices=jax.device_count())
+      try:
+        with open(FLAGS.json, "w") as f:
+          json.dump(result, f, indent=1)
+      except OSError as e:
+        _fail(f"cannot write --json={FLAGS.json}: {e}")
+      print(f"wrote {FLAGS.json}")
+
+  app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

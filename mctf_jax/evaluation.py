@@ -1,0 +1,55 @@
+"""Top-1 / top-5 over every example of a split, on any mesh (shared by train.py and eval.py).
+
+Every process feeds its own padded batches (``mask`` False on padding); the jitted step
+sums hits over the global batch, so each example counts exactly once whatever the number
+of processes and devices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from mctf_jax import parallel
+
+
+def make_eval_step(model):
+  """eval_step(params, batch) -> summed top-1 / top-5 hits and the count of real examples."""
+  def eval_step(params, batch):
+    logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    _, top = jax.lax.top_k(logits, k)
+    hits = top == batch["label"][:, None]
+    return {"top1": jnp.sum(hits[:, 0] * mask), "top5": jnp.sum(jnp.any(hits, -1) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+def compile_eval_step(model, mesh, param_shardings):
+  return jax.jit(make_eval_step(model), in_shardings=(param_shardings,
+                                                      parallel.batch_sharding(mesh)))
+
+
+def accuracy(eval_step: Callable, params, batches: Iterable[dict], mesh, *,
+             progress: str | None = None, total: int | None = None) -> dict:
+  """{'top1': %, 'top5': %, 'images': n} of `params` over the local `batches` of every process.
+
+  progress: a label for a progress bar on process 0 (None: no bar). total: batches expected.
+  """
+  if progress is not None and jax.process_index() == 0:
+    from tqdm import tqdm
+    batches = tqdm(batches, desc=progress, total=total, unit="batch", leave=False,
+                   dynamic_ncols=True)
+  totals = None
+  for local in batches:
+    sums = eval_step(params, parallel.global_batch(local, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError("the evaluation split yielded no batches")
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"top1": 100 * float(totals["top1"]) / max(count, 1),
+          "top5": 100 * float(totals["top5"]) / max(count, 1), "images": int(count)}

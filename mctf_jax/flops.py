@@ -1,0 +1,456 @@
+r"""FLOPs of DeiT with MCTF, counted as the paper counts them (fvcore), from the schedule.
+
+    python -m mctf_jax.flops --config=configs/deit_s.py            # 2.602 GFLOPs
+    python -m mctf_jax.flops --config=configs/deit_s.py --config.fusion.r=8 --verbose
+    python -m mctf_jax.flops --config=configs/deit_s.py --xla      # + XLA's own count
+
+The official code reports fvcore's ``FlopCountAnalysis(model, (1, 3, 224, 224)).total()``.
+fvcore's convention, followed here:
+
+* one multiply-add is one FLOP, and only these ops are counted: matmul / linear / bmm /
+  einsum (m*k*n for an (m, k) @ (k, n) product; a linear layer's bias is free), the patch
+  convolution (out_positions * C_out * C_in * kh * kw) and LayerNorm (5 per element, with
+  its affine parameters);
+* softmax, GELU, additions, scaling, norms, powers, gathers, scatters, sorts: zero.
+
+The count is analytic: the static schedule gives the tokens entering and leaving every
+block, and each block is costed as the *official* code executes it (models/SA/MHSA.py,
+models/modules/blocks.py, utils/mctf.py):
+
+* an ordinary block: norm1, qkv (C -> 3C), q @ k^T, attn @ v, proj, norm2, fc1, fc2;
+* one-step-ahead 'approx' (the paper's MCTF): norm1 and the q, k half of the qkv matmul
+  (x @ W[:, :2C]) on the T unfused tokens, q @ k^T on them; the bipartite matching's
+  similarity ``a @ b.transpose(-1, -2)`` on the L2-normalised metric (the block input,
+  ceil(T/2) x C x floor(T/2)); then norm1 again and the v third (x @ W[:, 2C:]) on the
+  O = T - r fused tokens, the merged (O, O) attention map @ v, proj, norm2 and the MLP on O.
+  ``merge_wavg`` merges tokens and the attention map by gathers and scatter_reduce, which
+  fvcore does not count;
+* 'precise': as 'approx' up to the matching, then a whole attention (qkv, q @ k^T,
+  attn @ v, proj) and the MLP on the fused tokens;
+* 'off' (ToMe-like): an ordinary block on T tokens, then the matching matmul on its output;
+* the similarity matmul is absent when tau_sim = 0 (the official code then uses ones);
+* a block that fuses no token (fusion off, or too few tokens left for r) is an ordinary
+  block. The official code does execute more in a listed block whose r comes out 0: the q, k
+  attention for the matching, before ``mctf`` returns unmerged tokens; but that attention
+  is then unused and fvcore's traced graph drops it, so the official numbers (and these)
+  count an ordinary block.
+
+Checked against fvcore 0.1.5 run on the official code (commit 2004da0, timm layers as
+there): equal to the FLOP in every setting of ``tests/test_flops.py`` (each one-step-ahead
+mode and pooling, tau_sim = 0, one-directional matching, ratio r, an r_eval override, 384 px,
+DeiT-T/S/B).
+
+``count_flops(..., implementation='mctf_jax')`` costs what this port executes instead.
+It differs in one place: for the averaging poolings, 'approx' computes the fused tokens'
+attention as pool_rows(attn @ v[dest]), a (T, T) @ (T, d) product per head rather than the
+official (O, O) one (same result, no scatter of the map); and the 'matmul' merge (TPU)
+adds one-hot (O, r) products.
+
+Cross-checks against JAX/XLA. ``traced_matmul_flops(model)`` reads every dot_general and
+convolution off the jaxpr of the forward pass; it equals the 'mctf_jax' count's matmul part
+exactly (tested for every one-step-ahead mode, pooling and merge implementation).
+``xla_cost(model)`` is XLA's ``compile().cost_analysis()``, whose 'flops' differ from
+fvcore's by convention, not by error:
+
+* XLA counts a multiply-add as 2 FLOPs (fvcore: 1);
+* XLA also counts every elementwise op and reduction at one per element: biases and
+  residual adds, the attention scaling and softmax (max, subtract, sum, divide), GELU's
+  erf arithmetic, LayerNorm's actual mean/variance/scale ops (instead of fvcore's flat 5 per
+  element), the fusion's score arithmetic and rank comparisons; it counts exponentials,
+  erf and rsqrt apart, as 'transcendentals' (DeiT-S: 6.43 M, softmax's and GELU's).
+
+So ``2 * traced <= xla_flops <= (1 + e) * 2 * traced`` with e the elementwise share. On CPU
+(jax 0.10) with batch 1: DeiT-S 9.471 XLA GFLOPs vs 2 x 4.599 (e = 3.0%) without fusion,
+5.385 vs 2 x 2.609 (3.2%) with MCTF r=16; DeiT-T 5.4% / 6.0%; the width-64 test model
+16-18% (small matrices, so elementwise work weighs more). The tests allow e < 8% for
+DeiT-T/S and < 25% for the test model. Against the official fvcore numbers (4.608 and
+2.602 for DeiT-S), XLA / (2 x fvcore) is 1.028 and 1.035.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from typing import Any
+
+from mctf_jax.config import FusionConfig, ModelConfig, fusion_config, model_config
+from mctf_jax.schedule import LayerPlan, Schedule, compute_schedule
+
+IMPLEMENTATIONS = ("official", "mctf_jax")
+
+# Op names in a breakdown. 'norm' is LayerNorm (fvcore's 5 per element); the rest are
+# multiply-adds of matrix products.
+MATMUL_OPS = ("patch_embed", "qkv", "scores", "attend", "proj", "mlp", "matching", "merge",
+              "head")
+OPS = MATMUL_OPS + ("norm",)
+LAYER_NORM_FLOPS_PER_ELEMENT = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFlops:
+  """FLOPs of one stage of the forward pass (per image), split by op.
+
+  name: 'patch_embed', 'block 3', 'norm' (the final LayerNorm) or 'head'.
+  tokens_in / tokens_out: tokens entering and leaving it; r: tokens it fuses away.
+  ops: (op, FLOPs) pairs with op in OPS, zero entries left out.
+  """
+  name: str
+  tokens_in: int
+  tokens_out: int
+  r: int = 0
+  ops: tuple[tuple[str, int], ...] = ()
+
+  @property
+  def flops(self) -> int:
+    return sum(n for _, n in self.ops)
+
+  def op(self, name: str) -> int:
+    return sum(n for op, n in self.ops if op == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopReport:
+  """FLOPs of one image under the fvcore convention (one multiply-add = one FLOP)."""
+  stages: tuple[LayerFlops, ...]
+  schedule: Schedule
+  implementation: str = "official"
+  img_size: int = 224
+
+  @property
+  def total(self) -> int:
+    return sum(s.flops for s in self.stages)
+
+  @property
+  def gflops(self) -> float:
+    return self.total / 1e9
+
+  @property
+  def matmul(self) -> int:
+    """Multiply-adds of the matrix products and the convolution (LayerNorm left out)."""
+    return sum(n for s in self.stages for op, n in s.ops if op in MATMUL_OPS)
+
+  def by_op(self) -> dict[str, int]:
+    out = {op: 0 for op in OPS}
+    for s in self.stages:
+      for op, n in s.ops:
+        out[op] += n
+    return {op: n for op, n in out.items() if n}
+
+  def table(self) -> str:
+    """Per-stage table: tokens in/out, r, MFLOPs by kind of op, and GFLOPs."""
+    head = (f"{'stage':<12s} {'tokens':>10s} {'r':>4s} {'attention':>10s} {'mlp':>8s} "
+            f"{'matching':>9s} {'norm':>7s} {'other':>7s} {'GFLOPs':>8s}")
+    lines = ["MFLOPs per image (attention: qkv, q @ k^T, attn @ v, proj and merges; other: "
+             "patch embedding, head)", head, "-" * len(head)]
+    for s in self.stages:
+      attn = sum(s.op(o) for o in ("qkv", "scores", "attend", "proj", "merge"))
+      other = s.op("patch_embed") + s.op("head")
+      tokens = (f"{s.tokens_in}->{s.tokens_out}" if s.tokens_in != s.tokens_out
+                else str(s.tokens_in))
+      lines.append(f"{s.name:<12s} {tokens:>10s} {s.r or '':>4} {attn / 1e6:10.2f} "
+                   f"{s.op('mlp') / 1e6:8.2f} {s.op('matching') / 1e6:9.3f} "
+                   f"{s.op('norm') / 1e6:7.3f} {other / 1e6:7.2f} {s.flops / 1e9:8.4f}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<12s} {self.gflops:{len(head) - 13}.4f}")
+    return "\n".join(lines)
+
+  def to_dict(self) -> dict:
+    return {
+        "gflops": self.gflops, "flops": self.total, "implementation": self.implementation,
+        "convention": "fvcore (1 multiply-add = 1 FLOP; matmul, conv, LayerNorm)",
+        "img_size": self.img_size, "r": self.schedule.r,
+        "tokens_per_layer": list(self.schedule.tokens_per_layer),
+        "by_op": self.by_op(),
+        "stages": [{"name": s.name, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
+                    "r": s.r, "flops": s.flops, "ops": dict(s.ops)} for s in self.stages],
+    }
+
+  def __str__(self) -> str:
+    return f"{self.gflops:.3f} GFLOPs ({self.schedule.tokens_in} -> " \
+           f"{self.schedule.tokens_out} tokens, r={self.schedule.r!r})"
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _attention(m: ModelConfig, q: int, k: int) -> int:
+  """q @ k^T (or attn @ v) over all heads: H * q * k * d."""
+  return q * k * m.embed_dim  # H * d = C
+
+
+def _norm(m: ModelConfig, tokens: int) -> int:
+  return LAYER_NORM_FLOPS_PER_ELEMENT * tokens * m.embed_dim
+
+
+def _matching(m: ModelConfig, fz: FusionConfig, tokens: int) -> int:
+  """The similarity a @ b^T between the even and the odd tokens (C-wide metric)."""
+  return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fz.tau_sim else 0
+
+
+def _merge_onehot(fz: FusionConfig, plan: LayerPlan, width: int, attend_width: int,
+                  one_step_ahead: bool) -> int:
+  """The one-hot (O, r) products of this port's 'matmul' merges in one fusion step."""
+  o, r = plan.tokens_out, plan.r
+  widths = [1, width]                         # sizes, tokens
+  if fz.pooling == "max":
+    widths = [1]                                # tokens merged by max: no product
+  elif fz.pooling != "size":
+    widths.append(1)                            # normalisers of the weighted average
+  if one_step_ahead:
+    widths.append(attend_width)
+  return sum(o * r * w for w in widths)
+
+
+def _plain_block(m: ModelConfig, t: int) -> list[tuple[str, int]]:
+  c = m.embed_dim
+  return [("norm", 2 * _norm(m, t)), ("qkv", t * c * 3 * c),
+          ("scores", _attention(m, t, t)), ("attend", _attention(m, t, t)),
+          ("proj", t * c * c), ("mlp", 2 * t * c * m.mlp_dim)]
+
+
+def _block(m: ModelConfig, fz: FusionConfig, plan: LayerPlan, implementation: str,
+           merge_impl: str) -> list[tuple[str, int]]:
+  c, t, o = m.embed_dim, plan.tokens_in, plan.tokens_out
+  mode = fz.one_step_ahead
+  if not plan.fuses:
+    return _plain_block(m, t)
+  matching = ("matching", _matching(m, fz, t))
+  merge = []
+  if implementation == "mctf_jax" and merge_impl == "matmul":
+    attend_width = c if fz.pooling != "max" else m.num_heads * t
+    merge = [("merge", _merge_onehot(fz, plan, c, attend_width, mode == "approx"))]
+  if mode == "off":
+    return _plain_block(m, t) + [matching] + merge
+  ops = [("norm", _norm(m, t)), ("qkv", t * c * 2 * c), ("scores", _attention(m, t, t)),
+         matching]
+  if mode == "approx":
+    # v of the fused tokens, merged attention @ v.
+    port_full = implementation == "mctf_jax" and fz.pooling != "max"
+    attend = _attention(m, t, t) if port_full else _attention(m, o, o)
+    ops += [("norm", _norm(m, o)), ("qkv", o * c * c), ("attend", attend)]
+  else:  # precise: the whole attention again, on the fused tokens
+    ops += [("norm", _norm(m, o)), ("qkv", o * c * 3 * c), ("scores", _attention(m, o, o)),
+            ("attend", _attention(m, o, o))]
+  ops += [("proj", o * c * c), ("norm", _norm(m, o)), ("mlp", 2 * o * c * m.mlp_dim)]
+  return ops + merge
+
+
+def _merged(ops: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+  out: dict[str, int] = {}
+  for op, n in ops:
+    out[op] = out.get(op, 0) + n
+  return tuple((op, n) for op, n in out.items() if n)
+
+
+def count_flops(model_cfg: Any, fusion_cfg: Any = None, r: int | float | None = None, *,
+                implementation: str = "official", merge_impl: str | None = None) -> FlopReport:
+  """FLOPs of one image, per stage, as fvcore counts the official code.
+
+  model_cfg: a ModelConfig, or a whole config (ConfigDict with .model and .fusion).
+  fusion_cfg: a FusionConfig or a config; None takes model_cfg's fusion section (no fusion
+    for a bare ModelConfig).
+  r: evaluate at this r (a count or a ratio) instead of fusion.r; 0 is plain DeiT.
+  implementation: 'official' (what the reference executes; its reported numbers) or
+    'mctf_jax' (what this port executes; see the module docstring).
+  merge_impl: for 'mctf_jax', the merge implementation ('scatter' or 'matmul'); default:
+    the fusion config's, with 'auto' resolved for the current JAX backend.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  m = model_config(model_cfg)
+  fz = fusion_config(model_cfg if fusion_cfg is None else fusion_cfg)
+  if merge_impl is None:
+    merge_impl = fz.merge_impl
+    if implementation == "mctf_jax" and merge_impl == "auto":
+      from mctf_jax.model import _resolve_merge_impl
+      merge_impl = _resolve_merge_impl(merge_impl)
+  schedule = compute_schedule(m, fz, r)
+  c, n = m.embed_dim, m.num_patches
+  stages = [LayerFlops("patch_embed", n, n + 1, 0,
+                       (("patch_embed", n * c * m.in_chans * m.patch_size ** 2),))]
+  for plan in schedule.layers:
+    ops = _block(m, fz, plan, implementation, merge_impl)
+    stages.append(LayerFlops(f"block {plan.layer}", plan.tokens_in, plan.tokens_out, plan.r,
+                             _merged(ops)))
+  t = schedule.tokens_out
+  stages.append(LayerFlops("norm", t, t, 0, (("norm", _norm(m, t)),)))
+  stages.append(LayerFlops("head", 1, 1, 0, (("head", c * m.num_classes),)))
+  return FlopReport(tuple(stages), schedule, implementation, m.img_size)
+
+
+def model_flops(model, r: int | float | None = None, **kwargs) -> FlopReport:
+  """count_flops for a VisionTransformer module (its model and fusion settings)."""
+  return count_flops(model.model, model.fusion, r, **kwargs)
+
+
+# ----------------------------------------------------------------------------- XLA
+
+
+def xla_cost(model, batch_size: int = 1, r: int | float | None = None) -> dict[str, float]:
+  """XLA's cost analysis of the jitted forward pass (logits) on the default backend.
+
+  Compiled from abstract shapes (no weights are materialised). Returns XLA's 'flops'
+  (2 per multiply-add, plus elementwise ops), 'transcendentals' and 'bytes accessed', for
+  the whole batch.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  if r is not None:
+    model = model.with_fusion(r=r)
+  m = model.model
+  images = jax.ShapeDtypeStruct((batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  fn = jax.jit(lambda v, x: model.apply(v, x))
+  cost = fn.lower(variables, images).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  if not cost or "flops" not in cost:
+    raise RuntimeError(f"the {jax.default_backend()} backend gives no cost analysis")
+  return {k: float(cost[k]) for k in ("flops", "transcendentals", "bytes accessed")
+          if k in cost}
+
+
+def _eqn_macs(eqn) -> int:
+  """Multiply-adds of one dot_general or convolution equation (0 for anything else)."""
+  name = eqn.primitive.name
+  if name == "dot_general":
+    (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contract_lhs)
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // out_features
+  return 0
+
+
+def _jaxpr_macs(jaxpr) -> int:
+  from jax.extend import core as jex_core
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += _eqn_macs(eqn)
+    name = eqn.primitive.name
+    if name == "cond":
+      total += max(_jaxpr_macs(b) for b in eqn.params["branches"])
+      continue
+    if name == "while":
+      raise ValueError("cannot count a while loop's products (unknown trip count)")
+    inner = sum(_jaxpr_macs(j) for j in jex_core.jaxprs_in_params(eqn.params))
+    total += inner * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def traced_matmul_flops(model, batch_size: int = 1, r: int | float | None = None) -> int:
+  """Multiply-adds of every matrix product and convolution in the traced forward pass.
+
+  Reads them off the jaxpr of ``model.apply`` (dot_general: output size x contracted
+  size; conv: output size x kernel size / output features), so it is what this port
+  executes, before XLA. It equals ``batch_size * count_flops(..., implementation=
+  'mctf_jax', merge_impl=...).matmul`` exactly.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  if r is not None:
+    model = model.with_fusion(r=r)
+  m = model.model
+  images = jax.ShapeDtypeStruct((batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+  return _jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _fail(message: str):
+  """A bad command-line value: one line on stderr, exit status 1 (no usage wall)."""
+  print(f"error: {message}", file=sys.stderr)
+  raise SystemExit(1)
+
+
+def _describe(config) -> str:
+  m = model_config(config)
+  return (f"DeiT (width {m.embed_dim}, depth {m.depth}, {m.img_size}x{m.img_size}, "
+          f"patch {m.patch_size})")
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  FLAGS = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
+                                  "fields may be overridden: --config.fusion.r=8.")
+  flags.DEFINE_string("r", None, "Evaluate at this r (a count, or a ratio < 1) instead of "
+                      "config.fusion.r; 0 = no fusion.")
+  flags.DEFINE_bool("verbose", False, "Print the per-stage table.")
+  flags.DEFINE_enum("implementation", "official", IMPLEMENTATIONS,
+                    "Cost what the official PyTorch code executes (its reported numbers), "
+                    "or what this port executes.")
+  flags.DEFINE_bool("xla", False, "Also compile the model (batch 1) and print XLA's count.")
+  flags.DEFINE_string("json", None, "Write the report as JSON to this path.")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv_):
+    if len(argv_) > 1:
+      _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
+    from mctf_jax.config import ConfigError, normalize_r
+    config = FLAGS.config
+    try:
+      r = None
+      if FLAGS.r is not None:
+        try:
+          r = float(FLAGS.r)
+        except ValueError:
+          raise ConfigError(f"--r must be a number (a token count or a ratio < 1), got "
+                            f"{FLAGS.r!r}")
+        r = normalize_r(r, "--r")
+      report = count_flops(config, r=r, implementation=FLAGS.implementation)
+      base = count_flops(config, r=0, implementation=FLAGS.implementation)
+    except ConfigError as e:
+      _fail(str(e))
+    fz = fusion_config(config)
+    print(f"{_describe(config)}, {FLAGS.implementation} code, fvcore convention "
+          f"(1 multiply-add = 1 FLOP)")
+    if report.schedule.fuses:
+      print(f"MCTF r={report.schedule.r!r} on blocks {list(fz.layers)} "
+            f"(one-step-ahead {fz.one_step_ahead}): {report.gflops:.3f} GFLOPs, "
+            f"{report.schedule.tokens_in} -> {report.schedule.tokens_out} tokens")
+      print(f"without fusion: {base.gflops:.3f} GFLOPs; fused / plain = "
+            f"{report.total / base.total:.3f}")
+    else:
+      print(f"no fusion: {report.gflops:.3f} GFLOPs")
+    if FLAGS.verbose:
+      print()
+      print(report.table())
+    out = report.to_dict()
+    if FLAGS.xla:
+      import jax
+      import mctf_jax
+      model = mctf_jax.create_model(config)
+      traced = traced_matmul_flops(model, 1, r)
+      cost = xla_cost(model, 1, r)
+      print(f"XLA ({jax.default_backend()}, batch 1): {cost['flops'] / 1e9:.3f} GFLOPs "
+            f"(2 per multiply-add + elementwise ops), "
+            f"{cost.get('transcendentals', 0) / 1e6:.2f} M transcendentals")
+      print(f"  this port's traced matmuls: {traced / 1e9:.3f} G multiply-adds; "
+            f"XLA / (2 x traced) = {cost['flops'] / (2 * traced):.3f}; "
+            f"XLA / (2 x fvcore count) = {cost['flops'] / (2 * report.total):.3f}")
+      out["xla"] = dict(cost, backend=jax.default_backend(), traced_matmul=traced)
+    if FLAGS.json:
+      try:
+        with open(FLAGS.json, "w") as f:
+          json.dump(out, f, indent=1)
+      except OSError as e:
+        _fail(f"cannot write --json={FLAGS.json}: {e}")
+      print(f"wrote {FLAGS.json}")
+
+  app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,122 @@
+"""Throughput benchmark: the timing loop, the library function and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import mctf_jax
+from conftest import tiny_config
+from mctf_jax import benchmark, flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_time_calls_interleaves_and_repeats():
+  order = []
+
+  def make(name):
+    def call():
+      order.append(name)
+      return jnp.zeros(())
+    return call
+
+  timings = benchmark.time_calls({"a": make("a"), "b": make("b")}, repeats=3,
+                                 seconds_per_call={"a": 0.01, "b": 0.1}, min_repeat_s=0.04)
+  # a: ceil(0.04 / 0.01) = 4 calls per repetition, b: 1; repetitions alternate.
+  assert order == (["a"] * 4 + ["b"]) * 3
+  assert timings["a"][1] == 4 and timings["b"][1] == 1
+  assert all(len(times) == 3 and min(times) > 0 for times, _ in timings.values())
+  with pytest.raises(ValueError, match="repeats >= 1"):
+    benchmark.time_calls({"a": make("a")}, repeats=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return benchmark.random_params(mctf_jax.create_model(tiny_config()))
+
+
+def test_random_params_fit_the_model(tiny_params):
+  from mctf_jax import convert
+  flat = convert.flax_to_torch(tiny_params)
+  want = convert.expected_shapes(mctf_jax.create_model(tiny_config()).model)
+  assert {k: v.shape for k, v in flat.items()} == want
+
+
+def test_benchmark_forward_tiny(tiny_params):
+  # The plain model (quick to compile); the fused one is timed by the tests below.
+  model = mctf_jax.create_model(tiny_config(r=0))
+  params = tiny_params
+  result = benchmark.benchmark_forward(model, params, 4, repeats=3, warmup=1,
+                                       min_repeat_s=0.01)
+  assert result["img_per_s"] > 0 and result["batch_size"] == 4
+  assert result["img_per_s"] == pytest.approx(4 / result["median_s"])
+  assert len(result["times_s"]) == 3 and result["min_s"] <= result["median_s"] <= result["max_s"]
+  assert result["compile_s"] > 0 and result["trace_s"] > 0
+  assert result["platform"] == jax.devices()[0].platform and result["dtype"] == "float32"
+  memory = result["memory"]
+  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+  image_bytes = 4 * 32 * 32 * 3 * 4
+  assert memory["argument_size_bytes"] >= param_bytes + image_bytes
+  assert memory["estimated_peak_bytes"] >= memory["argument_size_bytes"]
+  with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    benchmark.benchmark_forward(model, params, 0)
+
+
+def test_compare_bfloat16_and_r_override(tiny_params):
+  config = tiny_config(trace_source=False, layers=(1,))
+  config["model"]["dtype"] = "bfloat16"
+  result = benchmark.compare(config, tiny_params, batch_size=2, r=4, repeats=2, warmup=1,
+                             min_repeat_s=0)
+  fused, plain = result["fused"], result["plain"]
+  assert fused["dtype"] == plain["dtype"] == "bfloat16"
+  assert (fused["r"], fused["tokens_in"], fused["tokens_out"]) == (4, 65, 61)
+  assert (plain["r"], plain["tokens_out"]) == (0, 65)
+  expected = flops.count_flops(config, r=4).gflops
+  assert fused["gflops"] == pytest.approx(expected)
+  assert result["speedup"] == pytest.approx(fused["img_per_s"] / plain["img_per_s"])
+  assert result["flop_ratio"] == pytest.approx(plain["gflops"] / fused["gflops"])
+  text = benchmark.format_result(result)
+  assert "MCTF r=4" in text and "no fusion (r=0)" in text and "speed-up" in text
+
+  none = benchmark.compare(config, tiny_params, batch_size=2, r=0, repeats=1, warmup=1,
+                           min_repeat_s=0)
+  assert none["fused"] is None and none["speedup"] is None and none["plain"]["img_per_s"] > 0
+  assert "speed-up" not in benchmark.format_result(none)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "mctf_jax.benchmark", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json(tmp_path):
+  out = tmp_path / "bench.json"
+  # Fusing in one block only (r=8: 65 -> 57 tokens) keeps the compilation short.
+  run = _cli("--config=tests/configs/tiny.py", "--config.fusion.layers=(3,)", "--batch_size=4",
+             "--repeats=2", "--warmup=1", "--min_repeat_s=0", f"--json={out}")
+  assert run.returncode == 0, run.stderr
+  lines = run.stdout.splitlines()
+  assert any(l.startswith("MCTF r=8") and "65->57" in l for l in lines)
+  assert any(l.startswith("no fusion (r=0)") for l in lines)
+  assert any(l.startswith("speed-up") and "FLOP ratio 1.0" in l for l in lines)
+  data = json.loads(out.read_text())
+  for key in ("fused", "plain"):
+    row = data[key]
+    assert row["img_per_s"] > 0 and row["batch_size"] == 4 and len(row["times_s"]) == 2
+    assert row["compile_s"] > 0 and row["memory"]["estimated_peak_bytes"] > 0
+  assert data["speedup"] == pytest.approx(data["fused"]["img_per_s"] / data["plain"]["img_per_s"])
+  assert data["flop_ratio"] > 1 and data["num_devices"] >= 1
+
+
+def test_cli_bad_values():
+  run = _cli("--config=tests/configs/tiny.py", "--batch_size=0")
+  assert run.returncode == 1 and "--batch_size must be >= 1" in run.stderr
+  run = _cli("--config=tests/configs/tiny.py", "--r=2.5")
+  assert run.returncode == 1 and "token count and must be a whole number" in run.stderr
+  assert "Traceback" not in run.stderr
