@@ -60,6 +60,8 @@ def get_config():
       randaugment="rand-m9-mstd0.5-inc1",  # timm notation; "" to disable
       reprob=0.25,                # random erasing probability (timm 'pixel' mode)
       mixup=0.0, cutmix=0.0,      # alphas; 0 = off
+      mixup_prob=1.0,             # probability that a batch is mixed (timm mixup_prob)
+      mixup_switch_prob=0.5,      # both on: probability of cutmix rather than mixup
       repeated_aug=3,             # repeated augmentation (1 = off)
       shuffle_buffer=16_384,
       # Evaluation: resize shorter side to img_size / crop_pct (bicubic, antialiased), crop.

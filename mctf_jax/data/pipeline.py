@@ -1,0 +1,343 @@
+"""Training and evaluation input pipelines (tf.data, numpy batches per process).
+
+Training epochs. Process p reads its own part of the train split. Epoch e is a
+permutation of that part, seeded by (seed, p, e) (in-memory sources: an exact permutation;
+tfds: file order plus a shuffle buffer), cut to `steps_per_epoch` local batches. With
+repeated augmentation r > 1 (DeiT's RASampler) an epoch takes the first ceil(length / r)
+records of the permutation and repeats each r times in a row, so the epoch length stays
+the same and each image in it appears r times. Every example then gets a running number
+(its position in this process's stream, epoch * length + position) and its augmentation is
+drawn from stateless random ops keyed by (seed, p, number). Resuming at a step therefore
+only skips raw records (paths or encoded bytes) of the interrupted epoch, and an
+interrupted run and an uninterrupted one see identical batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mctf_jax.data import augment, sources
+from mctf_jax.data.augment import MixupSpec, RandAugmentSpec
+from mctf_jax.data.sources import DataError, DatasetInfo
+
+AUTOTUNE = tf.data.AUTOTUNE
+_TAG_AUGMENT, _TAG_SHUFFLE, _TAG_MIX = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """config.data (and config.model.img_size), validated."""
+  dataset: str
+  data_dir: Optional[str]
+  train_split: str
+  eval_split: str
+  img_size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: bool
+  randaugment: Optional[RandAugmentSpec]
+  reprob: float
+  mixup: float
+  cutmix: float
+  mixup_prob: float
+  mixup_switch_prob: float
+  repeated_aug: int
+  shuffle_buffer: int
+  crop_pct: float
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+  @property
+  def fill(self) -> tuple[int, ...]:
+    """timm's RandAugment fill colour: the mean as pixels, min(255, round(255 * m))."""
+    return tuple(min(255, round(255 * m)) for m in self.mean)
+
+
+def _pair(data, name: str, low: float = 0.0) -> tuple[float, float]:
+  value = data[name]
+  if (not isinstance(value, (tuple, list)) or len(value) != 2
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+      or not low < value[0] <= value[1]):
+    raise DataError(f"config.data.{name}={value!r}: expected (lo, hi) with {low} < lo <= hi")
+  return float(value[0]), float(value[1])
+
+
+def _fraction(data, name: str, default: Optional[float] = None) -> float:
+  value = data.get(name, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    raise DataError(f"config.data.{name}={value!r}: expected a number in [0, 1]")
+  return float(value)
+
+
+def settings(config: Any) -> Settings:
+  """Reads and checks config.data and config.model.img_size."""
+  data = config.data
+  img_size = config.model.img_size
+  if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+    raise DataError(f"config.model.img_size={img_size!r}: expected a positive int")
+  for name in ("dataset", "train_split", "eval_split"):
+    if not isinstance(data[name], str) or not data[name]:
+      raise DataError(f"config.data.{name}={data[name]!r}: expected a non-empty string")
+  for name in ("mixup", "cutmix"):
+    if isinstance(data[name], bool) or not isinstance(data[name], (int, float)) or data[name] < 0:
+      raise DataError(f"config.data.{name}={data[name]!r}: expected an alpha >= 0 (0 = off)")
+  for name in ("repeated_aug", "shuffle_buffer"):
+    if isinstance(data[name], bool) or not isinstance(data[name], int) or data[name] < 1:
+      raise DataError(f"config.data.{name}={data[name]!r}: expected an int >= 1")
+  crop_pct = data.crop_pct
+  if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+    raise DataError(f"config.data.crop_pct={crop_pct!r}: expected a number in (0, 1]")
+  mean, std = tuple(data.mean), tuple(data.std)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise DataError(f"config.data.mean={mean!r}, std={std!r}: expected 3 values each, std > 0")
+  if not isinstance(data.hflip, bool):
+    raise DataError(f"config.data.hflip={data.hflip!r}: expected True or False")
+  try:
+    randaugment = augment.parse_randaugment(data.randaugment or "")
+  except ValueError as error:
+    raise DataError(f"config.data.{error}") from None
+  return Settings(
+      dataset=data.dataset, data_dir=data.get("data_dir"), train_split=data.train_split,
+      eval_split=data.eval_split, img_size=img_size,
+      crop_scale=_pair(data, "crop_scale"), crop_ratio=_pair(data, "crop_ratio"),
+      hflip=data.hflip, randaugment=randaugment, reprob=_fraction(data, "reprob"),
+      mixup=float(data.mixup), cutmix=float(data.cutmix),
+      mixup_prob=_fraction(data, "mixup_prob", 1.0),
+      mixup_switch_prob=_fraction(data, "mixup_switch_prob", 0.5),
+      repeated_aug=data.repeated_aug, shuffle_buffer=data.shuffle_buffer,
+      crop_pct=float(crop_pct), mean=tuple(float(m) for m in mean),
+      std=tuple(float(s) for s in std))
+
+
+# The transforms are written with tf ops (Python control flow only on settings): tracing
+# them without AutoGraph's source conversion is several times faster.
+_plain = tf.autograph.experimental.do_not_convert
+
+
+def _source(s: Settings):
+  return sources.get_source(s.dataset, s.data_dir, s.img_size, s.train_split, s.shuffle_buffer)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True     # parallel maps keep their order
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _check_processes(global_batch_size: int, process_index: int, process_count: int) -> int:
+  """The local batch size; checks the process arguments."""
+  if not isinstance(process_count, int) or process_count < 1:
+    raise ValueError(f"process_count={process_count!r}: expected an int >= 1")
+  if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index!r}: expected an int in "
+                     f"[0, process_count={process_count})")
+  if not isinstance(global_batch_size, int) or global_batch_size < 1:
+    raise ValueError(f"global_batch_size={global_batch_size!r}: expected an int >= 1")
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                     f"process_count={process_count}; expected a multiple of it")
+  return global_batch_size // process_count
+
+
+def dataset_info(config: Any) -> DatasetInfo:
+  """Name, number of classes and split sizes of the configured dataset."""
+  s = settings(config)
+  source = _source(s)
+  return DatasetInfo(name=source.name, num_classes=source.num_classes,
+                     num_train=source.num_examples(s.train_split),
+                     num_eval=source.num_examples(s.eval_split))
+
+
+class TrainPipeline:
+  """Augmented training batches of one process, reproducible from any step.
+
+  `iterate(start_step)` yields dicts of numpy arrays with the process's share of each global
+  batch: 'image' float32 (B, S, S, 3) normalised, 'label' int32 (B,), and with mixup/cutmix
+  'targets' float32 (B, num_classes) (label smoothing folded in) and 'mixed_label' int32.
+  """
+
+  def __init__(self, config: Any, global_batch_size: int, seed: int, process_index: int = 0,
+               process_count: int = 1, label_smoothing: float = 0.0):
+    self.settings = s = settings(config)
+    self.local_batch_size = _check_processes(global_batch_size, process_index, process_count)
+    self.global_batch_size = global_batch_size
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+      raise ValueError(f"seed={seed!r}: expected an int in [0, 2**63)")
+    if not 0 <= label_smoothing < 1:
+      raise ValueError(f"label_smoothing={label_smoothing!r}: expected a number in [0, 1)")
+    self.seed = seed
+    self.process_index, self.process_count = process_index, process_count
+    self._source = _source(s)
+    self.num_classes = self._source.num_classes
+    self.num_examples = self._source.num_examples(s.train_split)
+    # Every process runs the same number of steps: the smallest part decides.
+    self.steps_per_epoch = (self.num_examples // process_count) // self.local_batch_size
+    if self.steps_per_epoch < 1:
+      raise DataError(f"train split {s.train_split!r} of {self._source.name} has "
+                      f"{self.num_examples} examples, fewer than one global batch of "
+                      f"{global_batch_size}; expected a smaller config.batch_size")
+    self._epoch_length = self.steps_per_epoch * self.local_batch_size
+    self._mixup = None
+    if s.mixup > 0 or s.cutmix > 0:
+      if self.local_batch_size % 2:
+        raise ValueError(f"mixup/cutmix pair each image with the batch reversed; expected an "
+                         f"even local batch, got {self.local_batch_size}")
+      self._mixup = MixupSpec(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mixup_prob,
+                              switch_prob=s.mixup_switch_prob, label_smoothing=label_smoothing)
+
+  # ---- the stream of raw records
+
+  def _key(self, tag: int, process_index: Optional[int] = None):
+    base = tf.constant([self.seed, self.process_index if process_index is None
+                        else process_index], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, tag)
+
+  def _one_epoch(self, records: tf.data.Dataset) -> tf.data.Dataset:
+    """The epoch's records: exactly _epoch_length, repeated-augmentation copies adjacent."""
+    repeats = self.settings.repeated_aug
+    if repeats > 1:
+      records = records.take(-(-self._epoch_length // repeats)).flat_map(_plain(
+          lambda data, label: tf.data.Dataset.from_tensors((data, label)).repeat(repeats)))
+    return records.take(self._epoch_length)
+
+  def _stream(self, epoch: int, offset: int, whole_run: bool) -> tf.data.Dataset:
+    """(number, (data, label)) from epoch `epoch`, skipping `offset` raw records; all later
+    epochs too when whole_run (in-memory sources), else epoch `epoch` only (tfds)."""
+    s, source = self.settings, self._source
+    first = epoch * self._epoch_length
+    if whole_run:
+      permuted = source.permuted_records_fn(s.train_split, self.process_index,
+                                            self.process_count, self._key(_TAG_SHUFFLE))
+      stream = tf.data.Dataset.range(epoch, 2**62).flat_map(
+          _plain(lambda e: self._one_epoch(permuted(e))))
+    else:
+      shuffle_seed = int(np.random.SeedSequence(
+          [self.seed, self.process_index, epoch, _TAG_SHUFFLE]).generate_state(1)[0] >> 1)
+      stream = self._one_epoch(source.records(
+          s.train_split, self.process_index, self.process_count, shuffle_seed=shuffle_seed))
+    return stream.enumerate(first).skip(offset)
+
+  # ---- per-example transform and batching
+
+  def _example(self, number, record):
+    s = self.settings
+    data, label = record
+    seeds = augment.Seeds(tf.random.experimental.stateless_fold_in(
+        self._key(_TAG_AUGMENT), number))
+    if self._source.kind == "path":
+      data = tf.io.read_file(data)
+    image = augment.random_resized_crop(data, seeds, s.img_size, s.crop_scale, s.crop_ratio,
+                                        decoded=self._source.kind == "decoded")
+    if s.hflip:
+      image = augment.random_flip(image, seeds)
+    if s.randaugment is not None:
+      image = augment.rand_augment(image, s.randaugment, seeds, s.fill)
+    image = augment.normalize(image, s.mean, s.std)
+    if s.reprob > 0:
+      image = augment.random_erasing(image, seeds, s.reprob)
+    image.set_shape([s.img_size, s.img_size, 3])
+    return {"image": image, "label": label}
+
+  def _mix(self, step, batch):
+    # One lambda per global batch: the key ignores the process.
+    key = tf.random.experimental.stateless_fold_in(self._key(_TAG_MIX, process_index=0), step)
+    images, targets, mixed = augment.mix_batch(batch["image"], batch["label"],
+                                               augment.Seeds(key), self._mixup,
+                                               self.num_classes)
+    return dict(batch, image=images, targets=targets, mixed_label=mixed)
+
+  def _batches(self, stream: tf.data.Dataset, first_step: int) -> Iterator[dict]:
+    ds = stream.map(_plain(self._example), num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(self.local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE,
+                  deterministic=True)
+    if self._mixup is not None:
+      ds = ds.enumerate(first_step).map(_plain(self._mix), num_parallel_calls=AUTOTUNE,
+                                        deterministic=True)
+    return ds.prefetch(AUTOTUNE).with_options(_options()).as_numpy_iterator()
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches from global step `start_step` on, forever (epoch after epoch)."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+      raise ValueError(f"start_step={start_step!r}: expected an int >= 0")
+    epoch, step_in_epoch = divmod(start_step, self.steps_per_epoch)
+    offset = step_in_epoch * self.local_batch_size
+    if self._source.graph_epochs:
+      yield from self._batches(self._stream(epoch, offset, whole_run=True), start_step)
+      return
+    while True:
+      expected = self.steps_per_epoch - step_in_epoch
+      count = 0
+      for batch in self._batches(self._stream(epoch, offset, whole_run=False),
+                                 epoch * self.steps_per_epoch + step_in_epoch):
+        count += 1
+        yield batch
+      if count != expected:
+        raise DataError(f"epoch {epoch} of process {self.process_index} ended after {count} "
+                        f"of {expected} batches: {self._source.name} split "
+                        f"{self.settings.train_split!r} has fewer examples than its "
+                        f"metadata says ({self.num_examples})")
+      epoch, step_in_epoch, offset = epoch + 1, 0, 0
+
+
+def eval_batches(config: Any, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, split: Optional[str] = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """The evaluation split (config.data.eval_split or `split`) in this process's batches.
+
+  Yields dicts 'image' float32 (B, S, S, 3), 'label' int32 (B,), 'mask' bool (B,). The
+  processes split the examples (each scored once in all); the last batches are padded with
+  mask False, and every process yields ceil(ceil(N / process_count) / B) batches.
+  """
+  s = settings(config)
+  local_batch = _check_processes(global_batch_size, process_index, process_count)
+  split = split or s.eval_split
+  source = _source(s)
+  num_batches = math.ceil(math.ceil(source.num_examples(split) / process_count) / local_batch)
+  records = source.records(split, process_index, process_count)
+
+  def prepare(data, label):
+    if source.kind == "path":
+      data = tf.io.read_file(data)
+    image = data if source.kind == "decoded" else augment.decode_image(data)
+    image = augment.eval_image(image, s.img_size, s.crop_pct, s.mean, s.std)
+    return {"image": image, "label": label, "mask": tf.constant(True)}
+
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([s.img_size, s.img_size, 3], tf.float32),
+      "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}).repeat()
+  ds = records.map(_plain(prepare), num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+  return ds.prefetch(AUTOTUNE).with_options(_options()).as_numpy_iterator()
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(img_size: int, crop_pct: float, mean: tuple, std: tuple):
+  return tf.function(lambda image: augment.eval_image(image, img_size, crop_pct, mean, std),
+                     input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
+                     autograph=False)
+
+
+def eval_transform(image: np.ndarray, img_size: int, crop_pct: float, mean, std) -> np.ndarray:
+  """The evaluation preprocessing of one uint8 image (H, W, 3), (H, W) grey or RGBA (alpha
+  dropped, as PIL's convert('RGB')): float32 (img_size, img_size, 3), as in eval_batches."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"eval_transform: expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"eval_transform: expected (H, W, 3), (H, W), (H, W, 1) or (H, W, 4), "
+                     f"got shape {image.shape}")
+  image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+  if not 0 < crop_pct <= 1:
+    raise ValueError(f"eval_transform: crop_pct={crop_pct!r}: expected a number in (0, 1]")
+  fn = _eval_fn(int(img_size), float(crop_pct), tuple(map(float, mean)),
+                tuple(map(float, std)))
+  return fn(tf.constant(image)).numpy()

@@ -1,0 +1,280 @@
+"""Where examples come from: tfds datasets, folders of class folders, scikit-learn's digits.
+
+A source lists a split's examples as raw records, (data, label int32) pairs that are cheap
+to skip: encoded image bytes (tfds), file paths (folders, read in the parallel map) or
+small decoded images kept in memory (digits). Each process reads a disjoint part of a
+split: tfds.even_splits for tfds, every process_count-th example for the in-memory lists.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mctf_jax.data import augment
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+DIGITS_EVAL_SPLITS = ("test", "validation")
+
+
+class DataError(ValueError):
+  """A dataset that cannot be read as configured (missing, unprepared, empty, bad split)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+
+
+def host_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+  """The examples of one process: every process_count-th, starting at process_index."""
+  return np.arange(process_index, num_examples, process_count)
+
+
+class InMemorySource(abc.ABC):
+  """A source whose splits are lists held in memory: `arrays(split)` -> (data, labels)."""
+
+  graph_epochs = True  # the epoch permutation can be computed inside the tf.data graph
+
+  @abc.abstractmethod
+  def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data, int32 labels) of a split: uint8 images or file paths."""
+
+  def num_examples(self, split: str) -> int:
+    return len(self.arrays(split)[1])
+
+  def _host_tensors(self, split: str, process_index: int, process_count: int):
+    data, labels = self.arrays(split)
+    keep = host_indices(len(labels), process_index, process_count)
+    return tf.constant(data[keep]), tf.constant(labels[keep], tf.int32)
+
+  def records(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+    """This process's (data, label) records in order."""
+    return tf.data.Dataset.from_tensor_slices(
+        self._host_tensors(split, process_index, process_count))
+
+  def permuted_records_fn(self, split: str, process_index: int, process_count: int,
+                          shuffle_key) -> Callable[[Any], tf.data.Dataset]:
+    """epoch (int64 tensor) -> this process's records permuted by (shuffle_key, epoch), for
+    use inside tf.data functions (the data tensors are built once, here)."""
+    data, labels = self._host_tensors(split, process_index, process_count)
+
+    def permuted(epoch):
+      seed = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+      order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels)[0]), seed)
+      return tf.data.Dataset.from_tensor_slices((tf.gather(data, order),
+                                                 tf.gather(labels, order)))
+
+    return permuted
+
+
+# ----------------------------------------------------------------------------- digits
+
+@functools.lru_cache(maxsize=1)
+def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 handwritten 8x8 digits as (train_images, train_labels,
+  test_images, test_labels): uint8 RGB (N, 8, 8, 3) (values 0..16 scaled to 0..255, grey
+  repeated) and int32 labels, split by train_test_split(test_size=0.2, stratify=y,
+  random_state=0) into 1,437 train and 360 test images."""
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = train_test_split(
+      images, labels, test_size=DIGITS_TEST_FRACTION, stratify=labels,
+      random_state=DIGITS_SPLIT_SEED)
+  for array in (x_train, x_test, y_train, y_test):
+    array.setflags(write=False)
+  return x_train, y_train, x_test, y_test
+
+
+class DigitsSource(InMemorySource):
+  """The digits, upsampled once to img_size with PIL's bicubic and kept in memory, so
+  that crops and the evaluation resize act on img_size images (not on the 8x8 grid).
+  Splits: 'train' (1,437) and 'test' (360; 'validation' names the same images)."""
+
+  kind = "decoded"
+
+  def __init__(self, img_size: int):
+    self.name = "digits"
+    self.num_classes = 10
+    x_train, y_train, x_test, y_test = load_digits_split()
+    upsample = lambda x: augment.pil_resize(
+        tf.constant(x), (img_size, img_size), (img_size, img_size)).numpy()
+    self._splits = {"train": (upsample(x_train), y_train), "test": (upsample(x_test), y_test)}
+
+  def arrays(self, split: str):
+    if split in DIGITS_EVAL_SPLITS:
+      split = "test"
+    if split not in self._splits:
+      raise DataError(f"digits has splits 'train' (1437 images) and 'test' (360; also "
+                      f"called 'validation'); got split {split!r}")
+    return self._splits[split]
+
+
+# ----------------------------------------------------------------------------- folders
+
+@functools.lru_cache(maxsize=8)
+def _list_folder(root: str, split: str, classes: tuple[str, ...]):
+  """(paths, labels) of root/split/<class>/**/<image>, sorted like torchvision ImageFolder."""
+  split_dir = os.path.join(root, split)
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(split_dir, name)
+    for directory, _, files in sorted(os.walk(class_dir, followlinks=True)):
+      for file in sorted(files):
+        if file.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(directory, file))
+          labels.append(label)
+  paths, labels = np.array(paths, dtype=np.str_), np.array(labels, dtype=np.int32)
+  paths.setflags(write=False)
+  labels.setflags(write=False)
+  return paths, labels
+
+
+def _class_dirs(path: str) -> list[str]:
+  return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+class FolderSource(InMemorySource):
+  """root/<split>/<class>/**/*.jpg|png|...: the classes are the sorted subfolder names of
+  the train split folder (torchvision ImageFolder's order), for every split."""
+
+  kind = "path"
+
+  def __init__(self, root: str, train_split: str):
+    if not os.path.isdir(root):
+      raise DataError(f"dataset folder {root!r} does not exist; expected "
+                      f"'folder:/path/to/root' with root/<split>/<class>/<images>")
+    self.name = f"folder:{root}"
+    self.root = root
+    self._train_split = train_split
+    split_dir = self._split_dir(train_split)
+    self.classes = tuple(_class_dirs(split_dir))
+    if not self.classes:
+      raise DataError(f"{split_dir!r} has no class folders; expected "
+                      f"{split_dir}/<class>/<images>")
+    self.num_classes = len(self.classes)
+
+  def _split_dir(self, split: str) -> str:
+    path = os.path.join(self.root, split)
+    if not os.path.isdir(path):
+      found = _class_dirs(self.root)
+      raise DataError(f"dataset folder {self.root!r} has no split folder {split!r} (it has "
+                      f"{found}); set config.data.train_split / eval_split to one of them")
+    return path
+
+  def arrays(self, split: str):
+    split_dir = self._split_dir(split)
+    unknown = sorted(set(_class_dirs(split_dir)) - set(self.classes))
+    if unknown:
+      raise DataError(f"{split_dir!r} has class folders that {self._train_split!r} lacks: "
+                      f"{unknown[:10]}")
+    paths, labels = _list_folder(self.root, split, self.classes)
+    if not len(paths):
+      raise DataError(f"{split_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                      f"class folders")
+    return paths, labels
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def _not_prepared(builder, name: str) -> DataError:
+  root = str(builder.data_dir_root)
+  command = (f"  python -c \"import tensorflow_datasets as tfds; "
+             f"tfds.builder({name!r}, data_dir={root!r}).download_and_prepare()\"")
+  manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+  if manual:
+    steps = (f"It needs a manual download: put the files below in {root}/downloads/manual/, "
+             f"then run\n{command}\ntfds' instructions:\n"
+             + "\n".join("  " + line.strip() for line in manual.strip().splitlines()))
+  else:
+    steps = f"Prepare it once (this downloads it):\n{command}"
+  return DataError(f"tfds dataset {name!r} is not prepared in data_dir={root} (there is no "
+                   f"{builder.data_path}). {steps}\nThen run with "
+                   f"--config.data.data_dir={root}.")
+
+
+class TfdsSource:
+  """A prepared tfds image classification dataset, read with its images still encoded."""
+
+  kind = "encoded"
+  graph_epochs = False  # tfds decides its file order in Python, so one pipeline per epoch
+
+  def __init__(self, name: str, data_dir: Optional[str], shuffle_buffer: int):
+    import tensorflow_datasets as tfds
+    self._tfds = tfds
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+      raise DataError(f"config.data.dataset={name!r} is not a tfds dataset; expected a tfds "
+                      f"name (e.g. 'imagenet2012'), 'folder:/path/to/root' or 'digits'") from None
+    if not builder.is_prepared():
+      raise _not_prepared(builder, name)
+    self.name = name
+    self._builder = builder
+    self._shuffle_buffer = shuffle_buffer
+    keys = builder.info.supervised_keys
+    self._image_key, self._label_key = (
+        keys if isinstance(keys, tuple) and len(keys) == 2 and all(
+            isinstance(k, str) for k in keys) else ("image", "label"))
+    features = builder.info.features
+    if (self._image_key not in features or self._label_key not in features
+        or not isinstance(features[self._image_key], tfds.features.Image)
+        or not hasattr(features[self._label_key], "num_classes")):
+      raise DataError(f"tfds dataset {name!r} is not image classification: expected an Image "
+                      f"feature {self._image_key!r} and a ClassLabel {self._label_key!r}, "
+                      f"got {features}")
+    self.num_classes = features[self._label_key].num_classes
+
+  def num_examples(self, split: str) -> int:
+    try:
+      return self._builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as error:
+      raise DataError(f"tfds dataset {self.name!r} has no split {split!r} (splits: "
+                      f"{list(self._builder.info.splits)}): {error}") from None
+
+  def records(self, split: str, process_index: int, process_count: int,
+              shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+    """This process's (encoded image, label) records; shuffled by shuffle_seed (file
+    order, then a buffer of config.data.shuffle_buffer records) when given."""
+    self.num_examples(split)
+    tfds = self._tfds
+    part = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    options = tf.data.Options()
+    options.deterministic = True
+    shuffle = shuffle_seed is not None
+    ds = self._builder.as_dataset(
+        split=part, shuffle_files=shuffle,
+        decoders={self._image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, options=options))
+    ds = ds.map(lambda ex: (ex[self._image_key], tf.cast(ex[self._label_key], tf.int32)))
+    if shuffle:
+      ds = ds.shuffle(self._shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    return ds
+
+
+# ----------------------------------------------------------------------------- factory
+
+@functools.lru_cache(maxsize=8)
+def get_source(dataset: str, data_dir: Optional[str], img_size: int, train_split: str,
+               shuffle_buffer: int):
+  """The source named by config.data.dataset (cached: folder listings are read once)."""
+  if dataset == "digits":
+    return DigitsSource(img_size)
+  if dataset.startswith("folder:"):
+    return FolderSource(os.path.expanduser(dataset[len("folder:"):]), train_split)
+  return TfdsSource(dataset, data_dir, shuffle_buffer)
