@@ -27,6 +27,9 @@ flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a train.py checkpoi
 flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
 flags.DEFINE_integer("throughput_batch", 64, "Batch size of the throughput measurement "
                      "(the official numbers use 256 on a GPU); 0 skips it.")
+flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation "
+                    "cache (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/mctf_jax/xla); "
+                    "'' turns it off.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "Call jax.distributed.initialize() (auto: when running on several hosts).")
 flags.mark_flags_as_required(["config", "checkpoint"])
@@ -128,6 +131,8 @@ def main(argv):
   from mctf_jax.config import ConfigError
   from mctf_jax.convert import CheckpointMismatchError
   parallel.maybe_initialize_distributed(FLAGS.distributed)
+  parallel.enable_compilation_cache(parallel.default_compilation_cache()
+                                    if FLAGS.compilation_cache is None else FLAGS.compilation_cache)
   output_dir = FLAGS.output_dir or _default_output_dir(FLAGS.checkpoint)
   try:
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,

@@ -17,6 +17,9 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and TensorBoard events.")
+flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation "
+                    "cache (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/mctf_jax/xla); "
+                    "'' turns it off.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "Call jax.distributed.initialize() (auto: when running on several hosts).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -31,10 +34,14 @@ def main(argv):
   from mctf_jax import parallel, trainer
   from mctf_jax.config import ConfigError
   from mctf_jax.convert import CheckpointMismatchError
+  from mctf_jax.data import DataError
   parallel.maybe_initialize_distributed(FLAGS.distributed)
+  parallel.enable_compilation_cache(parallel.default_compilation_cache()
+                                    if FLAGS.compilation_cache is None else FLAGS.compilation_cache)
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (trainer.TrainingError, ConfigError, CheckpointMismatchError, FileNotFoundError) as e:
+  except (trainer.TrainingError, ConfigError, CheckpointMismatchError, DataError,
+          FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

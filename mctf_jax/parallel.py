@@ -37,6 +37,19 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
   return True
 
 
+def default_compilation_cache() -> str:
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mctf_jax", "xla")
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Keeps compiled programs on disk, so that a resumed run or a second evaluation of the
+  same model starts without compiling again (MCTF's many static shapes compile slowly)."""
+  if path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
   """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)

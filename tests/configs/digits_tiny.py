@@ -1,0 +1,20 @@
+"""configs/digits.py shrunk for the end-to-end tests of train.py and eval.py."""
+
+from configs import digits
+
+
+def get_config():
+  config = digits.get_config()
+  config.model.update(dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.0))
+  config.fusion.update(dict(r=8.0, layers=(1, 2), teacher_r_max=2.0))
+  config.batch_size = 64            # 22 steps per epoch
+  config.eval_batch_size = 120
+  config.num_epochs = 2
+  config.warmup_epochs = 0
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = 10
+  config.keep_checkpoints = 2
+  config.eval_every_epochs = 1
+  config.ema_decay = 0.9
+  config.eval.r_values = (0, 8)
+  return config

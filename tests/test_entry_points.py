@@ -1,0 +1,158 @@
+"""train.py and eval.py as users run them, on the embedded digits data (shrunk model).
+
+A run interrupted by SIGTERM (preemption) and then by SIGKILL, and resumed each time, ends
+with exactly the parameters of an uninterrupted run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mctf_jax import checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "--config=tests/configs/digits_tiny.py"
+TOTAL = 44   # 2 epochs of 22 steps
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("XLA_FLAGS", None)   # one device, unless a test asks for more
+  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+  return env
+
+
+def run(args, env, timeout=600):
+  return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def run_until(args, env, line_prefix: str, sig) -> tuple[int, str]:
+  """Starts a run, sends `sig` once a line starting with line_prefix is printed."""
+  proc = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  out = []
+  try:
+    for line in proc.stdout:
+      out.append(line)
+      if line.startswith(line_prefix):
+        proc.send_signal(sig)
+        break
+    out.append(proc.communicate(timeout=300)[0])
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return proc.returncode, "".join(out)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, env):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  return workdir, done.stdout
+
+
+def _params(workdir, ema=False):
+  config = {"model": dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                          num_classes=10, mlp_ratio=2.0)}
+  return checkpoint.load_params(workdir, config, ema=ema)
+
+
+def test_train_prints_what_a_user_needs(finished):
+  workdir, out = finished
+  for needle in ("digits, 1437 train / 360 eval images, 10 classes", "fusion schedule (r=8)",
+                 "process(es), 1 device(s)", "compiled the train step", "img/s | ETA",
+                 "epoch 1 eval", "r=8: top1", "r=0: top1", f"step {TOTAL}/{TOTAL}", "done:"):
+    assert needle in out, needle
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["40", "44"]   # keep 2
+  assert any(f.startswith("events.out.tfevents")
+             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "44", "ema"))
+
+
+def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env):
+  reference, _ = finished
+  workdir = str(tmp_path / "interrupted")
+  args = ["train.py", CONFIG, f"--workdir={workdir}"]
+  code, out = run_until(args, env, "step 10/", signal.SIGTERM)
+  assert code == 0, out
+  assert "received SIGTERM" in out and "Rerun the same command to resume" in out
+  stopped = int(out.split("stopped at step ")[1].split()[0])
+  assert 10 <= stopped < TOTAL
+  code, out = run_until(args, env, "step 30/", signal.SIGKILL)
+  assert code == -signal.SIGKILL
+  assert f"resuming from" in out and f"at step {stopped}" in out
+  done = run(args, env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "resuming from" in done.stdout and f"step {TOTAL}/{TOTAL}" in done.stdout
+  for ema in (False, True):
+    jax.tree.map(np.testing.assert_array_equal, _params(reference, ema), _params(workdir, ema))
+  again = run(args, env)
+  assert again.returncode == 0 and "is complete" in again.stdout
+
+
+def test_eval_py_table_json_csv(finished, tmp_path, env):
+  workdir, _ = finished
+  out_dir = tmp_path / "eval"
+  done = run(["eval.py", CONFIG, f"--checkpoint={workdir}", f"--output_dir={out_dir}",
+              "--config.eval.r_values=(0, 4, 8)", "--throughput_batch=16"], env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  result = json.loads((out_dir / "results.json").read_text())
+  assert [row["r"] for row in result["results"]] == [0, 4, 8]
+  for row in result["results"]:
+    assert row["images"] == 360 and 0 <= row["top1"] <= row["top5"] <= 100
+    assert row["img_per_s"] > 0
+  gflops = [row["gflops"] for row in result["results"]]
+  assert gflops[0] > gflops[1] > gflops[2]
+  assert (out_dir / "results.csv").read_text().splitlines()[0] == \
+      "r,tokens_out,gflops,img_per_s,top1,top5,images"
+  assert "GFLOPs" in done.stdout and "top-1" in done.stdout
+
+
+def test_eval_py_clear_errors(finished, tmp_path, env):
+  workdir, _ = finished
+  missing = run(["eval.py", CONFIG, f"--checkpoint={tmp_path}/nope", "--throughput_batch=0"], env)
+  assert missing.returncode == 1 and "does not exist" in missing.stderr
+  assert "Traceback" not in missing.stderr
+  wrong = run(["eval.py", CONFIG, f"--checkpoint={workdir}", "--config.model.embed_dim=48",
+               "--throughput_batch=0"], env)
+  assert wrong.returncode == 1 and "wrong shape" in wrong.stderr
+  assert "blocks.0.attn.qkv.weight is (96, 32), the config needs (144, 48)" in wrong.stderr
+  bad_r = run(["eval.py", CONFIG, f"--checkpoint={workdir}", "--config.eval.r_values=(1.5,)",
+               "--throughput_batch=0"], env)
+  assert bad_r.returncode == 1 and "must be a whole number" in bad_r.stderr
+
+
+def test_train_py_clear_errors(finished, tmp_path, env):
+  workdir, _ = finished
+  other = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.model.embed_dim=48"], env)
+  assert other.returncode == 1 and "holds a run of another config" in other.stderr
+  assert "model.embed_dim: 32 there, 48 now" in other.stderr
+  unknown = run(["train.py", CONFIG, f"--workdir={tmp_path}/u", "--config.batchsize=3"], env)
+  assert unknown.returncode != 0 and "batchsize" in unknown.stderr
+  eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  odd = run(["train.py", CONFIG, f"--workdir={tmp_path}/b", "--config.batch_size=60"], eight)
+  assert odd.returncode == 1
+  assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
+  workdir = tmp_path / "diverged"
+  done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.base_lr=1e30",
+              "--config.checkpoint_every_steps=1"], env)
+  assert done.returncode == 1, done.stdout + done.stderr
+  assert "non-finite loss at step" in done.stderr
+  failed_at = int(done.stderr.split("non-finite loss at step ")[1].split()[0])
+  kept = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert kept and max(kept) < failed_at
+  assert f"the last good checkpoint (step {max(kept)}) is kept" in done.stderr
+  params = _params(str(workdir))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
