@@ -22,6 +22,10 @@ flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent co
                     "'' turns it off.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "Call jax.distributed.initialize() (auto: when running on several hosts).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                    "runs without a cluster manager (with --num_processes, --process_id).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -35,7 +39,8 @@ def main(argv):
   from mctf_jax.config import ConfigError
   from mctf_jax.convert import CheckpointMismatchError
   from mctf_jax.data import DataError
-  parallel.maybe_initialize_distributed(FLAGS.distributed)
+  parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                        FLAGS.num_processes, FLAGS.process_id)
   parallel.enable_compilation_cache(parallel.default_compilation_cache()
                                     if FLAGS.compilation_cache is None else FLAGS.compilation_cache)
   try:

@@ -26,14 +26,25 @@ def _several_processes() -> bool:
               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
-  """jax.distributed.initialize() when asked ('true') or, for 'auto', when the environment
-  describes several processes (a TPU pod slice, SLURM, Open MPI, or a coordinator address)."""
+def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                                 num_processes: int | None = None,
+                                 process_id: int | None = None) -> bool:
+  """jax.distributed.initialize() when asked ('true'), when a coordinator is given, or, for
+  'auto', when the environment describes several processes (a TPU pod slice, SLURM, Open
+  MPI, or JAX_COORDINATOR_ADDRESS). On CPUs the processes talk through gloo."""
   if mode not in ("auto", "true", "false"):
     raise ValueError(f"--distributed must be auto, true or false, got {mode!r}")
-  if mode == "false" or (mode == "auto" and not _several_processes()):
+  explicit = coordinator_address is not None
+  if mode == "false" or (mode == "auto" and not explicit and not _several_processes()):
     return False
-  jax.distributed.initialize()
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if explicit:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id")
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  jax.distributed.initialize(**kwargs)
   return True
 
 

@@ -145,11 +145,15 @@ class PreemptionWatch:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def should_stop(self, manager, step: int) -> bool:
+  def should_stop(self, manager, step: int, sync: bool) -> bool:
+    """Whether to save and stop after `step`. With several processes, a local SIGTERM is
+    shared only when `sync` (every few steps), so that all stop at the same step."""
     stop = self.requested
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
+      stop = False
+      if sync:
+        from jax.experimental import multihost_utils
+        stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
     return stop or bool(manager.reached_preemption(step))
 
 
@@ -380,7 +384,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           _write_scalars(writer, done, {f"train/{k}": v for k, v in means.items()} |
                          {"train/img_per_s": rate})
           t_log, steps_since_log = now, 0
-        stop = watch.should_stop(manager, done)
+        stop = watch.should_stop(manager, done, sync=done % config.log_every_steps == 0)
         if done % config.checkpoint_every_steps == 0 or done == total_steps or stop:
           pending_logs += drain(step)
           if not bool(all_finite(state.params)):

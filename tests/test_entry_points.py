@@ -156,3 +156,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env)
   assert f"the last good checkpoint (step {max(kept)}) is kept" in done.stderr
   params = _params(str(workdir))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_two_processes(tmp_path, env):
+  """train.py as two processes (one CPU device each) joined by a local coordinator: each
+  reads its half of the data, the global batch spans both, and evaluation scores every
+  image once."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "two"
+  procs = [subprocess.Popen(
+      [sys.executable, "train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  lead = outs[0]
+  assert "2 process(es), 2 device(s)" in lead
+  assert "training 22 steps" in lead and "(360 images)" in lead and "done:" in lead
+  assert "step 22/22" not in outs[1]          # only process 0 prints progress
+  assert os.path.isdir(workdir / "checkpoints" / "22" / "params")
+  params = _params(str(workdir))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))

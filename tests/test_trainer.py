@@ -1,0 +1,74 @@
+"""Pieces of the training loop: initialisation from checkpoints, workdir checks."""
+
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mctf_jax import checkpoint, convert, parallel, trainer
+from configs import default
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def tiny_config(**model):
+  c = default.get_config()
+  c.model.update(dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                      num_classes=10))
+  c.model.update(model)
+  c.fusion.update(dict(r=8.0, layers=(1, 2, 3)))
+  return c
+
+
+def _init(config):
+  import mctf_jax
+  mesh = parallel.create_mesh(1, jax.devices()[:1])
+  model = mctf_jax.create_model(config)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          np.zeros((1, config.model.img_size, config.model.img_size, 3)))
+  return trainer.initial_params(model, config, jax.random.PRNGKey(0),
+                                parallel.tree_shardings(mesh, shapes["params"]))
+
+
+def test_init_from_pth_and_from_converted_orbax(tmp_path):
+  config = tiny_config()
+  config.init.checkpoint = os.path.join(DATA, "tiny_deit.pth")
+  from_pth = _init(config)
+  want = convert.torch_to_flax(convert.load_state_dict(config.init.checkpoint), config)
+  jax.tree.map(np.testing.assert_array_equal, from_pth, want)
+  checkpoint.save_params(str(tmp_path / "conv"), want, config)
+  config.init.checkpoint = str(tmp_path / "conv")
+  jax.tree.map(np.testing.assert_array_equal, _init(config), want)
+
+
+def test_init_adapts_image_size_and_class_count(caplog):
+  config = tiny_config(img_size=48, num_classes=7)
+  config.init.checkpoint = os.path.join(DATA, "tiny_deit.pth")
+  with caplog.at_level(logging.WARNING):
+    params = _init(config)
+  assert params["pos_embed"].shape == (1, 145, 64)
+  assert params["head"]["kernel"].shape == (64, 7)
+  assert "resizing pos_embed" in caplog.text and "dropping the checkpoint's head" in caplog.text
+  src = convert.load_state_dict(config.init.checkpoint)
+  np.testing.assert_array_equal(params["blocks_2"]["mlp"]["fc1"]["kernel"],
+                                src["blocks.2.mlp.fc1.weight"].T)
+
+
+def test_random_init_without_checkpoint():
+  params = _init(tiny_config())
+  assert params["pos_embed"].shape == (1, 65, 64)
+  assert 0.005 < float(np.std(params["blocks_0"]["attn"]["qkv"]["kernel"])) < 0.05
+
+
+def test_workdir_config_check(tmp_path):
+  config = tiny_config()
+  trainer.check_workdir_config(str(tmp_path), config)
+  trainer.check_workdir_config(str(tmp_path), config)        # same config: fine
+  config.log_every_steps = 7                                  # operational: fine
+  config.data.data_dir = "/elsewhere"
+  trainer.check_workdir_config(str(tmp_path), config)
+  config.fusion.r = 4.0
+  with pytest.raises(trainer.TrainingError, match=r"fusion\.r: 8\.0 there, 4\.0 now"):
+    trainer.check_workdir_config(str(tmp_path), config)
