@@ -7,9 +7,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile
+
 import jax
 import numpy as np
 import pytest
+
+# One persistent compilation cache for the test session, shared by the xdist workers and
+# the train.py/eval.py subprocesses: many tests compile the same programs.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), "mctf_jax_test_xla_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 EVAL_CASES = ("tiny_default", "tiny_ratio", "tiny_no_osa", "tiny_tome_like")

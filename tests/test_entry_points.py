@@ -4,6 +4,7 @@ A run interrupted by SIGTERM (preemption) and then by SIGKILL, and resumed each 
 with exactly the parameters of an uninterrupted run.
 """
 
+import fcntl
 import json
 import os
 import signal
@@ -21,11 +22,10 @@ CONFIG = "--config=tests/configs/digits_tiny.py"
 TOTAL = 44   # 2 epochs of 22 steps
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def env(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("XLA_FLAGS", None)   # one device, unless a test asks for more
-  env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
   return env
 
 
@@ -52,12 +52,21 @@ def run_until(args, env, line_prefix: str, sig) -> tuple[int, str]:
   return proc.returncode, "".join(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory, env):
-  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
-  assert done.returncode == 0, done.stdout + done.stderr
-  return workdir, done.stdout
+  """One uninterrupted run, shared by the tests of every xdist worker (the first to get
+  the lock trains, the others reuse its workdir)."""
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent
+  workdir, log = shared / "uninterrupted", shared / "uninterrupted.log"
+  with open(shared / "uninterrupted.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not log.exists():
+      done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
+      assert done.returncode == 0, done.stdout + done.stderr
+      log.write_text(done.stdout)
+  return str(workdir), log.read_text()
 
 
 def _params(workdir, ema=False):

@@ -47,16 +47,23 @@ def _train_setup(prec):
 
 
 @pytest.mark.parametrize("prec", ["f64", "f32"])
-def test_train_outputs_and_losses(prec, x64):
+@pytest.mark.parametrize("merge_impl", ["scatter", "matmul"])
+def test_train_outputs_losses_and_gradients(prec, merge_impl, x64):
   meta, data, model, params, images, tol, loss_cfg = _train_setup(prec)
+  model = model.with_fusion(merge_impl=merge_impl)
   labels = jnp.asarray(data[f"{prec}/target"])
-  out = jax.jit(lambda p: model.apply({"params": p}, images, train=True,
-                                     teacher_r=meta["train"]["teacher_r"]))(params)
+  teacher_r = meta["train"]["teacher_r"]
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, images, train=True, teacher_r=teacher_r)
+    loss, parts = losses.mctf_loss(out, labels, loss_cfg)
+    return loss, (out, parts)
+
+  (loss, (out, parts)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   np.testing.assert_allclose(out["student_logits"], data[f"{prec}/x_student"], atol=tol, rtol=0)
   np.testing.assert_allclose(out["teacher_logits"], data[f"{prec}/x_teacher"], atol=tol, rtol=0)
   np.testing.assert_allclose(out["consistency"], data[f"{prec}/loss_consistency"],
                              rtol=1e-9 if prec == "f64" else 1e-4, atol=0)
-  loss, parts = losses.mctf_loss(out, labels, loss_cfg)
   _, passed = losses.consistency_loss(out["consistency"], out["student_logits"], labels,
                                       loss_cfg.threshold)
   np.testing.assert_array_equal(passed, data[f"{prec}/confidence_pass"])
@@ -66,27 +73,11 @@ def test_train_outputs_and_losses(prec, x64):
     np.testing.assert_allclose(parts[name], data[f"{prec}/{key}"], rtol=rtol, err_msg=name)
   np.testing.assert_allclose(loss, data[f"{prec}/loss"], rtol=rtol)
 
-
-@pytest.mark.parametrize("prec", ["f64", "f32"])
-@pytest.mark.parametrize("merge_impl", ["scatter", "matmul"])
-def test_train_gradients_of_every_parameter(prec, merge_impl, x64):
-  meta, data, model, params, images, _, loss_cfg = _train_setup(prec)
-  model = model.with_fusion(merge_impl=merge_impl)
-  labels = jnp.asarray(data[f"{prec}/target"])
-  teacher_r = meta["train"]["teacher_r"]
-
-  @jax.jit
-  def grads(p):
-    def loss_fn(p):
-      out = model.apply({"params": p}, images, train=True, teacher_r=teacher_r)
-      return losses.mctf_loss(out, labels, loss_cfg)[0]
-    return jax.grad(loss_fn)(p)
-
-  got = convert.flax_to_torch(grads(params))
+  got = convert.flax_to_torch(grads)
   want = {k[len(f"{prec}/grad/"):]: v for k, v in data.items()
           if k.startswith(f"{prec}/grad/")}
   assert sorted(got) == sorted(want)
-  tol = 1e-9 if prec == "f64" else 1e-3
+  gtol = 1e-9 if prec == "f64" else 1e-3
   for name, ref in want.items():
     rel = np.abs(got[name] - ref).max() / max(np.abs(ref).max(), 1e-30)
-    assert rel < tol, f"{name}: relative error {rel:.3g}"
+    assert rel < gtol, f"{name}: relative error {rel:.3g}"

@@ -114,21 +114,21 @@ def _run(config, mesh, steps=3):
 def test_eight_devices_equal_one():
   config = small_config()
   one, h1 = _run(config, parallel.create_mesh(1, jax.devices()[:1]))
-  for fsdp in (1, 2):
-    config.mesh.fsdp = fsdp
-    mesh = parallel.create_mesh(fsdp)
-    assert mesh.devices.size == 8
-    eight, h8 = _run(config, mesh)
-    for a, b in zip(h1, h8):
-      assert float(a["teacher_r"]) == float(b["teacher_r"])
-      for k in ("loss", "loss_student", "loss_teacher", "loss_consistency", "pass_rate",
-                "grad_norm"):
-        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
-    # Adam divides by sqrt(v): a near-zero gradient turns reduction-order noise into
-    # ~1e-6 absolute differences after a few steps at lr 5e-3 (parameters are ~1e-2).
-    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    jax.tree.map(close, one.params, eight.params)
-    jax.tree.map(close, one.ema, eight.ema)
+  # Data parallel over 4 and parameters sharded over 2: both kinds of parallelism at once.
+  config.mesh.fsdp = 2
+  mesh = parallel.create_mesh(2)
+  assert mesh.devices.size == 8 and dict(mesh.shape) == {"data": 4, "fsdp": 2}
+  eight, h8 = _run(config, mesh)
+  for a, b in zip(h1, h8):
+    assert float(a["teacher_r"]) == float(b["teacher_r"])
+    for k in ("loss", "loss_student", "loss_teacher", "loss_consistency", "pass_rate",
+              "grad_norm"):
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-7, err_msg=k)
+  # Adam divides by sqrt(v): a near-zero gradient turns reduction-order noise into
+  # ~1e-6 absolute differences after a few steps at lr 5e-3 (parameters are ~1e-2).
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, one.params, eight.params)
+  jax.tree.map(close, one.ema, eight.ema)
 
 
 def test_fsdp_shards_parameters():
