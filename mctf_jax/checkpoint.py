@@ -66,11 +66,13 @@ def _restore_item(item_path: str):
   """A saved array tree as numpy, whatever devices or processes saved it (e.g. a pod
   checkpoint read on one GPU): restored against a target on this process's first device."""
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
-  tree = ckptr.metadata(item_path).item_metadata.tree
+  from etils import epath
+  item_path = os.path.abspath(item_path)
+  # The item's own metadata (a directory saved by a CheckpointManager has no step metadata).
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_path))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return jax.tree.map(np.asarray, ckptr.restore(item_path, target))
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(item_path, target))
 
 
 def _latest_step_dir(path: str) -> str | None:

@@ -111,7 +111,8 @@ def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env)
 def test_eval_py_table_json_csv(finished, tmp_path, env):
   workdir, _ = finished
   out_dir = tmp_path / "eval"
-  done = run(["eval.py", CONFIG, f"--checkpoint={workdir}", f"--output_dir={out_dir}",
+  relative = os.path.relpath(workdir, ROOT)   # as `make demo` passes it
+  done = run(["eval.py", CONFIG, f"--checkpoint={relative}", f"--output_dir={out_dir}",
               "--config.eval.r_values=(0, 4, 8)", "--throughput_batch=16"], env)
   assert done.returncode == 0, done.stdout + done.stderr
   result = json.loads((out_dir / "results.json").read_text())
