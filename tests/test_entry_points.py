@@ -191,3 +191,20 @@ def test_two_processes(tmp_path, env):
   assert os.path.isdir(workdir / "checkpoints" / "22" / "params")
   params = _params(str(workdir))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env):
+  """A pretrained (not MCTF-fine-tuned) PyTorch checkpoint, evaluated as it is under any
+  fusion config: here the ToMe preset, as in the paper's comparison without training."""
+  out_dir = tmp_path / "eval"
+  done = run(["eval.py", "--config=tests/configs/tiny.py", "--checkpoint=tests/data/tiny_deit.pth",
+              f"--output_dir={out_dir}", "--config.data.dataset=digits",
+              "--config.data.eval_split=test", "--config.fusion.one_step_ahead=off",
+              "--config.fusion.tau_info=0", "--config.fusion.tau_size=0",
+              "--config.fusion.bidirectional=False", "--config.fusion.layers=(0, 1, 2, 3)",
+              "--config.eval.r_values=(0, 4)", "--throughput_batch=0"], env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  rows = json.loads((out_dir / "results.json").read_text())["results"]
+  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(0, 65, 360),
+                                                                              (4, 49, 360)]
+  assert rows[1]["gflops"] < rows[0]["gflops"]
