@@ -20,10 +20,25 @@ H heads, d head width, N initial tokens. All sizes come from the static schedule
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+# Named scopes mark the fusion's own work in compiled programs and profiles
+# (benchmarks/speed.py attributes kernel time by them).
+SCOPE_PREFIX = "mctf_"
+
+
+def _scoped(name: str):
+  def wrap(fn):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+      with jax.named_scope(SCOPE_PREFIX + name):
+        return fn(*args, **kwargs)
+    return inner
+  return wrap
 
 
 # ----------------------------------------------------------------------------- scores
@@ -38,6 +53,7 @@ def _power(x, exponent: float):
   return x if exponent == 1 else x ** exponent
 
 
+@_scoped("scores")
 def matching_scores(metric_BxTxC: jax.Array,
                     *,
                     attn_received_BxT: jax.Array | None = None,
@@ -71,15 +87,21 @@ def matching_scores(metric_BxTxC: jax.Array,
   else:
     scores_BxAxB = jnp.ones((metric.shape[0], num_a, num_b), dtype)
 
-  def pair_criterion(values_BxT, tau):
+  # (u_i u_j)^(1/tau) = u_i^(1/tau) u_j^(1/tau): both pair criteria are products of per-token
+  # factors, so the powers are taken on vectors and applied as one outer product.
+  factor_BxT = None
+
+  def token_factor(values_BxT, tau):
     inv = 1 / jax.lax.stop_gradient(values_BxT).astype(dtype)
-    inv = inv / jnp.max(inv, axis=-1, keepdims=True)
-    return _power(inv[:, ::2, None] * inv[:, None, 1::2], 1 / tau)
+    return _power(inv / jnp.max(inv, axis=-1, keepdims=True), 1 / tau)
 
   if tau_info > 0 and attn_received_BxT is not None:
-    scores_BxAxB = scores_BxAxB * pair_criterion(attn_received_BxT, tau_info)
+    factor_BxT = token_factor(attn_received_BxT, tau_info)
   if tau_size and size_BxT is not None:
-    scores_BxAxB = scores_BxAxB * pair_criterion(size_BxT, tau_size)
+    size_factor = token_factor(size_BxT, tau_size)
+    factor_BxT = size_factor if factor_BxT is None else factor_BxT * size_factor
+  if factor_BxT is not None:
+    scores_BxAxB = scores_BxAxB * (factor_BxT[:, ::2, None] * factor_BxT[:, None, 1::2])
   if num_protected:
     scores_BxAxB = scores_BxAxB.at[:, :num_protected, :].set(-jnp.inf)
   return scores_BxAxB
@@ -128,6 +150,7 @@ def _position_of(values_BxN: jax.Array, wanted: range) -> jax.Array:
   return jnp.argmax(hit_BxKxN, axis=-1).astype(jnp.int32)
 
 
+@_scoped("matching")
 def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
                        bidirectional: bool = True) -> Fusion:
   """Bidirectional (or one-directional) bipartite soft matching on the scores.
@@ -238,6 +261,7 @@ def pooling_weights(pooling: str, size_BxT: jax.Array,
   raise ValueError(f"unknown pooling {pooling!r}")
 
 
+@_scoped("merge")
 def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, fz: Fusion, *, pooling: str = "size",
                 attn_received_BxT: jax.Array | None = None, impl: str = "scatter"):
   """Fuses tokens as `fz` says.
@@ -260,7 +284,14 @@ def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, fz: Fusion, *, pooling:
   return x_BxOxC.astype(x_BxTxC.dtype), size_BxO, weights_BxT, norm_BxO
 
 
-def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxOxHxd: jax.Array, fz: Fusion,
+def attend(probs_BxHxTxT: jax.Array, v_BxHxTxd: jax.Array) -> jax.Array:
+  """probs @ v per head, returned token-major (B, T, H, d) for the output projection."""
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxTxT.astype(v_BxHxTxd.dtype), v_BxHxTxd,
+                   preferred_element_type=jnp.promote_types(v_BxHxTxd.dtype, jnp.float32))
+  return out.transpose(0, 2, 1, 3)
+
+
+def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxHxOxd: jax.Array, fz: Fusion,
                             weights_BxT: jax.Array | None, norm_BxO: jax.Array | None, *,
                             impl: str = "scatter") -> jax.Array:
   """One-step-ahead attention: the fused tokens attend with the merged attention map.
@@ -273,26 +304,35 @@ def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxOxHxd: jax.Array, fz: 
   form never builds the merged map (no (T, T) scatter) and costs one ordinary attention
   product. Max pooling is not linear in the rows, so it merges the map explicitly.
 
-  Returns the attention output of the fused tokens, (B, O, H, d).
+  v_BxHxOxd: the values of the fused tokens, head-major.
+  Returns the attention output of the fused tokens, token-major (B, O, H, d).
   """
-  dtype = v_BxOxHxd.dtype
+  dtype = v_BxHxOxd.dtype
   if weights_BxT is None:  # max pooling: merge the map, then attend
-    probs_BxHxTxT = probs_BxHxTxT.astype(dtype)
-    cols_BxHxTxO = jnp.moveaxis(merge_sum(jnp.moveaxis(probs_BxHxTxT, 3, 1), fz, impl), 1, 3)
-    merged_BxHxOxO = jnp.moveaxis(merge_max(jnp.moveaxis(cols_BxHxTxO, 2, 1), fz), 1, 2)
-    return jnp.einsum("bhqk,bkhd->bqhd", merged_BxHxOxO, v_BxOxHxd)
+    with jax.named_scope(SCOPE_PREFIX + "attn_merge"):
+      return _merged_map_output(probs_BxHxTxT.astype(dtype), v_BxHxOxd, fz, impl)
   acc = jnp.promote_types(dtype, jnp.float32)
-  v_back_BxTxHxd = _take_tokens(v_BxOxHxd, fz.dest_BxT)
-  out_BxTxHxd = jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxTxT.astype(dtype), v_back_BxTxHxd,
-                           preferred_element_type=acc)
-  weighted = out_BxTxHxd * weights_BxT[:, :, None, None].astype(acc)
-  out = merge_sum(weighted, fz, impl) / norm_BxO[:, :, None, None].astype(acc)
+  with jax.named_scope(SCOPE_PREFIX + "attn_merge"):
+    v_back_BxHxTxd = jnp.take_along_axis(v_BxHxOxd, fz.dest_BxT[:, None, :, None], axis=2)
+  out_BxTxHxd = attend(probs_BxHxTxT, v_back_BxHxTxd)
+  with jax.named_scope(SCOPE_PREFIX + "attn_merge"):
+    weighted = out_BxTxHxd * weights_BxT[:, :, None, None].astype(acc)
+    out = merge_sum(weighted, fz, impl) / norm_BxO[:, :, None, None].astype(acc)
   return out.astype(dtype)
+
+
+def _merged_map_output(probs_BxHxTxT, v_BxHxOxd, fz: Fusion, impl: str):
+  """Max pooling: sum the key columns per group, take the max over the query rows per
+  group, then attend with the (O, O) map."""
+  cols_BxHxTxO = jnp.moveaxis(merge_sum(jnp.moveaxis(probs_BxHxTxT, 3, 1), fz, impl), 1, 3)
+  merged_BxHxOxO = jnp.moveaxis(merge_max(jnp.moveaxis(cols_BxHxTxO, 2, 1), fz), 1, 2)
+  return attend(merged_BxHxOxO, v_BxHxOxd)
 
 
 # ----------------------------------------------------------------------------- sources
 
 
+@_scoped("merge")
 def update_token_map(token_map_BxN: jax.Array, dest_BxT: jax.Array) -> jax.Array:
   """Follows each initial token to the token that now holds it."""
   return jnp.take_along_axis(dest_BxT, token_map_BxN, axis=-1)

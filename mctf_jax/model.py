@@ -126,8 +126,9 @@ class Attention(nn.Module):
     self.proj_drop = nn.Dropout(self.dropout_rate)
 
   def _heads(self, x_BxTxC):
+    """(B, T, C) -> (B, H, T, d): head-major, the layout CPU/GPU/TPU matmuls want."""
     b, t, _ = x_BxTxC.shape
-    return x_BxTxC.reshape(b, t, self.num_heads, self.dim // self.num_heads)
+    return x_BxTxC.reshape(b, t, self.num_heads, self.dim // self.num_heads).transpose(0, 2, 1, 3)
 
   def probs(self, h_BxTxC, log_size_BxT=None):
     """Attention probabilities (B, H, T, T) from queries and keys, in float32 at least.
@@ -137,14 +138,14 @@ class Attention(nn.Module):
     q, k = self.qkv.qk(h_BxTxC)
     scale = (self.dim // self.num_heads) ** -0.5
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", self._heads(q), self._heads(k),
+    logits = jnp.einsum("bhqd,bhkd->bhqk", self._heads(q), self._heads(k),
                         preferred_element_type=acc) * scale
     if log_size_BxT is not None:
       logits = logits + log_size_BxT[:, None, None, :].astype(logits.dtype)
     return jax.nn.softmax(logits, axis=-1)
 
   def values(self, h_BxTxC):
-    """Values split into heads: (B, T, H, d)."""
+    """Values split into heads: (B, H, T, d)."""
     return self._heads(self.qkv.v(h_BxTxC))
 
   def output(self, out_BxTxHxd, deterministic: bool):
@@ -153,8 +154,9 @@ class Attention(nn.Module):
     y = self.proj(out_BxTxHxd.reshape(b, t, self.dim))
     return self.proj_drop(y, deterministic=deterministic)
 
-  def attend(self, probs_BxHxTxT, v_BxTxHxd):
-    return jnp.einsum("bhqk,bkhd->bqhd", probs_BxHxTxT.astype(v_BxTxHxd.dtype), v_BxTxHxd)
+  def attend(self, probs_BxHxTxT, v_BxHxTxd):
+    """The attention output, token-major: (B, T, H, d)."""
+    return F.attend(probs_BxHxTxT, v_BxHxTxd)
 
 
 class Mlp(nn.Module):

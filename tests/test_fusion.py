@@ -140,12 +140,12 @@ def test_one_step_ahead_equals_merging_the_map(pooling, impl, x64):
   fz = F.bipartite_matching(scores, r_ab=2, r_ba=3)
   _, _, weights, norm = F.fuse_tokens(jnp.asarray(x), jnp.asarray(size), fz, pooling=pooling,
                                       attn_received_BxT=received, impl=impl)
-  v = jnp.asarray(rng.standard_normal((b, t - r, h, d)))
+  v = jnp.asarray(rng.standard_normal((b, h, t - r, d)))
   got = F.merged_attention_output(probs, v, fz, weights, norm, impl=impl)
   merged = explicit_merged_attention(np.asarray(probs), np.asarray(fz.dest_BxT),
                                      None if weights is None else np.asarray(weights), t - r,
                                      pooling)
-  want = np.einsum("bhqk,bkhd->bqhd", merged, np.asarray(v))
+  want = np.einsum("bhqk,bhkd->bqhd", merged, np.asarray(v))
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
