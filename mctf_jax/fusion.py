@@ -286,9 +286,10 @@ def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, fz: Fusion, *, pooling:
 
 def attend(probs_BxHxTxT: jax.Array, v_BxHxTxd: jax.Array) -> jax.Array:
   """probs @ v per head, returned token-major (B, T, H, d) for the output projection."""
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxTxT.astype(v_BxHxTxd.dtype), v_BxHxTxd,
-                   preferred_element_type=jnp.promote_types(v_BxHxTxd.dtype, jnp.float32))
-  return out.transpose(0, 2, 1, 3)
+  with jax.named_scope("attend"):
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxTxT.astype(v_BxHxTxd.dtype), v_BxHxTxd,
+                     preferred_element_type=jnp.promote_types(v_BxHxTxd.dtype, jnp.float32))
+    return out.transpose(0, 2, 1, 3)
 
 
 def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxHxOxd: jax.Array, fz: Fusion,

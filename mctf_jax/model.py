@@ -309,14 +309,21 @@ class VisionTransformer(nn.Module):
     return self.pos_drop(x, deterministic=deterministic)
 
   def run_blocks(self, x_BxTxC, schedule: Schedule, *, deterministic: bool = True,
-                 trace_source: bool | None = None) -> EncoderOutput:
+                 trace_source: bool | None = None, start: int = 0) -> EncoderOutput:
+    """The blocks as `schedule` says, then the final norm.
+
+    start: the first block to run, x being the tokens that enter it (from ``run_unfused``);
+    the blocks before it must not fuse in `schedule`. The train step runs those blocks once
+    for the student and the teacher path.
+    """
+    _check_unfused(schedule, start)
     trace = self.fusion.trace_source if trace_source is None else trace_source
     batch, tokens = x_BxTxC.shape[:2]
     token_map = (jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
                  if trace else None)
     state = TokenState(x_BxTxC, None, token_map)
     layer_maps = []
-    for block, plan in zip(self.blocks, schedule.layers):
+    for block, plan in zip(self.blocks[start:], schedule.layers[start:]):
       state = block(state, plan, deterministic)
       if trace and plan.fuses:
         layer_maps.append((plan.layer, state.token_map_BxN))
@@ -327,6 +334,13 @@ class VisionTransformer(nn.Module):
     source = (F.source_map(state.token_map_BxN, tokens_out.shape[1], size.dtype)
               if trace else None)
     return EncoderOutput(tokens_out, size, source, tuple(layer_maps))
+
+  def run_unfused(self, x_BxTxC, stop: int, *, deterministic: bool = True):
+    """Blocks 0 .. stop-1 as ordinary blocks: the tokens entering block `stop`."""
+    state = TokenState(x_BxTxC, None, None)
+    for layer, block in enumerate(self.blocks[:stop]):
+      state = block(state, LayerPlan(layer, x_BxTxC.shape[1]), deterministic)
+    return state.x_BxTxC
 
   def classify(self, tokens_BxTxC):
     """Logits from the class token of the final (normalised) tokens."""
@@ -357,6 +371,13 @@ class VisionTransformer(nn.Module):
         "teacher_logits": self.classify(teacher.tokens_BxTxC),
         "consistency": consistency(student.tokens_BxTxC, teacher.tokens_BxTxC),
     }
+
+
+def _check_unfused(schedule: Schedule, stop: int):
+  fused = [p.layer for p in schedule.layers[:stop] if p.fuses]
+  if fused:
+    raise ValueError(f"cannot start at block {stop}: this schedule fuses at block(s) {fused} "
+                     f"before it")
 
 
 def consistency(student_BxTxC, teacher_BxTxC):

@@ -66,6 +66,35 @@ def teacher_branches(model: VisionTransformer) -> TeacherBranches:
   return TeacherBranches(values, tuple(schedules), tuple(branch_of_value))
 
 
+def shared_blocks(schedules) -> int:
+  """How many leading blocks fuse in none of `schedules`. The student and every teacher
+  compute these blocks identically, so a train step runs them once (DeiT-S MCTF: block 0;
+  MCTF-Fast: blocks 0-2)."""
+  depth = len(schedules[0].layers)
+  n = 0
+  while n < depth and not any(s.layers[n].fuses for s in schedules):
+    n += 1
+  return n
+
+
+def _step_keys(base_key, step):
+  return jax.random.split(jax.random.fold_in(base_key, step), 4)
+
+
+def _draw(key, num_values: int):
+  return jax.random.randint(key, (), 0, num_values)
+
+
+def teacher_value_at(model: VisionTransformer, seed: int, step: int):
+  """The r' that the train step numbered `step` (0-based) draws, or None without a teacher.
+  (benchmarks/train_step.py uses it to time every r' alike.)"""
+  values = teacher_values(model.fusion)
+  if not values:
+    return None
+  k_draw = _step_keys(jax.random.PRNGKey(seed), step)[0]
+  return values[int(_draw(k_draw, len(values)))]
+
+
 def loss_config(config) -> losses.LossConfig:
   c = config.loss
   return losses.LossConfig(label_smoothing=c.label_smoothing,
@@ -86,21 +115,29 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   Each switch branch computes its teacher's forward and backward pass itself, and nothing
   is differentiated through the switch: differentiating through it would make every
   branch carry every other branch's residuals, and compile time grow with their square.
+  The embedding and the blocks before the first fused one (``shared_blocks``) run once;
+  both paths' gradients with respect to their output flow back through them together.
   """
   student_schedule = model.schedule()
   teachers = teacher_branches(model)
+  shared = shared_blocks((student_schedule,) + teachers.schedules)
   loss_cfg = loss_config(config)
   w_student, w_teacher, w_cons = loss_cfg.weights
   ema_decay = float(config.ema_decay)
   base_key = jax.random.PRNGKey(config.seed)
 
-  def embed(params, images, key):
-    return model.apply({"params": params}, images, deterministic=False, method=model.embed,
-                       rngs={"dropout": key})
+  def shared_tokens(params, images, k_embed, k_blocks):
+    # The embedding and the blocks before the first fusion, common to both paths (as the
+    # reference shares the embedded tokens between them; those blocks see identical input).
+    x = model.apply({"params": params}, images, deterministic=False, method=model.embed,
+                    rngs={"dropout": k_embed})
+    return model.apply({"params": params}, x, shared, deterministic=False,
+                       method=model.run_unfused, rngs={"dropout": k_blocks})
 
-  def encode(params, x, schedule, key):
-    return model.apply({"params": params}, x, schedule, deterministic=False, trace_source=False,
-                       method=model.run_blocks, rngs={"dropout": key}).tokens_BxTxC
+  def encode(params, h, schedule, key):
+    return model.apply({"params": params}, h, schedule, deterministic=False, trace_source=False,
+                       start=shared, method=model.run_blocks,
+                       rngs={"dropout": key}).tokens_BxTxC
 
   def classify(params, tokens):
     return model.apply({"params": params}, tokens, method=model.classify)
@@ -110,19 +147,17 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
                                       batch.get("targets"))
 
   def teacher_branch(schedule):
-    def run(params, batch, k_embed, k_teacher):
-      def teacher_loss(params):
-        # Same key as the student's embedding: the same dropout mask, as the reference
-        # shares the embedded tokens between the two paths.
-        tokens = encode(params, embed(params, batch["image"], k_embed), schedule, k_teacher)
-        cls = tokens[:, :1]
+    def run(params, h, batch, k_teacher):
+      def teacher_loss(params, h):
+        cls = encode(params, h, schedule, k_teacher)[:, :1]
         return w_teacher * ce(classify(params, cls), batch), cls
-      (loss, cls), grads = jax.value_and_grad(teacher_loss, has_aux=True)(params)
+      (loss, cls), grads = jax.value_and_grad(teacher_loss, argnums=(0, 1), has_aux=True)(
+          params, h)
       return loss, cls, grads
     return run
 
-  def student_loss(params, batch, teacher_cls, k_embed, k_student):
-    tokens = encode(params, embed(params, batch["image"], k_embed), student_schedule, k_student)
+  def student_loss(params, h, batch, teacher_cls, k_student):
+    tokens = encode(params, h, student_schedule, k_student)
     logits = classify(params, tokens)
     loss = w_student * ce(logits, batch)
     parts = {"loss_student": loss}
@@ -135,22 +170,28 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     return loss, (parts, logits)
 
   def train_step(state: TrainState, batch):
-    key = jax.random.fold_in(base_key, state.step)
-    k_draw, k_embed, k_student, k_teacher = jax.random.split(key, 4)
+    k_draw, k_embed, k_student, k_teacher = _step_keys(base_key, state.step)
+    # The shared blocks take the student's dropout key: the student path is then exactly
+    # what one call of the model with k_student would compute.
+    h, shared_vjp = jax.vjp(lambda p: shared_tokens(p, batch["image"], k_embed, k_student),
+                            state.params)
     teacher_cls, teacher_r = None, jnp.zeros((), jnp.float32)
     if teachers.values:
-      draw = jax.random.randint(k_draw, (), 0, len(teachers.values))
+      draw = _draw(k_draw, len(teachers.values))
       branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
       teacher_r = jnp.asarray(teachers.values, jnp.float32)[draw]
-      loss_teacher, teacher_cls, teacher_grads = jax.lax.switch(
-          branch, [teacher_branch(s) for s in teachers.schedules], state.params, batch,
-          k_embed, k_teacher)
-    (loss, (parts, logits)), grads = jax.value_and_grad(student_loss, has_aux=True)(
-        state.params, batch, teacher_cls, k_embed, k_student)
+      loss_teacher, teacher_cls, (teacher_grads, teacher_dh) = jax.lax.switch(
+          branch, [teacher_branch(s) for s in teachers.schedules], state.params, h, batch,
+          k_teacher)
+    (loss, (parts, logits)), (grads, dh) = jax.value_and_grad(
+        student_loss, argnums=(0, 1), has_aux=True)(state.params, h, batch, teacher_cls,
+                                                    k_student)
     if teacher_cls is not None:
       grads = jax.tree.map(jnp.add, grads, teacher_grads)
+      dh = dh + teacher_dh
       loss = loss + loss_teacher
       parts["loss_teacher"] = loss_teacher
+    grads = jax.tree.map(jnp.add, grads, shared_vjp(dh)[0])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema

@@ -11,7 +11,8 @@ import pytest
 
 import mctf_jax
 from mctf_jax import losses, optim, parallel
-from mctf_jax.train_step import (TrainState, make_train_step, teacher_branches, teacher_values)
+from mctf_jax.train_step import (TrainState, make_train_step, shared_blocks, teacher_branches,
+                                 teacher_value_at, teacher_values)
 from configs import default
 
 
@@ -55,9 +56,26 @@ def test_teacher_values_and_branches():
   assert b.branch_of_value == (0,) * 7 + (1,) * 6 + (2,) * 2
 
 
-def test_step_equals_model_teacher_path():
-  config = small_config(layers=(1,))
-  config.model.depth = 2
+def test_shared_blocks():
+  model = mctf_jax.create_model(small_config())
+  branches = teacher_branches(model)
+  schedules = (model.schedule(),) + branches.schedules
+  assert shared_blocks(schedules) == 1                  # everyone fuses from block 1 on
+  assert shared_blocks((model.schedule(0),)) == 3       # nothing fuses: all blocks
+  fast = mctf_jax.create_model(small_config(r=0.35, layers=(2,), teacher_r_max=0.15))
+  assert shared_blocks((fast.schedule(),) + teacher_branches(fast).schedules) == 2
+  with pytest.raises(ValueError, match=r"fuses at block\(s\) \[1\]"):
+    x = jnp.zeros((1, 17, 32))
+    model.apply(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), x,
+                model.schedule(), start=2, method=model.run_blocks)
+
+
+@pytest.mark.parametrize("depth,layers", [(2, (1,)), (3, (0, 2))])
+def test_step_equals_model_teacher_path(depth, layers):
+  """The step (shared blocks run once, teacher in a switch) gives the model's own loss and
+  gradient, which the golden tests check against the reference."""
+  config = small_config(layers=layers)
+  config.model.depth = depth
   model = mctf_jax.create_model(config)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tx = optax.sgd(1.0)   # params - grads: the update shows the gradient
@@ -67,7 +85,9 @@ def test_step_equals_model_teacher_path():
   first_of = {}
   for i in range(12):
     state = TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None)
-    first_of.setdefault(int(step(state, _batch(1))[1]["teacher_r"]), i)
+    drawn = int(step(state, _batch(1))[1]["teacher_r"])
+    assert teacher_value_at(model, config.seed, i) == drawn
+    first_of.setdefault(drawn, i)
   assert len(first_of) >= 2
   for (r, i), mixup in zip(sorted(first_of.items())[-2:], (False, True)):
     batch = _batch(1, mixup=mixup)

@@ -1,0 +1,195 @@
+r"""The MCTF train step against a plain DeiT train step: time, compile time, memory.
+
+    python benchmarks/train_step.py --config=configs/deit_s.py --batch_size=32
+
+Both steps are the trainer's own (``mctf_jax.train_step.make_train_step``, jitted with the
+state donated, as train.py runs it) on the same model, weights and batch of random images;
+"plain" is the config with no fused layers and no teacher (``fusion.layers=()``,
+``fusion.teacher_r_max=0``): a DeiT fine-tuning step. The MCTF step runs the student (fixed
+r), the teacher (r' drawn inside the step) and the consistency loss.
+
+* time: the teacher's r' changes the step's cost, so the MCTF step is timed at step numbers
+  chosen to draw every r' (``teacher_value_at``), the same number of times each; its figure
+  is the mean over r' of the median time per r', what a long run averages to. The two
+  steps take turns (plain, MCTF at r'=0, plain, MCTF at r'=1, ...), so that other load on
+  the machine slows both alike; each turn makes one untimed call, then --block timed ones
+  (a step's first call after the other's runs slower: its buffers are allocated afresh).
+* FLOPs: forward FLOPs (fvcore convention) of the student and the mean teacher, less the
+  patch embedding and blocks that the step runs once for both (``shared_blocks``), over
+  the plain model's: the ratio the step time would have if time followed FLOPs.
+* compile: tracing + lowering and XLA compilation of the whole step (all teacher branches),
+  without the persistent compilation cache.
+* memory: XLA's static estimate (arguments + outputs + temporaries - donated), and on GPU/TPU
+  the device's running peak after each step's warm-up (the MCTF step runs first).
+
+Prints a table and the ratios MCTF / plain, and writes them as JSON with --json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; fields "
+                                "may be overridden: --config.fusion.r=8.")
+flags.DEFINE_integer("batch_size", 32, "Images per step (one device).")
+flags.DEFINE_integer("repeats", 2, "Visits to each step per teacher r'.")
+flags.DEFINE_integer("block", 2, "Timed calls per visit, after one untimed call.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
+flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
+flags.mark_flags_as_required(["config"])
+
+MIB = 2 ** 20
+
+
+def prepare(config, params, images, labels):
+  """The jitted, donated train step of `config`, compiled; returns (step_fn, info)."""
+  import jax
+  import jax.numpy as jnp
+  import mctf_jax
+  from mctf_jax import benchmark, optim
+  from mctf_jax import train_step as ts
+
+  model = mctf_jax.create_model(config)
+  tx = optim.make_optimizer(config, steps_per_epoch=1000)
+  ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
+  state = ts.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
+                        tx.init(params), ema)
+  batch = {"image": images, "label": labels}
+  step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
+  start = time.perf_counter()
+  lowered = step.lower(state, batch)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  done = time.perf_counter()
+  holder = {"state": state}
+
+  def run(step_number: int):
+    s = holder["state"].replace(step=jnp.asarray(step_number, jnp.int32))
+    holder["state"], metrics = compiled(s, batch)
+    return metrics
+
+  jax.block_until_ready(run(0))   # warm-up
+  device = next(iter(images.devices()))
+  info = {"trace_s": traced - start, "compile_s": done - traced,
+          "memory": benchmark.memory_figures(compiled, device),
+          "teachers": len(ts.teacher_branches(model).schedules),
+          "schedule": str(model.schedule())}
+  return model, run, info
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  import jax
+  import jax.numpy as jnp
+  from mctf_jax import benchmark, flops
+  from mctf_jax import train_step as ts
+
+  if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+    raise app.UsageError(f"need --batch_size >= 1 and --repeats >= 1, got "
+                         f"{FLAGS.batch_size} and {FLAGS.repeats}")
+  mctf_cfg = FLAGS.config
+  if FLAGS.dtype:
+    mctf_cfg.model.dtype = FLAGS.dtype
+  mctf_cfg.batch_size = FLAGS.batch_size
+  plain_cfg = mctf_cfg.copy_and_resolve_references()
+  plain_cfg.fusion.layers = ()
+  plain_cfg.fusion.teacher_r_max = 0
+  import mctf_jax
+  model = mctf_jax.create_model(mctf_cfg)
+  params = benchmark.random_params(model)
+  images = benchmark.random_images(model, FLAGS.batch_size)
+  labels = jnp.arange(FLAGS.batch_size, dtype=jnp.int32) % mctf_cfg.model.num_classes
+  device = next(iter(images.devices()))
+  print(f"device {device} ({device.device_kind}), {os.cpu_count()} CPUs "
+        f"({len(os.sched_getaffinity(0))} usable), batch {FLAGS.batch_size}, "
+        f"dtype {mctf_cfg.model.dtype}, jax {jax.__version__}", flush=True)
+
+  steps = {}
+  for name, cfg in (("mctf", mctf_cfg), ("plain", plain_cfg)):
+    print(f"compiling the {name} step ...", flush=True)
+    steps[name] = prepare(cfg, params, images, labels)
+    print(f"  {steps[name][2]['trace_s'] + steps[name][2]['compile_s']:.1f} s", flush=True)
+
+  mctf_model = steps["mctf"][0]
+  values = ts.teacher_values(mctf_model.fusion)
+  step_of = {}
+  for i in range(10_000):
+    if len(step_of) == len(values):
+      break
+    step_of.setdefault(ts.teacher_value_at(mctf_model, mctf_cfg.seed, i), i)
+  times = {"plain": [], **{("mctf", v): [] for v in values}}
+  print(f"timing: {FLAGS.repeats} x (plain, MCTF at r' = {', '.join(map(str, values))})",
+        flush=True)
+  for _ in range(FLAGS.repeats):
+    for v in values:
+      for key, (_, run, _) in (("plain", steps["plain"]), (("mctf", v), steps["mctf"])):
+        for i in range(FLAGS.block + 1):
+          t = time.perf_counter()
+          metrics = run(step_of[v] if key != "plain" else 0)
+          jax.block_until_ready(metrics)
+          if i:
+            times[key].append(time.perf_counter() - t)
+        if key != "plain" and float(metrics["teacher_r"]) != float(v):
+          raise RuntimeError(f"step {step_of[v]} drew r'={float(metrics['teacher_r'])}, "
+                             f"expected {v}")
+
+  plain_s = statistics.median(times["plain"])
+  per_value = {v: statistics.median(times[("mctf", v)]) for v in values}
+  mctf_s = statistics.mean(per_value.values())
+  plain_info, mctf_info = steps["plain"][2], steps["mctf"][2]
+  flop = lambda r: flops.model_flops(mctf_model, r).gflops
+  branches = ts.teacher_branches(mctf_model)
+  shared = ts.shared_blocks((mctf_model.schedule(),) + branches.schedules)
+  # The step runs the patch embedding and the shared blocks once for both paths.
+  shared_gflops = sum(s.flops for s in flops.model_flops(mctf_model, 0).stages[:1 + shared]) / 1e9
+  flop_ratio = (flop(None) + statistics.mean(flop(v) for v in values) - shared_gflops) / flop(0)
+
+  def mem(info):
+    return info["memory"].get("device_peak_bytes_in_use",
+                              info["memory"].get("estimated_peak_bytes", 0))
+
+  result = {
+      "config": mctf_cfg.to_dict(), "batch_size": FLAGS.batch_size, "device": str(device),
+      "device_kind": device.device_kind, "jax": jax.__version__,
+      "plain": {"step_s": plain_s, "compile_s": plain_info["trace_s"] + plain_info["compile_s"],
+                "memory": plain_info["memory"]},
+      "mctf": {"step_s": mctf_s, "step_s_per_teacher_r": {str(k): v for k, v in
+                                                          per_value.items()},
+               "compile_s": mctf_info["trace_s"] + mctf_info["compile_s"],
+               "teacher_branches": mctf_info["teachers"], "memory": mctf_info["memory"]},
+  }
+  result["ratios"] = {
+      "time": mctf_s / plain_s,
+      "compile": result["mctf"]["compile_s"] / result["plain"]["compile_s"],
+      "memory": mem(mctf_info) / max(mem(plain_info), 1),
+      "flops": flop_ratio}
+  print(mctf_info["schedule"])
+  print(f"\n{'step':<6s} {'ms/step':>9s} {'compile s':>10s} {'memory MiB':>11s}")
+  for name in ("plain", "mctf"):
+    row = result[name]
+    print(f"{name:<6s} {row['step_s'] * 1e3:9.0f} {row['compile_s']:10.1f} "
+          f"{mem(steps[name][2]) / MIB:11.0f}")
+  print("MCTF ms/step per teacher r': " + ", ".join(f"{v}: {s * 1e3:.0f}"
+                                                    for v, s in per_value.items()))
+  r = result["ratios"]
+  print(f"ratios MCTF / plain: time {r['time']:.2f}x (FLOPs {r['flops']:.2f}x), compile "
+        f"{r['compile']:.1f}x ({mctf_info['teachers']} teacher branches), memory "
+        f"{r['memory']:.2f}x")
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(result, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+  app.run(main)

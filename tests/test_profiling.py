@@ -1,0 +1,93 @@
+"""Profile attribution (mctf_jax.profiling) and the benchmark scripts under benchmarks/."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import mctf_jax
+from conftest import tiny_config
+from mctf_jax import benchmark, profiling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("op_name,part", [
+    ("jit(f)/VisionTransformer/blocks_3/attn.probs/qkv.qk/dot_general", "attention/qk+softmax"),
+    ("jit(f)/VisionTransformer/blocks_3/attn.attend/attend/dot_general", "attention/probs@v"),
+    ("jit(f)/VisionTransformer/blocks_3/attend/transpose", "attention/probs@v"),
+    ("jit(f)/VisionTransformer/blocks_3/mlp/fc1/dot_general", "mlp"),
+    ("jit(f)/transpose(jvp(VisionTransformer))/blocks_3/mlp/fc1/dot_general", "mlp/bwd"),
+    ("jit(f)/VisionTransformer/blocks_3/norm2/reduce_sum", "norm"),
+    ("jit(f)/VisionTransformer/blocks_3/mctf_merge/reduce_sum", "fusion/merge"),
+    ("jit(f)/VisionTransformer/blocks_3/mctf_scores/mctf_matching/argmax", "fusion/matching"),
+    ("jit(f)/transpose(jvp(VisionTransformer))/blocks_1/mctf_attn_merge/mul",
+     "fusion/attn_merge/bwd"),
+    ("jit(f)/VisionTransformer.embed/patch_embed/proj/conv", "embed"),
+    ("jit(f)/VisionTransformer.classify/head/dot_general", "head"),
+    ("jit(f)/add", "other"),
+])
+def test_part_of(op_name, part):
+  assert profiling.part_of(op_name) == part
+
+
+def test_profile_of_a_fused_forward():
+  model = mctf_jax.create_model(tiny_config())
+  params = benchmark.random_params(model)
+  images = benchmark.random_images(model, 4)
+  compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
+  prof = profiling.profile_call(compiled, lambda: compiled(params, images), iters=2)
+  parts = prof["parts"]
+  assert prof["kernel_s"] > 0 and prof["wall_s"] > 0
+  assert abs(sum(parts.values()) - prof["kernel_s"]) < 1e-9
+  # Every fusion step and the main parts of the transformer show up.
+  for part in ("fusion/scores", "fusion/matching", "fusion/merge", "fusion/attn_merge",
+               "attention/qk+softmax", "attention/probs@v", "mlp"):
+    assert parts.get(part, 0) > 0, (part, parts)
+  assert 0 < profiling.fusion_share(prof) < 1
+  text = profiling.format_profile(prof, "tiny: ")
+  assert text.startswith("tiny: wall") and "fusion/merge" in text
+  # Without fusion, nothing is attributed to it.
+  plain = model.with_fusion(r=0)
+  compiled = jax.jit(lambda p, x: plain.apply({"params": p}, x)).lower(params, images).compile()
+  prof = profiling.profile_call(compiled, lambda: compiled(params, images), iters=1)
+  assert profiling.fusion_share(prof) == 0
+  with pytest.raises(ValueError, match="iters must be >= 1"):
+    profiling.profile_call(compiled, lambda: compiled(params, images), iters=0)
+
+
+def _script(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_forward_benchmark_script(tmp_path):
+  out = tmp_path / "forward.json"
+  proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py", "--batch_size=4",
+                 "--repeats=2", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "summary (batch 4, float32" in proc.stdout
+  assert "tiny fused forward: wall" in proc.stdout
+  result = json.loads(out.read_text())["results"]["tiny"]
+  assert result["speedup"] > 0 and 0 < result["profile"]["fusion_share"] < 1
+  proc = _script("benchmarks/forward.py", "--configs=nonexistent")
+  assert proc.returncode != 0 and "no config configs/nonexistent.py" in proc.stderr
+
+
+def test_train_step_benchmark_script(tmp_path):
+  out = tmp_path / "train.json"
+  proc = _script("benchmarks/train_step.py", "--config=tests/configs/tiny.py",
+                 "--batch_size=4", "--repeats=1", f"--json={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "ratios MCTF / plain: time" in proc.stdout
+  result = json.loads(out.read_text())
+  # teacher_r_max=4: r' = 0..3, each timed; four distinct schedules.
+  assert sorted(result["mctf"]["step_s_per_teacher_r"]) == ["0", "1", "2", "3"]
+  assert result["mctf"]["teacher_branches"] == 4
+  for key in ("time", "compile", "memory", "flops"):
+    assert result["ratios"][key] > 0
+  assert result["ratios"]["flops"] > 1
