@@ -1,4 +1,5 @@
 # `make test` and `make demo` set up .venv themselves on a fresh machine.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
             TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 DEMO_DIR ?= workdirs/digits
 
 venv: $(STAMP)
@@ -26,6 +27,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) train.py --config=configs/digits.py --workdir=$(DEMO_DIR)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) eval.py --config=configs/digits.py --checkpoint=$(DEMO_DIR)
+
+# Speed benchmarks (not tests): forward speed-ups and fusion share for the four MCTF configs,
+# then the MCTF train step against a plain one (DeiT-S, batch 32). About 20 minutes on 2 CPU
+# cores; figures and JSON in $(BENCH_DIR).
+BENCH_DIR ?= workdirs/bench
+bench: $(STAMP)
+	mkdir -p $(BENCH_DIR)
+	set -o pipefail; TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/forward.py --json=$(BENCH_DIR)/forward.json \
+	    | tee $(BENCH_DIR)/forward.txt
+	set -o pipefail; TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/train_step.py --config=configs/deit_s.py \
+	    --batch_size=32 --json=$(BENCH_DIR)/train_step.json | tee $(BENCH_DIR)/train_step.txt
 
 clean:
 	rm -rf $(VENV)

@@ -33,7 +33,8 @@ flags.DEFINE_list("configs", ["deit_s", "deit_s_fast", "deit_t", "deit_t_fast"],
                   "Config names under configs/, or config file paths.")
 flags.DEFINE_integer("batch_size", 32, "Images per forward call.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("repeats", 10, "Timed repetitions per model (median reported).")
+flags.DEFINE_integer("repeats", 20, "Timed repetitions per model (median reported).")
+flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.")
 flags.DEFINE_bool("profile", True, "Also profile the fused forward (fusion's share of time).")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 
@@ -78,7 +79,7 @@ def main(argv):
     model = mctf_jax.create_model(config)
     params = benchmark.random_params(model)
     result = benchmark.compare(config, params, batch_size=FLAGS.batch_size,
-                               repeats=FLAGS.repeats)
+                               repeats=FLAGS.repeats, settle=FLAGS.settle)
     print(benchmark.format_result(result), flush=True)
     if FLAGS.profile and result["fused"] is not None:
       images = benchmark.random_images(model, FLAGS.batch_size)
@@ -93,7 +94,8 @@ def main(argv):
 
   print(f"\nsummary (batch {FLAGS.batch_size}, {FLAGS.dtype}, {device.device_kind}):")
   head = (f"{'config':<12s} {'r':>5s} {'GFLOPs':>13s} {'img/s fused':>11s} {'img/s plain':>11s} "
-          f"{'speed-up':>8s} {'FLOP ratio':>10s} {'target':>6s} {'fusion share':>12s}")
+          f"{'speed-up':>8s} {'pairs: quartiles':>16s} {'FLOP ratio':>10s} {'target':>6s} "
+          f"{'fusion share':>12s}")
   print(head)
   print("-" * len(head))
   for name, res in results.items():
@@ -105,6 +107,7 @@ def main(argv):
     share = res.get("profile", {}).get("fusion_share")
     print(f"{name:<12s} {fused['r']!r:>5s} {fused['gflops']:6.3f}/{plain['gflops']:6.3f} "
           f"{fused['img_per_s']:11.1f} {plain['img_per_s']:11.1f} {res['speedup']:7.2f}x "
+          f"{res['speedup_quartiles'][0]:7.2f}-{res['speedup_quartiles'][2]:.2f}x "
           f"{res['flop_ratio']:9.2f}x {(f'{target:.2f}x' if target else '-'):>6s} "
           f"{(f'{100 * share:.1f}%' if share is not None else '-'):>12s}")
   print(f"targets at float32, batch 32, 2 CPU threads; fusion share target <= "

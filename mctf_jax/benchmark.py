@@ -12,7 +12,8 @@ Runs on the first device of ``jax.devices()`` (CPU, GPU or TPU). Weights are ran
   warm-up calls; each timed repetition runs the call enough times to last at least
   ``--min_repeat_s`` and waits with ``block_until_ready``; the median repetition is reported
   (with the fastest and slowest). The two models' repetitions alternate, so that other load
-  on the machine slows both alike and their ratio stays fair;
+  on the machine slows both alike and their ratio stays fair, and each starts with
+  ``--settle`` untimed calls, so that the steady state is measured, not the switch;
 * compile time: tracing + lowering, and XLA compilation (``.lower()``, ``.compile()``);
 * memory: XLA's static estimate from ``compiled.memory_analysis()`` (arguments + outputs +
   temporaries - aliased), and on GPU/TPU also ``device.memory_stats()['peak_bytes_in_use']``
@@ -72,18 +73,22 @@ def memory_figures(compiled, device) -> dict[str, int]:
 
 def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
                seconds_per_call: Mapping[str, float] | None = None,
-               min_repeat_s: float = 0.1) -> dict[str, tuple[list[float], int]]:
+               min_repeat_s: float = 0.1, settle: int = 1) -> dict[str, tuple[list[float], int]]:
   """Seconds per call of each of `calls` (functions returning arrays, already warm).
 
-  Each repetition runs a call n times back to back (n from ``seconds_per_call``, an
-  estimate, so that a repetition lasts about `min_repeat_s`; 1 without an estimate) and
-  blocks until the last result is ready. The calls' repetitions are interleaved (a, b, a,
-  b, ...) so that other load on the machine slows them alike. Returns, per call,
-  (seconds per call for each repetition, n).
+  Each repetition makes `settle` untimed calls, then runs the call n times back to back (n
+  from ``seconds_per_call``, an estimate, so that a repetition lasts about `min_repeat_s`;
+  1 without an estimate) and blocks until the last result is ready. The calls'
+  repetitions are interleaved (a, b, a, b, ...) so that other load on the machine slows
+  them alike. The settling calls keep the switch itself out of the figures: on CPU the
+  first call after another program's runs slower (its buffers are mapped and its weights
+  brought into the caches afresh), and the figure wanted is the steady state of a program
+  called again and again. Returns, per call, (seconds per call for each
+  repetition, n).
   """
-  if repeats < 1 or min_repeat_s < 0:
-    raise ValueError(f"need repeats >= 1 and min_repeat_s >= 0; got repeats={repeats}, "
-                     f"min_repeat_s={min_repeat_s}")
+  if repeats < 1 or min_repeat_s < 0 or settle < 0:
+    raise ValueError(f"need repeats >= 1, min_repeat_s >= 0 and settle >= 0; got "
+                     f"repeats={repeats}, min_repeat_s={min_repeat_s}, settle={settle}")
   seconds_per_call = seconds_per_call or {}
   inner = {name: max(1, math.ceil(min_repeat_s / max(seconds_per_call.get(name, math.inf),
                                                       1e-9)))
@@ -91,6 +96,8 @@ def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
   times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
+      for _ in range(settle):
+        jax.block_until_ready(call())
       start = time.perf_counter()
       for _ in range(inner[name]):
         out = call()
@@ -155,7 +162,8 @@ def _figures(info: dict, timing: tuple[list[float], int], repeats: int) -> dict:
 
 
 def benchmark_forward(model, params, batch_size: int, *, repeats: int = 10, warmup: int = 2,
-                      min_repeat_s: float = 0.1, seed: int = 0, device=None) -> dict:
+                      min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
+                      device=None) -> dict:
   """Inference throughput of ``model.apply({'params': params}, images)`` on one device.
 
   Random normal images (batch_size, img_size, img_size, in_chans), float32, on the device
@@ -168,7 +176,7 @@ def benchmark_forward(model, params, batch_size: int, *, repeats: int = 10, warm
   params = jax.device_put(params, next(iter(images.devices())))
   call, info = prepare_forward(model, params, images, warmup=warmup)
   timing = time_calls({"model": call}, repeats=repeats, min_repeat_s=min_repeat_s,
-                      seconds_per_call={"model": info["warm_call_s"]})["model"]
+                      settle=settle, seconds_per_call={"model": info["warm_call_s"]})["model"]
   return _figures(info, timing, repeats)
 
 
@@ -186,13 +194,16 @@ def random_params(model, seed: int = 0):
 
 
 def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
-            warmup: int = 2, min_repeat_s: float = 0.1, seed: int = 0, device=None) -> dict:
+            warmup: int = 2, min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
+            device=None) -> dict:
   """Throughput of `config` at its r (or `r`) and of the same model at r=0, with FLOPs.
 
   Both run on the same weights (random when params is None) and images; both are compiled
-  and warmed up first (the fused one first), then their timed repetitions alternate.
-  Returns {'fused': ..., 'plain': ..., 'speedup': img/s fused / plain, 'flop_ratio': plain /
-  fused FLOPs}; each entry is a ``benchmark_forward`` dict plus r, tokens_in, tokens_out
+  and warmed up first (the fused one first), then their timed repetitions alternate, each
+  after `settle` untimed calls (see ``time_calls``).
+  Returns {'fused': ..., 'plain': ..., 'speedup': img/s fused / plain, 'speedup_pairs': the
+  sorted ratios of each fused repetition's time to the plain one after it,
+  'speedup_quartiles': their quartiles, 'flop_ratio': plain / fused FLOPs}; each entry is a ``benchmark_forward`` dict plus r, tokens_in, tokens_out
   and gflops (fvcore convention). With no fusion in the config, 'fused' is None.
   """
   import mctf_jax
@@ -211,7 +222,7 @@ def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
   prepared = {name: prepare_forward(mdl, params, images, warmup=warmup)
               for name, mdl in models.items()}
   timings = time_calls({name: call for name, (call, _) in prepared.items()}, repeats=repeats,
-                       min_repeat_s=min_repeat_s,
+                       min_repeat_s=min_repeat_s, settle=settle,
                        seconds_per_call={n: info["warm_call_s"] for n, (_, info) in
                                          prepared.items()})
   result = {"fused": None, "plain": None, "speedup": None, "flop_ratio": None}
@@ -222,6 +233,12 @@ def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
                         tokens_in=s.tokens_in, tokens_out=s.tokens_out, gflops=report.gflops)
   if result["fused"] is not None:
     result["speedup"] = result["fused"]["img_per_s"] / result["plain"]["img_per_s"]
+    # Each fused repetition against the plain one right after it: drifts in the machine's
+    # speed (other tenants, clocks) cancel within a pair.
+    pairs = sorted(p / f for f, p in zip(result["fused"]["times_s"], result["plain"]["times_s"]))
+    result["speedup_pairs"] = pairs
+    result["speedup_quartiles"] = tuple(statistics.quantiles(pairs, n=4, method="inclusive")
+                                        if len(pairs) > 1 else pairs * 3)
     result["flop_ratio"] = result["plain"]["gflops"] / result["fused"]["gflops"]
   return result
 
@@ -254,7 +271,9 @@ def format_result(result: dict) -> str:
       line += f" {(peak / MIB if peak is not None else float('nan')):9.1f}"
     lines.append(line)
   if result["speedup"] is not None:
-    lines.append(f"speed-up {result['speedup']:.2f}x (img/s fused / plain); FLOP ratio "
+    q1, q2, q3 = result["speedup_quartiles"]
+    lines.append(f"speed-up {result['speedup']:.2f}x (img/s fused / plain; per pair of "
+                 f"repetitions: median {q2:.2f}x, quartiles {q1:.2f}-{q3:.2f}x); FLOP ratio "
                  f"{result['flop_ratio']:.2f}x (plain / fused, fvcore convention)")
   return "\n".join(lines)
 
@@ -285,6 +304,8 @@ def main(argv=None):
   flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
   flags.DEFINE_float("min_repeat_s", 0.1, "Each repetition repeats the call to last at "
                      "least this long (0: one call).")
+  flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition (the "
+                       "first call after the other model's is slower on CPU).")
   flags.DEFINE_integer("seed", 0, "Seed of the random weights and images.")
   flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
   flags.mark_flags_as_required(["config"])
@@ -296,9 +317,10 @@ def main(argv=None):
     config = FLAGS.config
     if FLAGS.batch_size < 1:
       _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    if FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.min_repeat_s < 0:
-      _fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0; got "
-            f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}")
+    if (FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.min_repeat_s < 0
+        or FLAGS.settle < 0):
+      _fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0, --settle >= 0; got "
+            f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}, {FLAGS.settle}")
     if FLAGS.dtype is not None:
       config.model.dtype = FLAGS.dtype
     try:
@@ -319,7 +341,8 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError, ValueError) as e:
       _fail(str(e))
     result = compare(config, params, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
-                     warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s, seed=FLAGS.seed)
+                     warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s,
+                     settle=FLAGS.settle, seed=FLAGS.seed)
     print(format_result(result))
     if FLAGS.json:
       result = dict(result, checkpoint=FLAGS.checkpoint or None,

@@ -44,6 +44,7 @@ def _scoped(name: str):
 # ----------------------------------------------------------------------------- scores
 
 
+@_scoped("scores")
 def attention_received(probs_BxHxTxT: jax.Array) -> jax.Array:
   """Mean attention each token receives, over heads and queries: (B, T)."""
   return jnp.mean(probs_BxHxTxT.astype(jnp.float32), axis=(1, 2))

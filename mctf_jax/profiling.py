@@ -9,7 +9,8 @@ kernel time per part of the model:
   ``fusion/scores`` (the matching scores), ``fusion/matching`` (bipartite matching),
   ``fusion/merge`` (merging tokens and sizes, source maps), ``fusion/attn_merge`` (the
   one-step-ahead attention merge, around the ordinary probs @ v product);
-* the model's: ``attention/qk+softmax``, ``attention/probs@v``, ``attention/v``,
+* the model's: ``attention/qk+softmax`` (with the size bias of proportional attention),
+  ``attention/probs@v``, ``attention/v``,
   ``attention/proj``, ``mlp``, ``norm``, ``embed``, ``head``, and ``other``.
 
 Backward-pass kernels (``transpose(...)`` in the name stack) get a ``/bwd`` suffix.
@@ -34,20 +35,27 @@ from mctf_jax.fusion import SCOPE_PREFIX
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
 
-_MODEL_PARTS = (
-    ("attn.probs", "attention/qk+softmax"),
-    ("attn.attend", "attention/probs@v"),
-    ("attend", "attention/probs@v"),
-    ("attn.values", "attention/v"),
-    ("attn.output", "attention/proj"),
-    ("attn/proj", "attention/proj"),
-    ("mlp", "mlp"),
-    ("norm", "norm"),
-    ("patch_embed", "embed"),
-    ("embed", "embed"),
-    ("head", "head"),
-    ("classify", "head"),
-)
+def _component_part(component: str) -> str | None:
+  """The model part one name-stack component (a Flax module or method, a named scope)
+  stands for, if any."""
+  name = component.split(".")[-1] if component.startswith("VisionTransformer.") else component
+  if component.startswith("attn.probs") or component.endswith("._attn_size"):
+    return "attention/qk+softmax"
+  if component in ("attn.attend", "attend"):
+    return "attention/probs@v"
+  if component.startswith("attn.values"):
+    return "attention/v"
+  if component.startswith("attn.output"):
+    return "attention/proj"
+  if component == "mlp":
+    return "mlp"
+  if re.fullmatch(r"norm\d*", component):
+    return "norm"
+  if component == "patch_embed" or name == "embed":
+    return "embed"
+  if component == "head" or name == "classify":
+    return "head"
+  return None
 
 
 def part_of(op_name: str) -> str:
@@ -56,13 +64,12 @@ def part_of(op_name: str) -> str:
   scopes = re.findall(re.escape(SCOPE_PREFIX) + r"(\w+)", op_name)
   if scopes:
     return "fusion/" + scopes[-1] + suffix
-  # The innermost module wins: look for the last matching marker in the name stack.
-  best, where = "other", -1
-  for marker, part in _MODEL_PARTS:
-    i = op_name.rfind(marker)
-    if i > where:
-      best, where = part, i
-  return best + suffix
+  # The innermost component that names a part wins.
+  for component in reversed(re.split(r"[/()]", op_name)):
+    part = _component_part(component)
+    if part is not None:
+      return part + suffix
+  return "other" + suffix
 
 
 def instruction_parts(hlo_text: str) -> dict[str, str]:

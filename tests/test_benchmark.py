@@ -26,13 +26,21 @@ def test_time_calls_interleaves_and_repeats():
     return call
 
   timings = benchmark.time_calls({"a": make("a"), "b": make("b")}, repeats=3,
-                                 seconds_per_call={"a": 0.01, "b": 0.1}, min_repeat_s=0.04)
+                                 seconds_per_call={"a": 0.01, "b": 0.1}, min_repeat_s=0.04,
+                                 settle=0)
   # a: ceil(0.04 / 0.01) = 4 calls per repetition, b: 1; repetitions alternate.
   assert order == (["a"] * 4 + ["b"]) * 3
+  order.clear()
+  benchmark.time_calls({"a": make("a"), "b": make("b")}, repeats=2,
+                       seconds_per_call={"a": 0.01, "b": 0.1}, min_repeat_s=0.04, settle=2)
+  # Two untimed settling calls start every repetition.
+  assert order == (["a"] * 6 + ["b"] * 3) * 2
   assert timings["a"][1] == 4 and timings["b"][1] == 1
   assert all(len(times) == 3 and min(times) > 0 for times, _ in timings.values())
   with pytest.raises(ValueError, match="repeats >= 1"):
     benchmark.time_calls({"a": make("a")}, repeats=0)
+  with pytest.raises(ValueError, match="settle=-1"):
+    benchmark.time_calls({"a": make("a")}, settle=-1)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +87,9 @@ def test_compare_bfloat16_and_r_override(tiny_params):
   expected = flops.count_flops(config, r=4).gflops
   assert fused["gflops"] == pytest.approx(expected)
   assert result["speedup"] == pytest.approx(fused["img_per_s"] / plain["img_per_s"])
+  pairs = result["speedup_pairs"]
+  assert len(pairs) == fused["repeats"] and pairs == sorted(pairs)
+  assert pairs[0] <= result["speedup_quartiles"][1] <= pairs[-1]
   assert result["flop_ratio"] == pytest.approx(plain["gflops"] / fused["gflops"])
   text = benchmark.format_result(result)
   assert "MCTF r=4" in text and "no fusion (r=0)" in text and "speed-up" in text
