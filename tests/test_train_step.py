@@ -65,9 +65,10 @@ def test_shared_blocks():
   fast = mctf_jax.create_model(small_config(r=0.35, layers=(2,), teacher_r_max=0.15))
   assert shared_blocks((fast.schedule(),) + teacher_branches(fast).schedules) == 2
   with pytest.raises(ValueError, match=r"fuses at block\(s\) \[1\]"):
-    x = jnp.zeros((1, 17, 32))
-    model.apply(model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))), x,
-                model.schedule(), start=2, method=model.run_blocks)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    jax.eval_shape(lambda v, x: model.apply(v, x, model.schedule(), start=2,
+                                            method=model.run_blocks),
+                   variables, jnp.zeros((1, 17, 32)))
 
 
 @pytest.mark.parametrize("depth,layers", [(2, (1,)), (3, (0, 2))])
