@@ -19,6 +19,9 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jax and tensorflow load
+from mctf_jax import parallel  # noqa: E402
+
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py.",
                                 lock_config=True)
 flags.DEFINE_string("checkpoint", None, "train.py workdir, converted Orbax dir, or torch file.")
@@ -27,15 +30,7 @@ flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a train.py checkpoi
 flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
 flags.DEFINE_integer("throughput_batch", 64, "Batch size of the throughput measurement "
                      "(the official numbers use 256 on a GPU); 0 skips it.")
-flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation "
-                    "cache (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/mctf_jax/xla); "
-                    "'' turns it off.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
-                  "Call jax.distributed.initialize() (auto: when running on several hosts).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
-                    "runs without a cluster manager (with --num_processes, --process_id).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+parallel.define_runtime_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 FLAGS = flags.FLAGS
 
@@ -129,15 +124,10 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from mctf_jax import parallel
   from mctf_jax.config import ConfigError
   from mctf_jax.convert import CheckpointMismatchError
-  parallel.maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
-                                        FLAGS.num_processes, FLAGS.process_id)
-  parallel.enable_compilation_cache(parallel.default_compilation_cache()
-                                    if FLAGS.compilation_cache is None else FLAGS.compilation_cache)
+  parallel.setup_runtime(FLAGS)
   output_dir = FLAGS.output_dir or _default_output_dir(FLAGS.checkpoint)
   try:
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,

@@ -7,9 +7,9 @@ fused forward's time goes.
 For each config (configs/<name>.py): ``mctf_jax.benchmark.compare`` (jitted forward on one
 device, random weights and images, after compilation and warm-up, repetitions of the fused
 and the plain model alternating, median) gives img/s of both, their ratio and the FLOP
-ratio; then ``mctf_jax.profiling`` traces the fused forward with jax.profiler and splits its
-kernel time by part: the fusion's own steps (scores, matching, merges, attention merge)
-against the transformer's. Prints one table and the profiles, writes JSON with --json.
+ratio; then ``mctf_jax.profiling`` traces the same compiled fused forward with jax.profiler
+and splits its kernel time by part: the fusion's own steps (scores, matching, merges,
+attention merge) against the transformer's. Prints one table and the profiles, writes JSON with --json.
 
 The issue's targets (float32, batch 32, 2 CPU threads) are printed next to the figures; on
 a machine with more cores, pin two (``taskset -c 0,1 python benchmarks/forward.py``) to
@@ -63,29 +63,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax
-  import mctf_jax
   from mctf_jax import benchmark, profiling
 
   device = jax.devices()[0]
-  print(f"device {device} ({device.device_kind}), {os.cpu_count()} CPUs "
-        f"({len(os.sched_getaffinity(0))} usable), batch {FLAGS.batch_size}, "
-        f"dtype {FLAGS.dtype}, jax {jax.__version__}", flush=True)
+  print(f"{benchmark.machine_summary(device)}; batch {FLAGS.batch_size}, dtype {FLAGS.dtype}",
+        flush=True)
   results = {}
   for name in FLAGS.configs:
     label = os.path.splitext(os.path.basename(name))[0]
     config = _load_config(name)
     config.model.dtype = FLAGS.dtype
     print(f"{label}: compiling and timing ...", flush=True)
-    model = mctf_jax.create_model(config)
-    params = benchmark.random_params(model)
-    result = benchmark.compare(config, params, batch_size=FLAGS.batch_size,
-                               repeats=FLAGS.repeats, settle=FLAGS.settle)
+    result = benchmark.compare(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,
+                               settle=FLAGS.settle, profile=FLAGS.profile)
     print(benchmark.format_result(result), flush=True)
-    if FLAGS.profile and result["fused"] is not None:
-      images = benchmark.random_images(model, FLAGS.batch_size)
-      compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(
-          params, images).compile()
-      prof = profiling.profile_call(compiled, lambda: compiled(params, images))
+    if result["fused"] is not None and "profile" in result["fused"]:
+      prof = result["fused"].pop("profile")
       result["profile"] = {"wall_s": prof["wall_s"], "kernel_s": prof["kernel_s"],
                            "parts": prof["parts"],
                            "fusion_share": profiling.fusion_share(prof)}

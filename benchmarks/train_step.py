@@ -52,7 +52,8 @@ MIB = 2 ** 20
 
 
 def prepare(config, params, images, labels):
-  """The jitted, donated train step of `config`, compiled; returns (step_fn, info)."""
+  """The jitted, donated train step of `config`, compiled and warm; returns (run, info):
+  run(step_number) makes one step numbered so, info has trace_s, compile_s and memory."""
   import jax
   import jax.numpy as jnp
   import mctf_jax
@@ -81,10 +82,8 @@ def prepare(config, params, images, labels):
   jax.block_until_ready(run(0))   # warm-up
   device = next(iter(images.devices()))
   info = {"trace_s": traced - start, "compile_s": done - traced,
-          "memory": benchmark.memory_figures(compiled, device),
-          "teachers": len(ts.teacher_branches(model).schedules),
-          "schedule": str(model.schedule())}
-  return model, run, info
+          "memory": benchmark.memory_figures(compiled, device)}
+  return run, info
 
 
 def main(argv):
@@ -92,6 +91,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax
   import jax.numpy as jnp
+  import mctf_jax
   from mctf_jax import benchmark, flops
   from mctf_jax import train_step as ts
 
@@ -105,35 +105,33 @@ def main(argv):
   plain_cfg = mctf_cfg.copy_and_resolve_references()
   plain_cfg.fusion.layers = ()
   plain_cfg.fusion.teacher_r_max = 0
-  import mctf_jax
   model = mctf_jax.create_model(mctf_cfg)
   params = benchmark.random_params(model)
   images = benchmark.random_images(model, FLAGS.batch_size)
   labels = jnp.arange(FLAGS.batch_size, dtype=jnp.int32) % mctf_cfg.model.num_classes
   device = next(iter(images.devices()))
-  print(f"device {device} ({device.device_kind}), {os.cpu_count()} CPUs "
-        f"({len(os.sched_getaffinity(0))} usable), batch {FLAGS.batch_size}, "
-        f"dtype {mctf_cfg.model.dtype}, jax {jax.__version__}", flush=True)
+  print(f"{benchmark.machine_summary(device)}; batch {FLAGS.batch_size}, "
+        f"dtype {mctf_cfg.model.dtype}", flush=True)
 
   steps = {}
   for name, cfg in (("mctf", mctf_cfg), ("plain", plain_cfg)):
     print(f"compiling the {name} step ...", flush=True)
     steps[name] = prepare(cfg, params, images, labels)
-    print(f"  {steps[name][2]['trace_s'] + steps[name][2]['compile_s']:.1f} s", flush=True)
+    print(f"  {steps[name][1]['trace_s'] + steps[name][1]['compile_s']:.1f} s", flush=True)
 
-  mctf_model = steps["mctf"][0]
-  values = ts.teacher_values(mctf_model.fusion)
+  branches = ts.teacher_branches(model)
+  values = branches.values
   step_of = {}
   for i in range(10_000):
     if len(step_of) == len(values):
       break
-    step_of.setdefault(ts.teacher_value_at(mctf_model, mctf_cfg.seed, i), i)
+    step_of.setdefault(ts.teacher_value_at(model, mctf_cfg.seed, i), i)
   times = {"plain": [], **{("mctf", v): [] for v in values}}
   print(f"timing: {FLAGS.repeats} x (plain, MCTF at r' = {', '.join(map(str, values))})",
         flush=True)
   for _ in range(FLAGS.repeats):
     for v in values:
-      for key, (_, run, _) in (("plain", steps["plain"]), (("mctf", v), steps["mctf"])):
+      for key, (run, _) in (("plain", steps["plain"]), (("mctf", v), steps["mctf"])):
         for i in range(FLAGS.block + 1):
           t = time.perf_counter()
           metrics = run(step_of[v] if key != "plain" else 0)
@@ -147,13 +145,14 @@ def main(argv):
   plain_s = statistics.median(times["plain"])
   per_value = {v: statistics.median(times[("mctf", v)]) for v in values}
   mctf_s = statistics.mean(per_value.values())
-  plain_info, mctf_info = steps["plain"][2], steps["mctf"][2]
-  flop = lambda r: flops.model_flops(mctf_model, r).gflops
-  branches = ts.teacher_branches(mctf_model)
-  shared = ts.shared_blocks((mctf_model.schedule(),) + branches.schedules)
+  plain_info, mctf_info = steps["plain"][1], steps["mctf"][1]
+  flop = lambda r: flops.model_flops(model, r).gflops
+  plain_flops = flops.model_flops(model, 0)
+  shared = ts.shared_blocks((model.schedule(),) + branches.schedules)
   # The step runs the patch embedding and the shared blocks once for both paths.
-  shared_gflops = sum(s.flops for s in flops.model_flops(mctf_model, 0).stages[:1 + shared]) / 1e9
-  flop_ratio = (flop(None) + statistics.mean(flop(v) for v in values) - shared_gflops) / flop(0)
+  shared_gflops = sum(s.flops for s in plain_flops.stages[:1 + shared]) / 1e9
+  flop_ratio = ((flop(None) + statistics.mean(flop(v) for v in values) - shared_gflops)
+                / plain_flops.gflops)
 
   def mem(info):
     return info["memory"].get("device_peak_bytes_in_use",
@@ -167,24 +166,24 @@ def main(argv):
       "mctf": {"step_s": mctf_s, "step_s_per_teacher_r": {str(k): v for k, v in
                                                           per_value.items()},
                "compile_s": mctf_info["trace_s"] + mctf_info["compile_s"],
-               "teacher_branches": mctf_info["teachers"], "memory": mctf_info["memory"]},
+               "teacher_branches": len(branches.schedules), "memory": mctf_info["memory"]},
   }
   result["ratios"] = {
       "time": mctf_s / plain_s,
       "compile": result["mctf"]["compile_s"] / result["plain"]["compile_s"],
       "memory": mem(mctf_info) / max(mem(plain_info), 1),
       "flops": flop_ratio}
-  print(mctf_info["schedule"])
+  print(model.schedule())
   print(f"\n{'step':<6s} {'ms/step':>9s} {'compile s':>10s} {'memory MiB':>11s}")
   for name in ("plain", "mctf"):
     row = result[name]
     print(f"{name:<6s} {row['step_s'] * 1e3:9.0f} {row['compile_s']:10.1f} "
-          f"{mem(steps[name][2]) / MIB:11.0f}")
+          f"{mem(steps[name][1]) / MIB:11.0f}")
   print("MCTF ms/step per teacher r': " + ", ".join(f"{v}: {s * 1e3:.0f}"
                                                     for v, s in per_value.items()))
   r = result["ratios"]
   print(f"ratios MCTF / plain: time {r['time']:.2f}x (FLOPs {r['flops']:.2f}x), compile "
-        f"{r['compile']:.1f}x ({mctf_info['teachers']} teacher branches), memory "
+        f"{r['compile']:.1f}x ({len(branches.schedules)} teacher branches), memory "
         f"{r['memory']:.2f}x")
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

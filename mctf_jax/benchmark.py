@@ -31,8 +31,10 @@ The measuring loop is a library function, ``benchmark_forward(model, params, bat
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -81,9 +83,9 @@ def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
   1 without an estimate) and blocks until the last result is ready. The calls'
   repetitions are interleaved (a, b, a, b, ...) so that other load on the machine slows
   them alike. The settling calls keep the switch itself out of the figures: on CPU the
-  first call after another program's runs slower (its buffers are mapped and its weights
-  brought into the caches afresh), and the figure wanted is the steady state of a program
-  called again and again. Returns, per call, (seconds per call for each
+  first call after another program's can run slower (its buffers are mapped and its
+  weights brought into the caches afresh), and the figure wanted is the steady state of a
+  program called again and again. Returns, per call, (seconds per call for each
   repetition, n).
   """
   if repeats < 1 or min_repeat_s < 0 or settle < 0:
@@ -110,7 +112,8 @@ def prepare_forward(model, params, images, *, warmup: int = 2):
   """Compiles the forward pass of `model` for `images` and runs it `warmup` times (>= 1).
 
   params and images must already be on the device. Returns (call, info): call() runs the
-  compiled forward pass once; info has trace_s (tracing + lowering), compile_s (XLA),
+  compiled forward pass once (a ``functools.partial`` of the ``jax.stages.Compiled``, which
+  is ``call.func``); info has trace_s (tracing + lowering), compile_s (XLA),
   warm_call_s (the last warm-up call), memory (``memory_figures`` after the warm-up) and
   the device, its platform and kind, batch_size, dtype.
   """
@@ -123,7 +126,7 @@ def prepare_forward(model, params, images, *, warmup: int = 2):
   traced = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
-  call = lambda: compiled(params, images)
+  call = functools.partial(compiled, params, images)
   warm = 0.0
   for _ in range(max(warmup, 1)):
     t = time.perf_counter()
@@ -195,7 +198,7 @@ def random_params(model, seed: int = 0):
 
 def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
             warmup: int = 2, min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
-            device=None) -> dict:
+            device=None, profile: bool = False) -> dict:
   """Throughput of `config` at its r (or `r`) and of the same model at r=0, with FLOPs.
 
   Both run on the same weights (random when params is None) and images; both are compiled
@@ -204,7 +207,9 @@ def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
   Returns {'fused': ..., 'plain': ..., 'speedup': img/s fused / plain, 'speedup_pairs': the
   sorted ratios of each fused repetition's time to the plain one after it,
   'speedup_quartiles': their quartiles, 'flop_ratio': plain / fused FLOPs}; each entry is a ``benchmark_forward`` dict plus r, tokens_in, tokens_out
-  and gflops (fvcore convention). With no fusion in the config, 'fused' is None.
+  and gflops (fvcore convention). With no fusion in the config, 'fused' is None. With
+  `profile`, the fused entry also has 'profile': ``mctf_jax.profiling.profile_call`` of the
+  same compiled forward pass (kernel time by part of the model).
   """
   import mctf_jax
   from mctf_jax import flops
@@ -240,6 +245,10 @@ def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
     result["speedup_quartiles"] = tuple(statistics.quantiles(pairs, n=4, method="inclusive")
                                         if len(pairs) > 1 else pairs * 3)
     result["flop_ratio"] = result["plain"]["gflops"] / result["fused"]["gflops"]
+    if profile:
+      from mctf_jax import profiling
+      call = prepared["fused"][0]
+      result["fused"]["profile"] = profiling.profile_call(call.func, call)
   return result
 
 
@@ -279,6 +288,12 @@ def format_result(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def machine_summary(device) -> str:
+  """One line naming the device, the host's CPUs and the jax version, for benchmark output."""
+  return (f"device {device} ({device.device_kind}), {os.cpu_count()} CPUs "
+          f"({len(os.sched_getaffinity(0))} usable), jax {jax.__version__}")
 
 
 def _fail(message: str):

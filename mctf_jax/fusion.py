@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 # Named scopes mark the fusion's own work in compiled programs and profiles
-# (benchmarks/speed.py attributes kernel time by them).
+# (mctf_jax.profiling attributes kernel time by them).
 SCOPE_PREFIX = "mctf_"
 
 

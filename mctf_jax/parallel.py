@@ -61,6 +61,31 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def define_runtime_flags() -> None:
+  """The command-line flags of train.py and eval.py that set up the JAX runtime:
+  --distributed, --coordinator_address, --num_processes, --process_id, --compilation_cache."""
+  from absl import flags
+  flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation "
+                      "cache (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/mctf_jax/xla); "
+                      "'' turns it off.")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                    "Call jax.distributed.initialize() (auto: when running on several hosts).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                      "runs without a cluster manager (with --num_processes, --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                       "--coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def setup_runtime(flag_values) -> None:
+  """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'
+  flags say."""
+  maybe_initialize_distributed(flag_values.distributed, flag_values.coordinator_address,
+                               flag_values.num_processes, flag_values.process_id)
+  cache = flag_values.compilation_cache
+  enable_compilation_cache(default_compilation_cache() if cache is None else cache)
+
+
 def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
   """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
