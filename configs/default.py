@@ -35,6 +35,9 @@ def mctf_fusion(**changes) -> ml_collections.ConfigDict:
       trace_source=False,
       teacher_r_max=8.0,          # teacher r' ~ U{0, ..., teacher_r_max - 1} (or a ratio)
       merge_impl="auto",          # 'auto' | 'scatter' | 'matmul'
+      # Train step: the teacher's token arrays at the full width for every r' (None), on
+      # a grid of widths of this step, or at exact counts (0); see mctf_jax/config.py.
+      train_token_step=ml_collections.config_dict.placeholder(int),
   ))
   fusion.update(changes)
   return fusion

@@ -62,7 +62,8 @@ def matching_scores(metric_BxTxC: jax.Array,
                     tau_sim: float = 1.0,
                     tau_info: float = 20.0,
                     tau_size: float = 40.0,
-                    num_protected: int = 1) -> jax.Array:
+                    num_protected: int = 1,
+                    valid_BxT: jax.Array | None = None) -> jax.Array:
   """Scores W[i, j] between A = tokens 0, 2, 4, ... and B = tokens 1, 3, 5, ...
 
   W = W_sim * W_info * W_size with
@@ -93,7 +94,11 @@ def matching_scores(metric_BxTxC: jax.Array,
   factor_BxT = None
 
   def token_factor(values_BxT, tau):
-    inv = 1 / jax.lax.stop_gradient(values_BxT).astype(dtype)
+    values = jax.lax.stop_gradient(values_BxT).astype(dtype)
+    if valid_BxT is None:
+      inv = 1 / values
+    else:  # padding counts as 1 / inf = 0, below every real token
+      inv = jnp.where(valid_BxT, 1 / jnp.where(valid_BxT, values, 1), 0)
     return _power(inv / jnp.max(inv, axis=-1, keepdims=True), 1 / tau)
 
   if tau_info > 0 and attn_received_BxT is not None:
@@ -103,6 +108,9 @@ def matching_scores(metric_BxTxC: jax.Array,
     factor_BxT = size_factor if factor_BxT is None else factor_BxT * size_factor
   if factor_BxT is not None:
     scores_BxAxB = scores_BxAxB * (factor_BxT[:, ::2, None] * factor_BxT[:, None, 1::2])
+  if valid_BxT is not None:
+    scores_BxAxB = jnp.where(valid_BxT[:, ::2, None] & valid_BxT[:, None, 1::2], scores_BxAxB,
+                             -jnp.inf)
   if num_protected:
     scores_BxAxB = scores_BxAxB.at[:, :num_protected, :].set(-jnp.inf)
   return scores_BxAxB

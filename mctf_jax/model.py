@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mctf_jax import fusion as F
+from mctf_jax import padded as P
 from mctf_jax.config import FusionConfig, ModelConfig, normalize_r
 from mctf_jax.schedule import LayerPlan, Schedule, compute_schedule
 
@@ -248,6 +249,68 @@ class Block(nn.Module):
     return state
 
 
+  # ------------------------------------------------------------------ padded shapes
+
+  def _attn_bias(self, size_BxT):
+    """Proportional attention, or (without it) a mask: padding keys (size 0) get -inf."""
+    if self.fusion.prop_attn:
+      return jnp.log(size_BxT)
+    return jnp.where(size_BxT > 0, 0.0, -jnp.inf).astype(size_BxT.dtype)
+
+  def _fuse_padded(self, state: TokenState, metric_BxTxC, probs_BxHxTxT, splits,
+                   width_out: int, fusion_width: int, max_moved: int):
+    fz = self.fusion
+    impl = _resolve_merge_impl(fz.merge_impl)
+    width_in = state.x_BxTxC.shape[1]
+    valid_BxT = state.size_BxT > 0
+    received_BxT = P.attention_received(probs_BxHxTxT, valid_BxT)
+    valid_wide = P.pad_tokens(valid_BxT, fusion_width, False)
+    scores = F.matching_scores(P.pad_tokens(metric_BxTxC, fusion_width),
+                               attn_received_BxT=P.pad_tokens(received_BxT, fusion_width, 1),
+                               size_BxT=P.pad_tokens(state.size_BxT, fusion_width, 1),
+                               tau_sim=fz.tau_sim, tau_info=fz.tau_info,
+                               tau_size=fz.tau_size, valid_BxT=valid_wide)
+    fusion, valid_BxO = P.bipartite_matching(
+        scores, valid_wide, splits[0], splits[1], num_in=width_in, num_out=width_out,
+        max_moved=max_moved, bidirectional=fz.bidirectional)
+    x, size, weights, norm = F.fuse_tokens(state.x_BxTxC, state.size_BxT, fusion,
+                                           pooling=fz.pooling, attn_received_BxT=received_BxT,
+                                           impl=impl)
+    x = jnp.where(valid_BxO[..., None], x, 0)
+    size = jnp.where(valid_BxO, size, 0)
+    return TokenState(x, size, None), (fusion, weights, norm, impl)
+
+  def padded(self, state: TokenState, fuses: bool, splits, width_out: int, fusion_width: int,
+             max_moved: int, deterministic: bool = True):
+    """The block on a padded token array (``mctf_jax.padded``): state.size_BxT is 0 on the
+    padding; splits = (r_ab, r_ba), runtime int32 scalars, used when `fuses`; the fused
+    tokens leave in an array of width_out rows. Max pooling is not supported."""
+    mode = self.fusion.one_step_ahead if fuses else None
+    if mode is not None and self.fusion.pooling == "max":
+      raise ValueError("padded blocks do not support pooling='max'")
+    args = (splits, width_out, fusion_width, max_moved)
+    x = state.x_BxTxC
+    h = self.norm1(x)
+    probs = self.attn.probs(h, self._attn_bias(state.size_BxT))
+    if mode == "approx":
+      state, (fusion, weights, norm, impl) = self._fuse_padded(state, x, probs, *args)
+      v = self.attn.values(self.norm1(state.x_BxTxC))
+      out = F.merged_attention_output(probs, v, fusion, weights, norm, impl=impl)
+    elif mode == "precise":
+      state, _ = self._fuse_padded(state, x, jax.lax.stop_gradient(probs), *args)
+      h = self.norm1(state.x_BxTxC)
+      out = self.attn.attend(self.attn.probs(h, self._attn_bias(state.size_BxT)),
+                             self.attn.values(h))
+    else:
+      out = self.attn.attend(probs, self.attn.values(h))
+    x = state.x_BxTxC + self.drop_path(self.attn.output(out, deterministic), deterministic)
+    x = x + self.drop_path(self.mlp(self.norm2(x), deterministic), deterministic)
+    state = state._replace(x_BxTxC=x)
+    if mode == "off":
+      state, _ = self._fuse_padded(state, x, probs, *args)
+    return state
+
+
 class VisionTransformer(nn.Module):
   """DeiT / ViT with MCTF.
 
@@ -334,6 +397,42 @@ class VisionTransformer(nn.Module):
     source = (F.source_map(state.token_map_BxN, tokens_out.shape[1], size.dtype)
               if trace else None)
     return EncoderOutput(tokens_out, size, source, tuple(layer_maps))
+
+  def run_blocks_padded(self, x_BxTxC, layout: P.PaddedLayout, splits_Lx2, *,
+                        max_moved: int, deterministic: bool = True, start: int = 0,
+                        first: jax.Array | None = None) -> EncoderOutput:
+    """``run_blocks`` on padded arrays of the widths in `layout` (``mctf_jax.padded``).
+
+    splits_Lx2: (depth, 2) int32, the (r_ab, r_ba) of each block, a runtime value: paths
+    with the same layout share one program whatever they merge. max_moved: a static bound
+    on r_ab + r_ba. first: `start` as a runtime int32 scalar (see the loop below; the train
+    step passes one XLA cannot fold). Returns the final tokens at the last width of the layout, padding
+    included (its sizes are 0); the class token comes first, as always.
+    """
+    batch, tokens = x_BxTxC.shape[:2]
+    if layout.depth != len(self.blocks) or layout.widths[start] != tokens:
+      raise ValueError(f"layout {layout} does not fit {len(self.blocks)} blocks with "
+                       f"{tokens} tokens entering block {start}")
+    fusion_width = self.model.num_tokens
+    size = jnp.ones((batch, tokens), jnp.promote_types(x_BxTxC.dtype, jnp.float32))
+    state = TokenState(x_BxTxC, size, None)
+    # Block l reads the first row of its own copy of the table, rotated by one row per
+    # block with a permutation computed at run time from `first`. Had it read row l, or
+    # row first + l, XLA would fold that offset into the matching kernels as a constant
+    # and every block would compile its own; so, when `first` is a value XLA cannot fold
+    # (the train step derives it from the step number), the fusing blocks of one width
+    # run the very same kernels.
+    depth = layout.depth
+    first = jnp.asarray(start if first is None else first, jnp.int32)
+    rows = jnp.arange(depth, dtype=jnp.int32)
+    table = jnp.take(jnp.asarray(splits_Lx2, jnp.int32), (rows + first) % depth, axis=0)
+    rotate = (rows + first - start + 1) % depth
+    for layer in range(start, depth):
+      state = self.blocks[layer].padded(state, layout.fuses[layer], table[0],
+                                        layout.widths[layer + 1], fusion_width, max_moved,
+                                        deterministic)
+      table = jnp.take(table, rotate, axis=0)
+    return EncoderOutput(self.norm(state.x_BxTxC), state.size_BxT, None, ())
 
   def run_unfused(self, x_BxTxC, stop: int, *, deterministic: bool = True):
     """Blocks 0 .. stop-1 as ordinary blocks: the tokens entering block `stop`."""

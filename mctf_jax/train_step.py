@@ -2,11 +2,15 @@
 
 One train step runs the student path (fixed r) and the teacher path (same weights, r'
 drawn inside the step from [0, teacher_r_max)), and updates the parameters and the EMA.
-The teacher r' changes token counts, hence shapes, so every r' has its own static
-schedule; the distinct schedules become the branches of one ``lax.switch``, compiled
-once, and a draw from the step's key picks the branch. The key is derived from the seed
-and the step number, so the whole step is a deterministic function of (state, batch) and a
-resumed run repeats an uninterrupted one exactly; r' is the same over the global batch.
+The teacher r' changes token counts, hence shapes: the branches of one ``lax.switch``,
+compiled once, hold the teacher's programs, and a draw from the step's key picks the
+branch. By default the teacher runs on token arrays padded to the full width
+(``mctf_jax.padded``, ``fusion.train_token_step``): one branch then serves every r' > 0
+(the merge counts are runtime values), which cuts the compile time 3-4x; with
+train_token_step=0 every distinct schedule is a branch of its own at exact shapes.
+The key is derived from the seed and the step number, so the whole
+step is a deterministic function of (state, batch) and a resumed run repeats an
+uninterrupted one exactly; r' is the same over the global batch.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mctf_jax import losses
+from mctf_jax import losses, padded
 from mctf_jax.config import FusionConfig
 from mctf_jax.model import VisionTransformer, consistency
 from mctf_jax.schedule import Schedule
@@ -46,24 +50,47 @@ def teacher_values(fusion: FusionConfig) -> tuple:
 
 class TeacherBranches(NamedTuple):
   values: tuple            # the r' that can be drawn
-  schedules: tuple         # the distinct schedules among them (the switch branches)
-  branch_of_value: tuple   # values[i] runs schedules[branch_of_value[i]]
+  schedules: tuple         # per switch branch: its schedule (exact shapes), or the schedule
+                           # of its first value (padded: values share a layout)
+  branch_of_value: tuple   # values[i] runs branch branch_of_value[i]
+  layouts: tuple | None = None   # padded: each branch's PaddedLayout
 
 
-def teacher_branches(model: VisionTransformer) -> TeacherBranches:
+def padded_training(model: VisionTransformer) -> bool:
+  """Whether the train step runs its paths at padded shapes (``mctf_jax.padded``)."""
+  fusion = model.fusion
+  return fusion.train_token_step != 0 and fusion.pooling != "max" and (
+      model.schedule().fuses or any(model.schedule(v).fuses for v in teacher_values(fusion)))
+
+
+def token_grid(model: VisionTransformer) -> tuple:
+  """The widths the teacher's token arrays are padded to (the student runs at its own
+  counts)."""
+  return padded.token_grid(model.model.num_tokens, model.fusion.train_token_step)
+
+
+def teacher_branches(model: VisionTransformer, grid=None) -> TeacherBranches:
+  """The switch branches of the teacher: one per distinct schedule, or with a token grid
+  (padded shapes), one per distinct layout on that grid."""
   values = teacher_values(model.fusion)
-  schedules: list[Schedule] = []
+  keys, schedules, layouts = [], [], []
   branch_of_value = []
   for value in values:
     schedule = model.schedule(value)
-    # Ratios that give the same token counts share a branch.
-    same = [i for i, s in enumerate(schedules) if s.layers == schedule.layers]
-    if same:
-      branch_of_value.append(same[0])
-    else:
-      branch_of_value.append(len(schedules))
+    # Ratios that give the same token counts (or padded widths) share a branch.
+    key = schedule.layers if grid is None else padded.layout_of(schedule, grid)
+    if key not in keys:
+      keys.append(key)
       schedules.append(schedule)
-  return TeacherBranches(values, tuple(schedules), tuple(branch_of_value))
+      layouts.append(key)
+    branch_of_value.append(keys.index(key))
+  return TeacherBranches(values, tuple(schedules), tuple(branch_of_value),
+                         None if grid is None else tuple(layouts))
+
+
+def step_teachers(model: VisionTransformer) -> TeacherBranches:
+  """The teacher branches as ``make_train_step`` builds them (padded or exact)."""
+  return teacher_branches(model, token_grid(model) if padded_training(model) else None)
 
 
 def shared_blocks(schedules) -> int:
@@ -119,12 +146,25 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   both paths' gradients with respect to their output flow back through them together.
   """
   student_schedule = model.schedule()
-  teachers = teacher_branches(model)
+  pad = padded_training(model)
+  grid = token_grid(model) if pad else None
+  teachers = step_teachers(model)
   shared = shared_blocks((student_schedule,) + teachers.schedules)
   loss_cfg = loss_config(config)
   w_student, w_teacher, w_cons = loss_cfg.weights
   ema_decay = float(config.ema_decay)
   base_key = jax.random.PRNGKey(config.seed)
+  depth = len(student_schedule.layers)
+  if pad:
+    bound = padded.max_moved((student_schedule,) + tuple(model.schedule(v)
+                                                          for v in teachers.values))
+    student_path = (padded.layout_of(student_schedule, student_schedule.tokens_per_layer),
+                    padded.splits_of(student_schedule))
+    # Every r' runs its branch's program with its own merge counts, read from this table.
+    teacher_splits = np.stack([padded.splits_of(model.schedule(v))
+                               for v in teachers.values]) if teachers.values else None
+  else:
+    student_path = student_schedule
 
   def shared_tokens(params, images, k_embed, k_blocks):
     # The embedding and the blocks before the first fusion, common to both paths (as the
@@ -134,9 +174,17 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     return model.apply({"params": params}, x, shared, deterministic=False,
                        method=model.run_unfused, rngs={"dropout": k_blocks})
 
-  def encode(params, h, schedule, key):
-    return model.apply({"params": params}, h, schedule, deterministic=False, trace_source=False,
-                       start=shared, method=model.run_blocks,
+  def encode(params, h, path, key, splits=None, first=None):
+    """The final tokens of one path: path is a Schedule (exact shapes), or a padded
+    (layout, _) with its merge counts in the runtime array `splits` (and `first`, the index
+    of the first block as a runtime value: see ``run_blocks_padded``)."""
+    if isinstance(path, Schedule):
+      return model.apply({"params": params}, h, path, deterministic=False,
+                         trace_source=False, start=shared, method=model.run_blocks,
+                         rngs={"dropout": key}).tokens_BxTxC
+    layout = path[0]
+    return model.apply({"params": params}, h, layout, splits, max_moved=bound, first=first,
+                       deterministic=False, start=shared, method=model.run_blocks_padded,
                        rngs={"dropout": key}).tokens_BxTxC
 
   def classify(params, tokens):
@@ -146,18 +194,19 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     return losses.classification_loss(logits, batch["label"], loss_cfg.label_smoothing,
                                       batch.get("targets"))
 
-  def teacher_branch(schedule):
-    def run(params, h, batch, k_teacher):
+  def teacher_branch(path):
+    def run(params, h, batch, k_teacher, splits, first):
       def teacher_loss(params, h):
-        cls = encode(params, h, schedule, k_teacher)[:, :1]
+        cls = encode(params, h, path, k_teacher, splits, first)[:, :1]
         return w_teacher * ce(classify(params, cls), batch), cls
       (loss, cls), grads = jax.value_and_grad(teacher_loss, argnums=(0, 1), has_aux=True)(
           params, h)
       return loss, cls, grads
     return run
 
-  def student_loss(params, h, batch, teacher_cls, k_student):
-    tokens = encode(params, h, student_schedule, k_student)
+  def student_loss(params, h, batch, teacher_cls, k_student, first):
+    splits = jnp.asarray(student_path[1]) if pad else None
+    tokens = encode(params, h, student_path, k_student, splits, first)
     logits = classify(params, tokens)
     loss = w_student * ce(logits, batch)
     parts = {"loss_student": loss}
@@ -171,6 +220,9 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
 
   def train_step(state: TrainState, batch):
     k_draw, k_embed, k_student, k_teacher = _step_keys(base_key, state.step)
+    # `shared` as a value XLA cannot fold (the step is never negative): see
+    # ``run_blocks_padded``; with it the blocks of one width share their kernels.
+    first = shared + jnp.minimum(state.step, 0)
     # The shared blocks take the student's dropout key: the student path is then exactly
     # what one call of the model with k_student would compute.
     h, shared_vjp = jax.vjp(lambda p: shared_tokens(p, batch["image"], k_embed, k_student),
@@ -180,12 +232,18 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
       draw = _draw(k_draw, len(teachers.values))
       branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
       teacher_r = jnp.asarray(teachers.values, jnp.float32)[draw]
+      if pad:
+        paths = [(layout, None) for layout in teachers.layouts]
+        splits = jnp.asarray(teacher_splits)[draw]
+      else:
+        paths = list(teachers.schedules)
+        splits = jnp.zeros((depth, 2), jnp.int32)   # unused
       loss_teacher, teacher_cls, (teacher_grads, teacher_dh) = jax.lax.switch(
-          branch, [teacher_branch(s) for s in teachers.schedules], state.params, h, batch,
-          k_teacher)
+          branch, [teacher_branch(p) for p in paths], state.params, h, batch, k_teacher,
+          splits, first)
     (loss, (parts, logits)), (grads, dh) = jax.value_and_grad(
         student_loss, argnums=(0, 1), has_aux=True)(state.params, h, batch, teacher_cls,
-                                                    k_student)
+                                                    k_student, first)
     if teacher_cls is not None:
       grads = jax.tree.map(jnp.add, grads, teacher_grads)
       dh = dh + teacher_dh

@@ -27,7 +27,7 @@ import numpy as np
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import evaluation, optim, parallel
-from mctf_jax.train_step import (TrainState, count_params, make_train_step, teacher_branches,
+from mctf_jax.train_step import (TrainState, count_params, make_train_step, step_teachers,
                                  tree_is_finite)
 
 logger = logging.getLogger("mctf_jax.train")
@@ -249,7 +249,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = mctf_jax.create_model(config)
-  teachers = teacher_branches(model)
+  teachers = step_teachers(model)
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
        jax.__version__, jax.process_count(), mesh.devices.size,
@@ -259,9 +259,12 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   _log("config:\n%s", config)
   _log("student %s", model.schedule())
   if teachers.values:
-    _log("teacher r' drawn from %s: %d distinct schedule(s), ending at %s tokens",
+    _log("teacher r' drawn from %s: %d switch branch(es)%s, ending at %s tokens",
          list(teachers.values), len(teachers.schedules),
-         sorted({s.tokens_out for s in teachers.schedules}))
+         ("" if not teachers.layouts else " (token arrays padded to the full width)"
+          if model.fusion.train_token_step is None else
+          f" (token arrays padded to a grid of step {model.fusion.train_token_step})"),
+         sorted({model.schedule(v).tokens_out for v in teachers.values}))
 
   if batches is None:
     from mctf_jax import data as data_lib
@@ -359,7 +362,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
         if step == start_step:
           t0 = time.time()
           train_step = train_step.lower(state, batch).compile()
-          _log("compiled the train step (student + %d teacher schedule(s)) in %.1f s",
+          _log("compiled the train step (student + %d teacher branch(es)) in %.1f s",
                len(teachers.schedules), time.time() - t0)
           t_log = t_run = time.time()
         state, metrics = train_step(state, batch)

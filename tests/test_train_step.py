@@ -11,8 +11,9 @@ import pytest
 
 import mctf_jax
 from mctf_jax import losses, optim, parallel
-from mctf_jax.train_step import (TrainState, make_train_step, shared_blocks, teacher_branches,
-                                 teacher_value_at, teacher_values)
+from mctf_jax.train_step import (TrainState, make_train_step, padded_training, shared_blocks,
+                                 step_teachers, teacher_branches, teacher_value_at,
+                                 teacher_values)
 from configs import default
 
 
@@ -71,13 +72,20 @@ def test_shared_blocks():
                    variables, jnp.zeros((1, 17, 32)))
 
 
-@pytest.mark.parametrize("depth,layers", [(2, (1,)), (3, (0, 2))])
-def test_step_equals_model_teacher_path(depth, layers):
-  """The step (shared blocks run once, teacher in a switch) gives the model's own loss and
-  gradient, which the golden tests check against the reference."""
-  config = small_config(layers=layers)
+@pytest.mark.parametrize("depth,layers,token_step", [(2, (1,), None), (3, (0, 2), 16),
+                                                     (3, (0, 2), 0)])
+def test_step_equals_model_teacher_path(depth, layers, token_step):
+  """The step (shared blocks run once, teacher in a switch, at padded shapes or exact
+  ones) gives the model's own loss and gradient, which the golden tests check against the
+  reference."""
+  config = small_config(layers=layers, train_token_step=token_step)
   config.model.depth = depth
   model = mctf_jax.create_model(config)
+  assert padded_training(model) == (token_step != 0)
+  if token_step != 0:   # full width, or the grid (17, 1): r' = 1, 2 run at width 17
+    teachers = step_teachers(model)
+    assert teachers.branch_of_value == (0, 1, 1)
+    assert teachers.layouts[1].widths == (17,) * (depth + 1)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tx = optax.sgd(1.0)   # params - grads: the update shows the gradient
   step = jax.jit(make_train_step(model, tx, config))
