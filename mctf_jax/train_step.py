@@ -147,7 +147,6 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   """
   student_schedule = model.schedule()
   pad = padded_training(model)
-  grid = token_grid(model) if pad else None
   teachers = step_teachers(model)
   shared = shared_blocks((student_schedule,) + teachers.schedules)
   loss_cfg = loss_config(config)

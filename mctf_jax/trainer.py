@@ -9,16 +9,14 @@ fusion.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import queue
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """The jitted train step: the same loss and gradients as the model's own teacher path, the
 same losses and parameters on 8 devices (data parallel, FSDP) as on one, the schedule."""
 
-import copy
 
 import jax
 import jax.numpy as jnp
