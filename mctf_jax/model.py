@@ -221,21 +221,27 @@ class Block(nn.Module):
     return _log_size(state.size_BxT) if self.fusion.prop_attn else None
 
   def __call__(self, state: TokenState, plan: LayerPlan, deterministic: bool = True):
-    mode = self.fusion.one_step_ahead if plan.fuses else None
+    return self._run(state, plan.fuses, lambda *a: self._fuse(*a, plan), self._attn_size,
+                     deterministic)
+
+  def _run(self, state: TokenState, fuses: bool, fuse, attn_bias, deterministic: bool):
+    """The block: fuse(state, metric, probs) -> (state, merge info) fuses the tokens and
+    attn_bias(state) gives the additive key bias of the attention (or None)."""
+    mode = self.fusion.one_step_ahead if fuses else None
     x = state.x_BxTxC
     h = self.norm1(x)
-    probs = self.attn.probs(h, self._attn_size(state))
+    probs = self.attn.probs(h, attn_bias(state))
 
     if mode == "approx":
       # Fuse with this block's attention, then reuse that attention, merged.
-      state, (fusion, weights, norm, impl) = self._fuse(state, x, probs, plan)
+      state, (fusion, weights, norm, impl) = fuse(state, x, probs)
       v = self.attn.values(self.norm1(state.x_BxTxC))
       out = F.merged_attention_output(probs, v, fusion, weights, norm, impl=impl)
     elif mode == "precise":
       # Fuse with this block's attention (no gradient), recompute it on the fused tokens.
-      state, _ = self._fuse(state, x, jax.lax.stop_gradient(probs), plan)
+      state, _ = fuse(state, x, jax.lax.stop_gradient(probs))
       h = self.norm1(state.x_BxTxC)
-      out = self.attn.attend(self.attn.probs(h, self._attn_size(state)), self.attn.values(h))
+      out = self.attn.attend(self.attn.probs(h, attn_bias(state)), self.attn.values(h))
     else:
       out = self.attn.attend(probs, self.attn.values(h))
 
@@ -245,9 +251,8 @@ class Block(nn.Module):
 
     if mode == "off":
       # An ordinary block; its output is fused with its attention map.
-      state, _ = self._fuse(state, x, probs, plan)
+      state, _ = fuse(state, x, probs)
     return state
-
 
   # ------------------------------------------------------------------ padded shapes
 
@@ -285,30 +290,10 @@ class Block(nn.Module):
     """The block on a padded token array (``mctf_jax.padded``): state.size_BxT is 0 on the
     padding; splits = (r_ab, r_ba), runtime int32 scalars, used when `fuses`; the fused
     tokens leave in an array of width_out rows. Max pooling is not supported."""
-    mode = self.fusion.one_step_ahead if fuses else None
-    if mode is not None and self.fusion.pooling == "max":
+    if fuses and self.fusion.pooling == "max":
       raise ValueError("padded blocks do not support pooling='max'")
-    args = (splits, width_out, fusion_width, max_moved)
-    x = state.x_BxTxC
-    h = self.norm1(x)
-    probs = self.attn.probs(h, self._attn_bias(state.size_BxT))
-    if mode == "approx":
-      state, (fusion, weights, norm, impl) = self._fuse_padded(state, x, probs, *args)
-      v = self.attn.values(self.norm1(state.x_BxTxC))
-      out = F.merged_attention_output(probs, v, fusion, weights, norm, impl=impl)
-    elif mode == "precise":
-      state, _ = self._fuse_padded(state, x, jax.lax.stop_gradient(probs), *args)
-      h = self.norm1(state.x_BxTxC)
-      out = self.attn.attend(self.attn.probs(h, self._attn_bias(state.size_BxT)),
-                             self.attn.values(h))
-    else:
-      out = self.attn.attend(probs, self.attn.values(h))
-    x = state.x_BxTxC + self.drop_path(self.attn.output(out, deterministic), deterministic)
-    x = x + self.drop_path(self.mlp(self.norm2(x), deterministic), deterministic)
-    state = state._replace(x_BxTxC=x)
-    if mode == "off":
-      state, _ = self._fuse_padded(state, x, probs, *args)
-    return state
+    fuse = lambda *a: self._fuse_padded(*a, splits, width_out, fusion_width, max_moved)
+    return self._run(state, fuses, fuse, lambda s: self._attn_bias(s.size_BxT), deterministic)
 
 
 class VisionTransformer(nn.Module):

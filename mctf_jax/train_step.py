@@ -155,13 +155,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   base_key = jax.random.PRNGKey(config.seed)
   depth = len(student_schedule.layers)
   if pad:
-    bound = padded.max_moved((student_schedule,) + tuple(model.schedule(v)
-                                                          for v in teachers.values))
+    value_schedules = [model.schedule(v) for v in teachers.values]
+    bound = padded.max_moved([student_schedule] + value_schedules)
     student_path = (padded.layout_of(student_schedule, student_schedule.tokens_per_layer),
                     padded.splits_of(student_schedule))
     # Every r' runs its branch's program with its own merge counts, read from this table.
-    teacher_splits = np.stack([padded.splits_of(model.schedule(v))
-                               for v in teachers.values]) if teachers.values else None
+    teacher_splits = (np.stack([padded.splits_of(s) for s in value_schedules])
+                      if value_schedules else None)
   else:
     student_path = student_schedule
 
