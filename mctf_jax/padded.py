@@ -135,8 +135,8 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
   r_ab = jnp.asarray(r_ab, jnp.int32)
   r_ba = jnp.asarray(r_ba, jnp.int32)
 
-  best_b_BxA = jnp.argmax(scores_BxAxB, axis=-1).astype(jnp.int32)
-  rank_a_BxA = F._descending_rank(jnp.max(scores_BxAxB, axis=-1))
+  best_score_BxA, best_b_BxA = F.max_argmax(scores_BxAxB, axis=-1)
+  rank_a_BxA = F._descending_rank(best_score_BxA)
   moved_a = valid_a & (rank_a_BxA < r_ab)
   keep_a = valid_a & ~moved_a
   before_AxA = jnp.arange(num_a)[None, :] < jnp.arange(num_a)[:, None]
@@ -145,8 +145,8 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
 
   if bidirectional:
     scores_ba_BxAxB = jnp.where(keep_a[:, :, None], scores_BxAxB, -jnp.inf)
-    best_a_BxB = jnp.argmax(scores_ba_BxAxB, axis=1).astype(jnp.int32)
-    rank_b_BxB = F._descending_rank(jnp.max(scores_ba_BxAxB, axis=1))
+    best_score_BxB, best_a_BxB = F.max_argmax(scores_ba_BxAxB, axis=1)
+    rank_b_BxB = F._descending_rank(best_score_BxB)
     moved_b = valid_b & (rank_b_BxB < r_ba)
     dest_b_BxB = jnp.where(moved_b, jnp.take_along_axis(pos_a_BxA, best_a_BxB, axis=-1),
                            num_kept_a + rank_b_BxB - r_ba)
@@ -169,10 +169,10 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
   # kernels read the runtime r, so the kernels of every block are alike.)
   sent_BxOxT = (jnp.where(kept_BxT, dest_BxT, -1)[:, None, :] ==
                 jnp.arange(num_out, dtype=jnp.int32)[None, :, None])
-  anchor_BxO = jnp.argmax(sent_BxOxT, axis=-1).astype(jnp.int32)
+  anchor_BxO = F.first_index(sent_BxOxT, axis=-1)
   valid_BxO = jnp.any(sent_BxOxT, axis=-1)
   moving_BxRxT = slot_BxT[:, None, :] == jnp.arange(max_moved, dtype=jnp.int32)[None, :, None]
-  moved_BxR = jnp.argmax(moving_BxRxT, axis=-1).astype(jnp.int32)
+  moved_BxR = F.first_index(moving_BxRxT, axis=-1)
   moved_dest_BxR = jnp.where(jnp.any(moving_BxRxT, axis=-1),
                              jnp.take_along_axis(dest_BxT, moved_BxR, axis=-1), num_out)
   return F.Fusion(dest_BxT, anchor_BxO, moved_BxR, moved_dest_BxR), valid_BxO

@@ -175,3 +175,19 @@ def test_source_tracking():
   np.testing.assert_array_equal(token_map, [[0, 1, 1, 1, 2]])
   source = F.source_map(token_map, 3)
   np.testing.assert_array_equal(source[0], [[1, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_max_argmax_equals_jnp_with_ties_and_inf(axis):
+  """The two-reduction argmax gives jnp.argmax's first index, ties and -inf rows included."""
+  rng = np.random.default_rng(axis + 5)
+  values = rng.integers(0, 4, (3, 7, 6)).astype(np.float32)   # many ties
+  values[:, 0, :] = -np.inf                                   # a protected row
+  values[1, :, 2] = -np.inf
+  top, index = jax.jit(lambda v: F.max_argmax(v, axis=axis))(values)
+  np.testing.assert_array_equal(top, np.max(values, axis=axis))
+  np.testing.assert_array_equal(index, np.argmax(values, axis=axis))
+  assert index.dtype == jnp.int32
+  hits = rng.random((4, 5, 9)) < 0.2
+  hits[0, 0] = False                                          # no hit: 0, as argmax
+  np.testing.assert_array_equal(F.first_index(jnp.asarray(hits)), np.argmax(hits, axis=-1))
