@@ -21,9 +21,9 @@ its own token counts:
 The real tokens come out as in the exact-shape model (``tests/test_padded.py`` checks
 logits against the golden reference outputs, the train step against the model's own
 teacher path). The cost: the teacher's blocks also run on the padding rows (DeiT-S at full
-width: the teacher costs what an unfused forward does, the step ~1.26x the plain step
-against ~1.27x at exact counts, where the extra programs slow it down too), and the
-matching runs at full width.
+width: the teacher costs what an unfused forward does; the step's FLOPs are 1.47x the plain
+step's against 1.38x at exact counts; measured times in the README's Speed section), and
+the matching runs at full width.
 """
 
 from __future__ import annotations
