@@ -15,8 +15,8 @@ its own token counts:
   every r' whose widths are alike: the teacher's switch has a branch per distinct layout
   of widths, not per r' (at full width: one for r' = 0, which does not fuse, and one for
   all the others);
-* the matching runs at one width for all blocks (the input's token count), so its kernels
-  are shared by every block and every path.
+* the matching runs at one width for all blocks (the input's token count). (Its kernels
+  are still each block's own where the array is narrower: XLA fuses the padding into them.)
 
 The real tokens come out as in the exact-shape model (``tests/test_padded.py`` checks
 logits against the golden reference outputs, the train step against the model's own
