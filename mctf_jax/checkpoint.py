@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mctf_jax.config import ModelConfig, model_config
+from mctf_jax.config import model_config
 
 METADATA = "mctf_jax.json"
 PARAMS_ITEM = "params"

@@ -98,7 +98,7 @@ def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env)
   assert 10 <= stopped < TOTAL
   code, out = run_until(args, env, "step 30/", signal.SIGKILL)
   assert code == -signal.SIGKILL
-  assert f"resuming from" in out and f"at step {stopped}" in out
+  assert "resuming from" in out and f"at step {stopped}" in out
   done = run(args, env)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "resuming from" in done.stdout and f"step {TOTAL}/{TOTAL}" in done.stdout
