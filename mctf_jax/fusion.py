@@ -174,6 +174,20 @@ def max_argmax(values: jax.Array, axis: int = -1):
   return top, first_index(values == jnp.expand_dims(top, axis), axis)
 
 
+def _places_among_kept(keep_BxA: jax.Array) -> jax.Array:
+  """Place of each kept entry among the kept ones, in original order (int32)."""
+  num_a = keep_BxA.shape[-1]
+  before_AxA = jnp.arange(num_a)[None, :] < jnp.arange(num_a)[:, None]   # [i, j] = j < i
+  return jnp.sum(keep_BxA[:, None, :] & before_AxA, axis=-1, dtype=jnp.int32)
+
+
+def _interleave(a_BxA: jax.Array, b_BxB: jax.Array) -> jax.Array:
+  """Back to token order: A entry i is token 2i, B entry j is token 2j + 1."""
+  batch, num_b = b_BxB.shape
+  pairs = jnp.stack([a_BxA[:, :num_b], b_BxB], axis=-1).reshape(batch, 2 * num_b)
+  return jnp.concatenate([pairs, a_BxA[:, num_b:]], axis=-1)
+
+
 def _position_of(values_BxN: jax.Array, wanted: range) -> jax.Array:
   """For each wanted value, the index n of the (unique) entry values[b, n] equal to it."""
   hit_BxKxN = values_BxN[:, None, :] == jnp.asarray(list(wanted), values_BxN.dtype)[None, :, None]
@@ -202,8 +216,7 @@ def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
   rank_a_BxA = _descending_rank(best_score_BxA)
   keep_a_BxA = rank_a_BxA >= r_ab
   # Place of each kept A token among the kept ones, in original order.
-  before_AxA = jnp.arange(num_a)[None, :] < jnp.arange(num_a)[:, None]
-  pos_a_BxA = jnp.sum(keep_a_BxA[:, None, :] & before_AxA, axis=-1, dtype=jnp.int32)
+  pos_a_BxA = _places_among_kept(keep_a_BxA)
 
   if bidirectional:
     scores_ba_BxAxB = jnp.where(keep_a_BxA[:, :, None], scores_BxAxB, -jnp.inf)
@@ -222,9 +235,7 @@ def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
   dest_a_BxA = jnp.where(keep_a_BxA, pos_a_BxA,
                          jnp.take_along_axis(dest_b_BxB, best_b_BxA, axis=-1))
 
-  # Interleave back to token order: A token i is token 2i, B token j is token 2j + 1.
-  pairs = jnp.stack([dest_a_BxA[:, :num_b], dest_b_BxB], axis=-1).reshape(batch, 2 * num_b)
-  dest_BxT = jnp.concatenate([pairs, dest_a_BxA[:, num_b:]], axis=-1)
+  dest_BxT = _interleave(dest_a_BxA, dest_b_BxB)
   kept_a_BxK = _position_of(jnp.where(keep_a_BxA, pos_a_BxA, -1), range(num_kept_a))
   anchor_BxO = jnp.concatenate([2 * kept_a_BxK, 2 * kept_b_BxK + 1], axis=-1)
   moved_BxR = jnp.concatenate([2 * _position_of(rank_a_BxA, range(r_ab)),

@@ -108,13 +108,6 @@ def attention_received(probs_BxHxTxT: jax.Array, valid_BxT: jax.Array) -> jax.Ar
   return total / (heads * jnp.sum(queries, axis=-1, keepdims=True))
 
 
-def _interleave(a_BxA: jax.Array, b_BxB: jax.Array) -> jax.Array:
-  """Back to token order: A entry i is token 2i, B entry j is token 2j + 1."""
-  batch, num_b = b_BxB.shape
-  pairs = jnp.stack([a_BxA[:, :num_b], b_BxB], axis=-1).reshape(batch, 2 * num_b)
-  return jnp.concatenate([pairs, a_BxA[:, num_b:]], axis=-1)
-
-
 @F._scoped("matching")
 def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.Array,
                        r_ba: jax.Array, *, num_in: int, num_out: int, max_moved: int,
@@ -130,7 +123,7 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
   ``dest_BxT`` (their attention weight is zero) and are never gathered.
   """
   scores_BxAxB = jax.lax.stop_gradient(scores_BxAxB)
-  num_a, num_b = scores_BxAxB.shape[1:]
+  num_b = scores_BxAxB.shape[2]
   valid_a, valid_b = valid_BxT[:, ::2], valid_BxT[:, 1::2]
   r_ab = jnp.asarray(r_ab, jnp.int32)
   r_ba = jnp.asarray(r_ba, jnp.int32)
@@ -139,8 +132,7 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
   rank_a_BxA = F._descending_rank(best_score_BxA)
   moved_a = valid_a & (rank_a_BxA < r_ab)
   keep_a = valid_a & ~moved_a
-  before_AxA = jnp.arange(num_a)[None, :] < jnp.arange(num_a)[:, None]
-  pos_a_BxA = jnp.sum(keep_a[:, None, :] & before_AxA, axis=-1, dtype=jnp.int32)
+  pos_a_BxA = F._places_among_kept(keep_a)
   num_kept_a = jnp.sum(keep_a, axis=-1, dtype=jnp.int32)[:, None]
 
   if bidirectional:
@@ -161,9 +153,9 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
                          jnp.take_along_axis(dest_b_BxB, best_b_BxA, axis=-1))
   dest_a_BxA = jnp.where(valid_a, dest_a_BxA, 0)
 
-  dest_BxT = _interleave(dest_a_BxA, dest_b_BxB)[:, :num_in]
-  kept_BxT = _interleave(keep_a, valid_b & ~moved_b)[:, :num_in]
-  slot_BxT = _interleave(jnp.where(moved_a, rank_a_BxA, -1), slot_b)[:, :num_in]
+  dest_BxT = F._interleave(dest_a_BxA, dest_b_BxB)[:, :num_in]
+  kept_BxT = F._interleave(keep_a, valid_b & ~moved_b)[:, :num_in]
+  slot_BxT = F._interleave(jnp.where(moved_a, rank_a_BxA, -1), slot_b)[:, :num_in]
   # Each real output slot is built on the one kept token sent there; the slots that get
   # none are padding. (Derived from the arrays, not from r: only the matching's own small
   # kernels read the runtime r, so the kernels of every block are alike.)

@@ -157,13 +157,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   if pad:
     value_schedules = [model.schedule(v) for v in teachers.values]
     bound = padded.max_moved([student_schedule] + value_schedules)
-    student_path = (padded.layout_of(student_schedule, student_schedule.tokens_per_layer),
-                    padded.splits_of(student_schedule))
+    student_path = padded.layout_of(student_schedule, student_schedule.tokens_per_layer)
+    student_splits = padded.splits_of(student_schedule)
     # Every r' runs its branch's program with its own merge counts, read from this table.
     teacher_splits = (np.stack([padded.splits_of(s) for s in value_schedules])
                       if value_schedules else None)
   else:
-    student_path = student_schedule
+    student_path, student_splits = student_schedule, None
 
   def shared_tokens(params, images, k_embed, k_blocks):
     # The embedding and the blocks before the first fusion, common to both paths (as the
@@ -174,15 +174,14 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
                        method=model.run_unfused, rngs={"dropout": k_blocks})
 
   def encode(params, h, path, key, splits=None, first=None):
-    """The final tokens of one path: path is a Schedule (exact shapes), or a padded
-    (layout, _) with its merge counts in the runtime array `splits` (and `first`, the index
-    of the first block as a runtime value: see ``run_blocks_padded``)."""
+    """The final tokens of one path: path is a Schedule (exact shapes), or a
+    PaddedLayout with its merge counts in the runtime array `splits` (and `first`, the
+    index of the first block as a runtime value: see ``run_blocks_padded``)."""
     if isinstance(path, Schedule):
       return model.apply({"params": params}, h, path, deterministic=False,
                          trace_source=False, start=shared, method=model.run_blocks,
                          rngs={"dropout": key}).tokens_BxTxC
-    layout = path[0]
-    return model.apply({"params": params}, h, layout, splits, max_moved=bound, first=first,
+    return model.apply({"params": params}, h, path, splits, max_moved=bound, first=first,
                        deterministic=False, start=shared, method=model.run_blocks_padded,
                        rngs={"dropout": key}).tokens_BxTxC
 
@@ -204,8 +203,7 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     return run
 
   def student_loss(params, h, batch, teacher_cls, k_student, first):
-    splits = jnp.asarray(student_path[1]) if pad else None
-    tokens = encode(params, h, student_path, k_student, splits, first)
+    tokens = encode(params, h, student_path, k_student, student_splits, first)
     logits = classify(params, tokens)
     loss = w_student * ce(logits, batch)
     parts = {"loss_student": loss}
@@ -232,7 +230,7 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
       branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
       teacher_r = jnp.asarray(teachers.values, jnp.float32)[draw]
       if pad:
-        paths = [(layout, None) for layout in teachers.layouts]
+        paths = list(teachers.layouts)
         splits = jnp.asarray(teacher_splits)[draw]
       else:
         paths = list(teachers.schedules)
