@@ -38,6 +38,7 @@ def mctf_fusion(**changes) -> ml_collections.ConfigDict:
       # Train step: the teacher's token arrays at the full width for every r' (None), on
       # a grid of widths of this step, or at exact counts (0); see mctf_jax/config.py.
       train_token_step=ml_collections.config_dict.placeholder(int),
+      train_scan_blocks=True,     # train step: alike padded blocks as one lax.scan
   ))
   fusion.update(changes)
   return fusion

@@ -136,9 +136,15 @@ class FusionConfig:
   train_token_step: how the train step shapes the teacher's token arrays
     (``mctf_jax.padded``). None (default): every r' runs at the full input width, padding
     standing in for the merged tokens, so one compiled program serves every r' > 0 (DeiT-S:
-    compile 5x the plain step instead of 17x, step time about the same). k > 0: widths on a
+    compile ~5x the plain step instead of 17x, step time about the same). k > 0: widths on a
     grid of step k (more programs, less padding). 0: one program per r' at exact token
     counts. The student, and evaluation, always run at exact counts.
+  train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks
+    (same array width in and out, all fusing or none: at full width, the teacher's fused
+    blocks) as one ``lax.scan`` over stacked parameters, so that XLA compiles and
+    schedules one block instead of each (DeiT-S: compile ~10% shorter, estimated peak
+    memory 1.34x -> 1.20x the plain step's). The results are the same (stochastic depth
+    too; dropout, if on, draws other keys). False unrolls them.
   """
   r: int | float = 16
   layers: tuple[int, ...] = ()
@@ -153,6 +159,7 @@ class FusionConfig:
   teacher_r_max: int | float = 0
   merge_impl: str = "auto"
   train_token_step: int | None = None
+  train_scan_blocks: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "r", normalize_r(self.r, "fusion.r"))
@@ -190,7 +197,7 @@ class FusionConfig:
     if step is not None and (not _is_int(step) or step < 0):
       raise ConfigError(f"fusion.train_token_step must be None (full width), 0 (exact token "
                         f"counts) or a grid step > 0, got {step!r}")
-    for name in ("prop_attn", "bidirectional", "trace_source"):
+    for name in ("prop_attn", "bidirectional", "trace_source", "train_scan_blocks"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"fusion.{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -68,6 +68,14 @@ def _layer_norm(cfg: ModelConfig, dtype, param_dtype) -> nn.LayerNorm:
                       use_fast_variance=False)
 
 
+def _drop_path(x, keep, key):
+  """Stochastic depth with a run-time keep probability: what
+  ``nn.Dropout(1 - keep, broadcast_dims=(1, 2))(x, rng=key)`` computes."""
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / keep.astype(x.dtype),
+                        jnp.zeros_like(x))
+
+
 def _log_size(size_BxT):
   return None if size_BxT is None else jnp.log(size_BxT)
 
@@ -224,9 +232,12 @@ class Block(nn.Module):
     return self._run(state, plan.fuses, lambda *a: self._fuse(*a, plan), self._attn_size,
                      deterministic)
 
-  def _run(self, state: TokenState, fuses: bool, fuse, attn_bias, deterministic: bool):
+  def _run(self, state: TokenState, fuses: bool, fuse, attn_bias, deterministic: bool,
+           drop_path=None):
     """The block: fuse(state, metric, probs) -> (state, merge info) fuses the tokens and
-    attn_bias(state) gives the additive key bias of the attention (or None)."""
+    attn_bias(state) gives the additive key bias of the attention (or None).
+    drop_path(y, i): stochastic depth of the i-th residual branch (0: attention, 1: MLP),
+    instead of the block's own (``scan_blocks`` gives one with a run-time rate)."""
     mode = self.fusion.one_step_ahead if fuses else None
     x = state.x_BxTxC
     h = self.norm1(x)
@@ -245,8 +256,9 @@ class Block(nn.Module):
     else:
       out = self.attn.attend(probs, self.attn.values(h))
 
-    x = state.x_BxTxC + self.drop_path(self.attn.output(out, deterministic), deterministic)
-    x = x + self.drop_path(self.mlp(self.norm2(x), deterministic), deterministic)
+    drop = drop_path or (lambda y, _: self.drop_path(y, deterministic))
+    x = state.x_BxTxC + drop(self.attn.output(out, deterministic), 0)
+    x = x + drop(self.mlp(self.norm2(x), deterministic), 1)
     state = state._replace(x_BxTxC=x)
 
     if mode == "off":
@@ -286,14 +298,15 @@ class Block(nn.Module):
     return TokenState(x, size, None), (fusion, weights, norm, impl)
 
   def padded(self, state: TokenState, fuses: bool, splits, width_out: int, fusion_width: int,
-             max_moved: int, deterministic: bool = True):
+             max_moved: int, deterministic: bool = True, drop_path=None):
     """The block on a padded token array (``mctf_jax.padded``): state.size_BxT is 0 on the
     padding; splits = (r_ab, r_ba), runtime int32 scalars, used when `fuses`; the fused
     tokens leave in an array of width_out rows. Max pooling is not supported."""
     if fuses and self.fusion.pooling == "max":
       raise ValueError("padded blocks do not support pooling='max'")
     fuse = lambda *a: self._fuse_padded(*a, splits, width_out, fusion_width, max_moved)
-    return self._run(state, fuses, fuse, lambda s: self._attn_bias(s.size_BxT), deterministic)
+    return self._run(state, fuses, fuse, lambda s: self._attn_bias(s.size_BxT), deterministic,
+                     drop_path)
 
 
 class VisionTransformer(nn.Module):
@@ -385,19 +398,23 @@ class VisionTransformer(nn.Module):
 
   def run_blocks_padded(self, x_BxTxC, layout: P.PaddedLayout, splits_Lx2, *,
                         max_moved: int, deterministic: bool = True, start: int = 0,
-                        first: jax.Array | None = None) -> EncoderOutput:
+                        first: jax.Array | None = None, scan: bool | None = None
+                        ) -> EncoderOutput:
     """``run_blocks`` on padded arrays of the widths in `layout` (``mctf_jax.padded``).
 
     splits_Lx2: (depth, 2) int32, the (r_ab, r_ba) of each block, a runtime value: paths
     with the same layout share one program whatever they merge. max_moved: a static bound
     on r_ab + r_ba. first: `start` as a runtime int32 scalar (see the loop below; the train
-    step passes one XLA cannot fold). Returns the final tokens at the last width of the layout, padding
-    included (its sizes are 0); the class token comes first, as always.
+    step passes one XLA cannot fold). scan (default: fusion.train_scan_blocks): run each
+    stretch of alike blocks (``P.alike_runs``) as one ``lax.scan`` (``_scan_blocks``).
+    Returns the final tokens at the last width of the layout, padding included (its sizes
+    are 0); the class token comes first, as always.
     """
     batch, tokens = x_BxTxC.shape[:2]
     if layout.depth != len(self.blocks) or layout.widths[start] != tokens:
       raise ValueError(f"layout {layout} does not fit {len(self.blocks)} blocks with "
                        f"{tokens} tokens entering block {start}")
+    scan = self.fusion.train_scan_blocks if scan is None else scan
     fusion_width = self.model.num_tokens
     size = jnp.ones((batch, tokens), jnp.promote_types(x_BxTxC.dtype, jnp.float32))
     state = TokenState(x_BxTxC, size, None)
@@ -411,13 +428,55 @@ class VisionTransformer(nn.Module):
     first = jnp.asarray(start if first is None else first, jnp.int32)
     rows = jnp.arange(depth, dtype=jnp.int32)
     table = jnp.take(jnp.asarray(splits_Lx2, jnp.int32), (rows + first) % depth, axis=0)
-    rotate = (rows + first - start + 1) % depth
-    for layer in range(start, depth):
-      state = self.blocks[layer].padded(state, layout.fuses[layer], table[0],
-                                        layout.widths[layer + 1], fusion_width, max_moved,
-                                        deterministic)
-      table = jnp.take(table, rotate, axis=0)
+    runs = (P.alike_runs(layout, start) if scan and not self.is_initializing()
+            else [(layer, layer + 1) for layer in range(start, depth)])
+    for a, b in runs:
+      if b - a == 1:
+        state = self.blocks[a].padded(state, layout.fuses[a], table[0], layout.widths[a + 1],
+                                      fusion_width, max_moved, deterministic)
+      else:
+        state = self._scan_blocks(state, a, b, layout.fuses[a], table[:b - a], fusion_width,
+                                  max_moved, deterministic)
+      table = jnp.take(table, (rows + first - start + b - a) % depth, axis=0)
     return EncoderOutput(self.norm(state.x_BxTxC), state.size_BxT, None, ())
+
+  def _scan_blocks(self, state: TokenState, a: int, b: int, fuses: bool, splits_Nx2,
+                   fusion_width: int, max_moved: int, deterministic: bool) -> TokenState:
+    """Blocks a .. b-1, alike on padded arrays (same widths in and out, all fusing or none),
+    as one ``lax.scan`` over their stacked parameters: XLA compiles one block where the
+    loop runs b - a. The results equal those of the blocks one by one, stochastic depth
+    included (same keys, its rate a run-time value); dropout (not in the DeiT recipe)
+    draws from other keys than the unrolled blocks."""
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p),
+                           *[params[f"blocks_{layer}"] for layer in range(a, b)])
+    # In the dtype nn.Dropout draws its mask in (float64 with jax_enable_x64).
+    keep = jnp.asarray([1.0 - block.drop_path_rate for block in self.blocks[a:b]],
+                       jnp.result_type(float))
+    if deterministic:
+      keys = block_keys = jnp.zeros((b - a,), jnp.uint32)   # unused
+    else:
+      # The keys the blocks' own drop-path modules would draw (two calls each), and one
+      # per block for its dropout layers.
+      keys = jnp.stack([jnp.stack([block.drop_path.make_rng("dropout") for _ in range(2)])
+                        for block in self.blocks[a:b]])
+      block_keys = jnp.stack([block.make_rng("dropout") for block in self.blocks[a:b]])
+    block = Block(self.model, self.fusion, 0.0, parent=None)
+    width = state.x_BxTxC.shape[1]
+
+    def body(state, xs):
+      params_l, splits_l, keep_l, keys_l, key_l = xs
+      drop_path = None
+      rngs = {}
+      if not deterministic:
+        drop_path = lambda y, i: _drop_path(y, keep_l, keys_l[i])
+        rngs = {"dropout": key_l}
+      state = block.apply({"params": params_l}, state, fuses, splits_l, width, fusion_width,
+                          max_moved, deterministic, drop_path, method=Block.padded, rngs=rngs)
+      return state, None
+
+    state, _ = jax.lax.scan(body, state, (stacked, splits_Nx2, keep, keys, block_keys))
+    return state
 
   def run_unfused(self, x_BxTxC, stop: int, *, deterministic: bool = True):
     """Blocks 0 .. stop-1 as ordinary blocks: the tokens entering block `stop`."""

@@ -17,6 +17,10 @@ its own token counts:
   all the others);
 * the matching runs at one width for all blocks (the input's token count). (Its kernels
   are still each block's own where the array is narrower: XLA fuses the padding into them.)
+* consecutive blocks that are alike (same width in and out, all fusing or none:
+  ``alike_runs``; at full width, all the teacher's fused blocks) run as one ``lax.scan``
+  over their stacked parameters (``fusion.train_scan_blocks``), so XLA compiles and
+  schedules one block for them all.
 
 The real tokens come out as in the exact-shape model (``tests/test_padded.py`` checks
 logits against the golden reference outputs, the train step against the model's own
@@ -76,6 +80,20 @@ def pad_width(tokens: int, grid) -> int:
 def layout_of(schedule: Schedule, grid) -> PaddedLayout:
   return PaddedLayout(tuple(pad_width(t, grid) for t in schedule.tokens_per_layer),
                       tuple(p.fuses for p in schedule.layers))
+
+
+def alike_runs(layout: PaddedLayout, start: int = 0) -> list[tuple[int, int]]:
+  """Blocks start .. depth-1 cut into runs [a, b) of alike blocks: the same array width
+  in and out and the same `fuses`, so that one compiled block can run them all."""
+  runs, previous = [], None
+  for layer in range(start, layout.depth):
+    kind = (layout.widths[layer], layout.widths[layer + 1], layout.fuses[layer])
+    if kind == previous and kind[0] == kind[1]:
+      runs[-1] = (runs[-1][0], layer + 1)
+    else:
+      runs.append((layer, layer + 1))
+    previous = kind
+  return runs
 
 
 def splits_of(schedule: Schedule) -> np.ndarray:

@@ -145,7 +145,7 @@ def test_blocks_share_kernels():
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
   def run(variables, x, splits, first):
-    return model.apply(variables, x, layout, splits, first=first, max_moved=1,
+    return model.apply(variables, x, layout, splits, first=first, max_moved=1, scan=False,
                        method=model.run_blocks_padded).tokens_BxTxC
   hlo = jax.jit(run).lower(variables, jnp.zeros((2, 65, 32)), P.splits_of(schedule),
                            jnp.int32(0)).compile().as_text()
@@ -163,3 +163,46 @@ def test_blocks_share_kernels():
   lonely = [blocks for group in bodies.values() if len(group) == 1 for blocks in group
             if blocks & {"2", "3", "4"}]
   assert not lonely, f"{len(lonely)} kernels of blocks 2-4 have no twin"
+
+
+def test_alike_runs():
+  layout = P.PaddedLayout((65, 65, 65, 65, 49, 49, 49, 49), (False, True, True, True, False,
+                                                              False, True))
+  # Block 3 narrows the array: a run of its own; 4-5 do not fuse, 6 does.
+  assert P.alike_runs(layout) == [(0, 1), (1, 3), (3, 4), (4, 6), (6, 7)]
+  assert P.alike_runs(layout, start=2) == [(2, 3), (3, 4), (4, 6), (6, 7)]
+  assert P.alike_runs(P.PaddedLayout((9, 7, 5), (True, True))) == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_scanned_blocks_equal_unrolled(deterministic):
+  """Alike padded blocks run as one lax.scan give the unrolled blocks' tokens and
+  gradients, stochastic depth included (the same keys, its rate a run-time value)."""
+  config = {"model": dict(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2,
+                          num_classes=10, drop_path_rate=0.5),
+            "fusion": dict(r=3, layers=(1, 2, 3, 5))}
+  model = mctf_jax.create_model(config)
+  schedule = model.schedule()
+  layout = P.layout_of(schedule, P.token_grid(65, None))
+  assert P.alike_runs(layout, 1) == [(1, 4), (4, 5), (5, 6)]
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  x = jax.random.normal(jax.random.key(1), (8, 65, 32))
+
+  def run(params, scan):
+    out = model.apply({"params": params}, x, layout, P.splits_of(schedule), max_moved=3,
+                      start=1, scan=scan, deterministic=deterministic,
+                      method=model.run_blocks_padded, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out.tokens_BxTxC[:, 0] ** 2), out
+
+  (_, unrolled), g_unrolled = jax.jit(jax.value_and_grad(lambda p: run(p, False),
+                                                         has_aux=True))(params)
+  (_, scanned), g_scanned = jax.jit(jax.value_and_grad(lambda p: run(p, True),
+                                                       has_aux=True))(params)
+  np.testing.assert_array_equal(scanned.size_BxT, unrolled.size_BxT)
+  np.testing.assert_allclose(scanned.tokens_BxTxC, unrolled.tokens_BxTxC, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(g_scanned), jax.tree.leaves(g_unrolled)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  if not deterministic:   # stochastic depth did drop something
+    still = model.apply({"params": params}, x, layout, P.splits_of(schedule), max_moved=3,
+                        start=1, method=model.run_blocks_padded)
+    assert float(jnp.max(jnp.abs(still.tokens_BxTxC - scanned.tokens_BxTxC))) > 0.1
