@@ -116,6 +116,30 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
                  new.params, want)
 
 
+def test_scanned_step_equals_unrolled():
+  """fusion.train_scan_blocks (alike padded blocks as one lax.scan: the teacher's fused
+  blocks, and its unfused r' = 0 branch) changes nothing but rounding, stochastic depth
+  on, for every r'."""
+  steps, results = {}, {}
+  for scan in (True, False):
+    config = small_config(layers=(1, 2, 3), train_scan_blocks=scan)
+    config.model.update(depth=4, drop_path_rate=0.3)
+    model = mctf_jax.create_model(config)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    tx = optax.sgd(1.0)
+    steps[scan] = jax.jit(make_train_step(model, tx, config))
+  for i in range(6):   # draws every r' in 0..2
+    state = TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None)
+    for scan in (True, False):
+      results[scan] = steps[scan](state, _batch(i))
+    (new_scan, m_scan), (new_unrolled, m_unrolled) = results[True], results[False]
+    for k in ("loss", "loss_student", "loss_teacher", "loss_consistency", "teacher_r"):
+      np.testing.assert_allclose(m_scan[k], m_unrolled[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 new_scan.params, new_unrolled.params)
+  assert {teacher_value_at(model, config.seed, i) for i in range(6)} == {0, 1, 2}
+
+
 def _run(config, mesh, steps=3):
   model = mctf_jax.create_model(config)
   tx = optim.make_optimizer(config, steps_per_epoch=2)
