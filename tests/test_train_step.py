@@ -116,14 +116,16 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
                  new.params, want)
 
 
-def test_scanned_step_equals_unrolled():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scanned_step_equals_unrolled(dtype):
   """fusion.train_scan_blocks (alike padded blocks as one lax.scan: the teacher's fused
   blocks, and its unfused r' = 0 branch) changes nothing but rounding, stochastic depth
-  on, for every r'."""
+  on, for every r' (in bfloat16 too: the scan's carry keeps its dtypes)."""
   steps, results = {}, {}
+  loose = dtype == "bfloat16"
   for scan in (True, False):
     config = small_config(layers=(1, 2, 3), train_scan_blocks=scan)
-    config.model.update(depth=4, drop_path_rate=0.3)
+    config.model.update(depth=4, drop_path_rate=0.3, dtype=dtype)
     model = mctf_jax.create_model(config)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
     tx = optax.sgd(1.0)
@@ -134,9 +136,11 @@ def test_scanned_step_equals_unrolled():
       results[scan] = steps[scan](state, _batch(i))
     (new_scan, m_scan), (new_unrolled, m_unrolled) = results[True], results[False]
     for k in ("loss", "loss_student", "loss_teacher", "loss_consistency", "teacher_r"):
-      np.testing.assert_allclose(m_scan[k], m_unrolled[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 new_scan.params, new_unrolled.params)
+      np.testing.assert_allclose(m_scan[k], m_unrolled[k], rtol=2e-2 if loose else 1e-5,
+                                 atol=2e-3 if loose else 1e-7, err_msg=k)
+    if not loose:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                   new_scan.params, new_unrolled.params)
   assert {teacher_value_at(model, config.seed, i) for i in range(6)} == {0, 1, 2}
 
 
