@@ -237,7 +237,7 @@ class Block(nn.Module):
     """The block: fuse(state, metric, probs) -> (state, merge info) fuses the tokens and
     attn_bias(state) gives the additive key bias of the attention (or None).
     drop_path(y, i): stochastic depth of the i-th residual branch (0: attention, 1: MLP),
-    instead of the block's own (``scan_blocks`` gives one with a run-time rate)."""
+    instead of the block's own (``_scan_blocks`` gives one with a run-time rate)."""
     mode = self.fusion.one_step_ahead if fuses else None
     x = state.x_BxTxC
     h = self.norm1(x)
