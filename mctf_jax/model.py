@@ -450,12 +450,11 @@ class VisionTransformer(nn.Module):
     params = self.variables["params"]
     stacked = jax.tree.map(lambda *p: jnp.stack(p),
                            *[params[f"blocks_{layer}"] for layer in range(a, b)])
-    # In the dtype nn.Dropout draws its mask in (float64 with jax_enable_x64).
-    keep = jnp.asarray([1.0 - block.drop_path_rate for block in self.blocks[a:b]],
-                       jnp.result_type(float))
-    if deterministic:
-      keys = block_keys = jnp.zeros((b - a,), jnp.uint32)   # unused
-    else:
+    keep = keys = block_keys = None   # deterministic: no per-block randomness to scan over
+    if not deterministic:
+      # In the dtype nn.Dropout draws its mask in (float64 with jax_enable_x64).
+      keep = jnp.asarray([1.0 - block.drop_path_rate for block in self.blocks[a:b]],
+                         jnp.result_type(float))
       # The keys the blocks' own drop-path modules would draw (two calls each), and one
       # per block for its dropout layers.
       keys = jnp.stack([jnp.stack([block.drop_path.make_rng("dropout") for _ in range(2)])
