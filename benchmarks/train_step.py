@@ -24,6 +24,10 @@ r), the teacher (r' drawn inside the step) and the consistency loss.
 * memory: XLA's static estimate (arguments + outputs + temporaries - donated), and on GPU/TPU
   the device's running peak after each step's warm-up (the MCTF step runs first).
 
+With --compile_profile, the plain step, the student alone (``teacher_r_max=0``) and the
+MCTF step are compiled once more under jax.profiler, and the phases of each compilation and
+the kernels emitted per part of the model (``profiling.profile_compile``) are printed.
+
 Prints a table and the ratios MCTF / plain, and writes them as JSON with --json.
 """
 
@@ -48,20 +52,21 @@ flags.DEFINE_integer("repeats", 2, "Visits to each step per teacher r'.")
 flags.DEFINE_integer("block", 2, "Timed calls per visit, after one untimed call.")
 flags.DEFINE_integer("compiles", 2, "Compilations of each step (the shortest counts).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
+flags.DEFINE_bool("compile_profile", False, "Also compile the plain step, the student "
+                  "alone (no teacher) and the MCTF step once more under jax.profiler and "
+                  "print where their compile time goes (XLA:CPU).")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 flags.mark_flags_as_required(["config"])
 
 MIB = 2 ** 20
 
 
-def prepare(config, params, images, labels, warm: bool = True):
-  """The jitted, donated train step of `config`, compiled (and warm unless `warm` is
-  False); returns (run, info): run(step_number) makes one step numbered so, info has
-  trace_s, compile_s and memory."""
+def _jitted_step(config, params, images, labels):
+  """The trainer's jitted, donated train step of `config`, with a fresh state and batch."""
   import jax
   import jax.numpy as jnp
   import mctf_jax
-  from mctf_jax import benchmark, optim
+  from mctf_jax import optim
   from mctf_jax import train_step as ts
 
   model = mctf_jax.create_model(config)
@@ -71,6 +76,18 @@ def prepare(config, params, images, labels, warm: bool = True):
                         tx.init(params), ema)
   batch = {"image": images, "label": labels}
   step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
+  return step, state, batch
+
+
+def prepare(config, params, images, labels, warm: bool = True):
+  """The jitted, donated train step of `config`, compiled (and warm unless `warm` is
+  False); returns (run, info): run(step_number) makes one step numbered so, info has
+  trace_s, compile_s and memory."""
+  import jax
+  import jax.numpy as jnp
+  from mctf_jax import benchmark
+
+  step, state, batch = _jitted_step(config, params, images, labels)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
   traced = time.perf_counter()
@@ -91,6 +108,30 @@ def prepare(config, params, images, labels, warm: bool = True):
   return run, info
 
 
+def compile_profiles(mctf_cfg, plain_cfg, params, images, labels) -> dict:
+  """Where compile time goes: the plain step, the student alone and the MCTF step, each
+  compiled once more under the profiler (``profiling.profile_compile``)."""
+  from mctf_jax import profiling
+
+  student_cfg = mctf_cfg.copy_and_resolve_references()
+  student_cfg.fusion.teacher_r_max = 0
+  out = {}
+  print("\nwhere compile time goes (one more compilation each, under jax.profiler; kernel "
+        "emission is split by part, LLVM's machine code is not):")
+  for name, cfg in (("plain", plain_cfg), ("student alone", student_cfg), ("mctf", mctf_cfg)):
+    step, state, batch = _jitted_step(cfg, params, images, labels)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    trace_s = time.perf_counter() - start
+    prof = profiling.profile_compile(lowered)
+    del prof["compiled"]
+    prof["trace_s"] = trace_s
+    out[name] = prof
+    print(profiling.format_compile_profile(prof, f"{name}: trace {trace_s:.1f} s, "),
+          flush=True)
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -103,6 +144,9 @@ def main(argv):
   if FLAGS.batch_size < 1 or FLAGS.repeats < 1 or FLAGS.compiles < 1:
     raise app.UsageError(f"need --batch_size >= 1, --repeats >= 1 and --compiles >= 1, got "
                          f"{FLAGS.batch_size}, {FLAGS.repeats} and {FLAGS.compiles}")
+  # Compile times are cold ones: no persistent compilation cache, even where the
+  # environment names one (JAX_COMPILATION_CACHE_DIR).
+  jax.config.update("jax_enable_compilation_cache", False)
   mctf_cfg = FLAGS.config
   if FLAGS.dtype:
     mctf_cfg.model.dtype = FLAGS.dtype
@@ -195,6 +239,8 @@ def main(argv):
         f"{r['compile']:.1f}x ({len(branches.schedules)} teacher branches, "
         f"{'padded shapes' if branches.layouts else 'exact shapes'}), memory "
         f"{r['memory']:.2f}x")
+  if FLAGS.compile_profile:
+    result["compile_profile"] = compile_profiles(mctf_cfg, plain_cfg, params, images, labels)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=2, default=str)

@@ -15,8 +15,14 @@ kernel time per part of the model:
 
 Backward-pass kernels (``transpose(...)`` in the name stack) get a ``/bwd`` suffix.
 The kernel names are the HLO instruction names, which is how XLA's CPU and GPU runtimes
-label their trace events; time spent in kernels that no instruction name matches (copies
-inserted by the runtime, host callbacks) is counted as ``unattributed``.
+label their trace events. Instructions XLA creates without a name stack (e.g. the partial
+reductions it splits a long reduction into) count for the part of the first instruction
+that uses them; trace events that no instruction name matches (copies inserted by the
+runtime, host callbacks) are left out.
+
+``profile_compile(lowered)`` does the same for compile time on XLA:CPU: it traces one
+compilation and reports its phases (HLO passes, kernel emission, machine code generation)
+and, per part, how many distinct kernels were emitted and the CPU time their emission took.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ import jax
 
 from mctf_jax.fusion import SCOPE_PREFIX
 
-_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"")
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = ")
+_OP_NAME = re.compile(r"op_name=\"([^\"]*)\"")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 
 def _component_part(component: str) -> str | None:
   """The model part one name-stack component (a Flax module or method, a named scope)
@@ -73,12 +81,36 @@ def part_of(op_name: str) -> str:
 
 
 def instruction_parts(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> part, from a compiled module's text (``compiled.as_text()``)."""
-  parts = {}
+  """HLO instruction name -> part, from a compiled module's text (``compiled.as_text()``).
+
+  An instruction without ``op_name`` metadata takes the part of its first user that has one
+  (XLA names instructions uniquely within a module).
+  """
+  parts, users, unnamed = {}, {}, []
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
-    if m:
-      parts[m.group(1)] = part_of(m.group(2))
+    if not m:
+      continue
+    name = m.group(1)
+    op_name = _OP_NAME.search(line, m.end())
+    if op_name:
+      parts[name] = part_of(op_name.group(1))
+    else:
+      unnamed.append(name)
+    for operand in _OPERAND.findall(line, m.end()):
+      users.setdefault(operand, []).append(name)
+  # Chains of unnamed instructions resolve from their named end, one link per pass.
+  while unnamed:
+    left = []
+    for name in unnamed:
+      part = next((parts[u] for u in users.get(name, ()) if u in parts), None)
+      if part is None:
+        left.append(name)
+      else:
+        parts[name] = part
+    if len(left) == len(unnamed):
+      break
+    unnamed = left
   return parts
 
 
@@ -151,4 +183,95 @@ def format_profile(profile: dict, title: str = "") -> str:
            f"of kernel time"]
   for part, seconds in sorted(profile["parts"].items(), key=lambda kv: -kv[1]):
     lines.append(f"  {part:<26s} {seconds * 1e3:9.2f} ms  {100 * seconds / total:5.1f}%")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- compile time
+
+# Phases of an XLA:CPU compilation, as its trace names them (event-name prefixes). The
+# machine-code phase compiles the emitted kernels with LLVM in unnamed tasks, so only the
+# emission is attributed to kernels.
+COMPILE_PHASES = (
+    ("HLO passes", ("HLO passes through layout assignment",
+                    "HLO passes after layout assignment")),
+    ("kernel emission", ("ThunkEmitter::EmitEntryComputation", "ThunkEmitter::ConsumeKernels")),
+    ("machine code (LLVM)", ("JitCompiler::Compile",)),
+)
+_KERNEL_EVENT = "FusionCompiler::Compile"
+
+
+def _stat_value(event, stat_names: dict) -> dict:
+  values = {}
+  for stat in event.stats:
+    if stat.str_value:
+      value = stat.str_value
+    elif stat.ref_value:  # interned strings refer to a stat metadata entry
+      value = stat_names.get(stat.ref_value)
+    else:
+      value = stat.int64_value or stat.uint64_value or stat.double_value
+    values[stat_names.get(stat.metadata_id)] = value
+  return values
+
+
+def profile_compile(lowered, *, trace_dir: str | None = None) -> dict:
+  """Compiles `lowered` (a ``jax.stages.Lowered``) under jax.profiler: where the time goes.
+
+  Returns {'compiled': the executable, 'compile_s': wall seconds, 'phases': {phase: wall
+  seconds} (``COMPILE_PHASES``; empty on backends whose trace has no such events), 'kernels':
+  {part: {'count': distinct kernels emitted, 'cpu_s': CPU seconds of their emission}}}.
+  Emission runs on several compiler threads, so its CPU seconds can exceed its wall time.
+  Kernels are matched to parts by their HLO instruction (``instruction_parts``), which
+  XLA:CPU names their modules after (``<instruction>_kernel_module`` or
+  ``__compute_module_<instruction>``); any other counts as 'unattributed'.
+  Needs a cold compile: with JAX's persistent compilation cache on, a cached program
+  compiles nothing (phases and kernels come back empty).
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    directory = trace_dir or tmp
+    jax.profiler.start_trace(directory)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    space = _read_xspace(directory)
+  parts_of = instruction_parts(compiled.as_text())
+  phases: collections.Counter = collections.Counter()
+  kernels: dict[str, dict] = {}
+  for plane in space.planes:
+    names = {k: v.name for k, v in plane.event_metadata.items()}
+    stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
+    for line in plane.lines:
+      for event in line.events:
+        name = names.get(event.metadata_id, "")
+        seconds = event.duration_ps * 1e-12
+        for phase, prefixes in COMPILE_PHASES:
+          if name.startswith(prefixes):
+            phases[phase] += seconds
+        if name == _KERNEL_EVENT:
+          module = str(_stat_value(event, stat_names).get("module") or "")
+          instruction = re.sub(r"^__compute_module_|_kernel_module$", "", module)
+          part = parts_of.get(instruction, "unattributed")
+          entry = kernels.setdefault(part, {"count": 0, "cpu_s": 0.0})
+          entry["count"] += 1
+          entry["cpu_s"] += seconds
+  return {"compiled": compiled, "compile_s": compile_s, "phases": dict(phases),
+          "kernels": kernels}
+
+
+def format_compile_profile(profile: dict, title: str = "") -> str:
+  phases = profile["phases"]
+  lines = [f"{title}compile {profile['compile_s']:.1f} s"]
+  if not phases and not profile["kernels"]:
+    return lines[0] + (" (no XLA:CPU compile events in the trace: another backend, or the "
+                       "program came from JAX's persistent compilation cache)")
+  lines[0] += ": " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+  kernels = profile["kernels"]
+  count = sum(k["count"] for k in kernels.values())
+  cpu = sum(k["cpu_s"] for k in kernels.values())
+  fusion = [k for p, k in kernels.items() if p.startswith("fusion/")]
+  lines.append(f"  {count} distinct kernels emitted in {cpu:.1f} CPU-s; the fusion steps' "
+               f"{sum(k['count'] for k in fusion)} took "
+               f"{sum(k['cpu_s'] for k in fusion):.1f} CPU-s")
+  for part, k in sorted(kernels.items(), key=lambda kv: -kv[1]["cpu_s"]):
+    lines.append(f"  {part:<26s} {k['count']:6d} kernels {k['cpu_s']:7.2f} CPU-s")
   return "\n".join(lines)
