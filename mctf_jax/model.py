@@ -145,10 +145,13 @@ class Attention(nn.Module):
     log_size_BxT: proportional attention; log(size) of each key is added to the logits.
     """
     q, k = self.qkv.qk(h_BxTxC)
+    # The scale goes on the queries (T x d multiplies) rather than on the (T x T) logits:
+    # XLA:CPU materialises a scalar broadcast to the logits' shape when blocks share that
+    # shape (~9% of DeiT-T's forward). Exact where d is a power of 4 (2^-3 for DeiT's 64).
     scale = (self.dim // self.num_heads) ** -0.5
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", self._heads(q), self._heads(k),
-                        preferred_element_type=acc) * scale
+    logits = jnp.einsum("bhqd,bhkd->bhqk", self._heads(q * jnp.asarray(scale, q.dtype)),
+                        self._heads(k), preferred_element_type=acc)
     if log_size_BxT is not None:
       logits = logits + log_size_BxT[:, None, None, :].astype(logits.dtype)
     return jax.nn.softmax(logits, axis=-1)
