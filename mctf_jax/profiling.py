@@ -200,7 +200,8 @@ COMPILE_PHASES = (
 _KERNEL_EVENT = "FusionCompiler::Compile"
 
 
-def _stat_value(event, stat_names: dict) -> dict:
+def _event_stats(event, stat_names: dict) -> dict:
+  """An XEvent's stats as {name: value}."""
   values = {}
   for stat in event.stats:
     if stat.str_value:
@@ -248,7 +249,7 @@ def profile_compile(lowered, *, trace_dir: str | None = None) -> dict:
           if name.startswith(prefixes):
             phases[phase] += seconds
         if name == _KERNEL_EVENT:
-          module = str(_stat_value(event, stat_names).get("module") or "")
+          module = str(_event_stats(event, stat_names).get("module") or "")
           instruction = re.sub(r"^__compute_module_|_kernel_module$", "", module)
           part = parts_of.get(instruction, "unattributed")
           entry = kernels.setdefault(part, {"count": 0, "cpu_s": 0.0})
