@@ -129,6 +129,30 @@ def _read_xspace(directory: str):
   return space
 
 
+def _events(space):
+  """Every event of a trace: (name, seconds, event, stat names of its plane)."""
+  for plane in space.planes:
+    names = {k: v.name for k, v in plane.event_metadata.items()}
+    stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
+    for line in plane.lines:
+      for event in line.events:
+        yield names.get(event.metadata_id, ""), event.duration_ps * 1e-12, event, stat_names
+
+
+def _event_stats(event, stat_names: dict) -> dict:
+  """An event's stats as {name: value}."""
+  values = {}
+  for stat in event.stats:
+    if stat.str_value:
+      value = stat.str_value
+    elif stat.ref_value:  # an interned string: the name of a stat metadata entry
+      value = stat_names.get(stat.ref_value)
+    else:
+      value = stat.int64_value or stat.uint64_value or stat.double_value
+    values[stat_names.get(stat.metadata_id)] = value
+  return values
+
+
 def profile_call(compiled, call: Callable[[], Any], *, iters: int = 3,
                  trace_dir: str | None = None) -> dict:
   """Kernel time per part of the model for one call of `compiled` (run as `call()`).
@@ -153,13 +177,9 @@ def profile_call(compiled, call: Callable[[], Any], *, iters: int = 3,
     jax.profiler.stop_trace()
     space = _read_xspace(directory)
   per_instruction: collections.Counter = collections.Counter()
-  for plane in space.planes:
-    names = {k: v.name for k, v in plane.event_metadata.items()}
-    for line in plane.lines:
-      for event in line.events:
-        name = names.get(event.metadata_id)
-        if name in parts_of:
-          per_instruction[name] += event.duration_ps * 1e-12 / iters
+  for name, seconds, _, _ in _events(space):
+    if name in parts_of:
+      per_instruction[name] += seconds / iters
   parts: collections.Counter = collections.Counter()
   for name, seconds in per_instruction.items():
     parts[parts_of[name]] += seconds
@@ -200,20 +220,6 @@ COMPILE_PHASES = (
 _KERNEL_EVENT = "FusionCompiler::Compile"
 
 
-def _event_stats(event, stat_names: dict) -> dict:
-  """An XEvent's stats as {name: value}."""
-  values = {}
-  for stat in event.stats:
-    if stat.str_value:
-      value = stat.str_value
-    elif stat.ref_value:  # interned strings refer to a stat metadata entry
-      value = stat_names.get(stat.ref_value)
-    else:
-      value = stat.int64_value or stat.uint64_value or stat.double_value
-    values[stat_names.get(stat.metadata_id)] = value
-  return values
-
-
 def profile_compile(lowered, *, trace_dir: str | None = None) -> dict:
   """Compiles `lowered` (a ``jax.stages.Lowered``) under jax.profiler: where the time goes.
 
@@ -238,23 +244,17 @@ def profile_compile(lowered, *, trace_dir: str | None = None) -> dict:
   parts_of = instruction_parts(compiled.as_text())
   phases: collections.Counter = collections.Counter()
   kernels: dict[str, dict] = {}
-  for plane in space.planes:
-    names = {k: v.name for k, v in plane.event_metadata.items()}
-    stat_names = {k: v.name for k, v in plane.stat_metadata.items()}
-    for line in plane.lines:
-      for event in line.events:
-        name = names.get(event.metadata_id, "")
-        seconds = event.duration_ps * 1e-12
-        for phase, prefixes in COMPILE_PHASES:
-          if name.startswith(prefixes):
-            phases[phase] += seconds
-        if name == _KERNEL_EVENT:
-          module = str(_event_stats(event, stat_names).get("module") or "")
-          instruction = re.sub(r"^__compute_module_|_kernel_module$", "", module)
-          part = parts_of.get(instruction, "unattributed")
-          entry = kernels.setdefault(part, {"count": 0, "cpu_s": 0.0})
-          entry["count"] += 1
-          entry["cpu_s"] += seconds
+  for name, seconds, event, stat_names in _events(space):
+    for phase, prefixes in COMPILE_PHASES:
+      if name.startswith(prefixes):
+        phases[phase] += seconds
+    if name == _KERNEL_EVENT:
+      module = str(_event_stats(event, stat_names).get("module") or "")
+      instruction = re.sub(r"^__compute_module_|_kernel_module$", "", module)
+      part = parts_of.get(instruction, "unattributed")
+      entry = kernels.setdefault(part, {"count": 0, "cpu_s": 0.0})
+      entry["count"] += 1
+      entry["cpu_s"] += seconds
   return {"compiled": compiled, "compile_s": compile_s, "phases": dict(phases),
           "kernels": kernels}
 
