@@ -126,14 +126,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
   from mctf_jax.config import ConfigError
-  from mctf_jax.convert import CheckpointMismatchError
+  from mctf_jax.convert import CheckpointError
+  from mctf_jax.data import DataError
   parallel.setup_runtime(FLAGS)
   output_dir = FLAGS.output_dir or _default_output_dir(FLAGS.checkpoint)
   try:
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,
         throughput_batch=FLAGS.throughput_batch,
         config_name=config_flags.get_config_filename(FLAGS["config"]))
-  except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+  except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

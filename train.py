@@ -31,12 +31,12 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   from mctf_jax import trainer
   from mctf_jax.config import ConfigError
-  from mctf_jax.convert import CheckpointMismatchError
+  from mctf_jax.convert import CheckpointError
   from mctf_jax.data import DataError
   parallel.setup_runtime(FLAGS)
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (trainer.TrainingError, ConfigError, CheckpointMismatchError, DataError,
+  except (trainer.TrainingError, ConfigError, CheckpointError, DataError,
           FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

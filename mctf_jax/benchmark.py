@@ -329,6 +329,7 @@ def main(argv=None):
     if len(argv_) > 1:
       _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
     from mctf_jax.config import ConfigError, normalize_r
+    from mctf_jax.convert import CheckpointError
     config = FLAGS.config
     if FLAGS.batch_size < 1:
       _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
@@ -353,7 +354,7 @@ def main(argv=None):
       if FLAGS.checkpoint:
         from mctf_jax import checkpoint
         params = checkpoint.load_params(FLAGS.checkpoint, config)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, CheckpointError) as e:
       _fail(str(e))
     result = compare(config, params, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
                      warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s,

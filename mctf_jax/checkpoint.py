@@ -26,12 +26,13 @@ import jax
 import numpy as np
 
 from mctf_jax.config import model_config
+from mctf_jax.convert import STATE_DICT_EXTENSIONS
 
 METADATA = "mctf_jax.json"
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema"
 CHECKPOINTS_DIR = "checkpoints"
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".npz", ".safetensors")
+TORCH_EXTENSIONS = STATE_DICT_EXTENSIONS
 
 
 def _config_dict(config: Any) -> dict:
@@ -105,8 +106,9 @@ def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = Fals
   ema: for train.py checkpoints, take the EMA weights (when the run kept them).
   adapt: resize the position embedding and re-initialise the head where the image size or
     class count differ (initialising a fine-tuning run); without it those are errors.
-  Raises FileNotFoundError for a path that does not exist or holds no checkpoint, and
-  CheckpointMismatchError (listing every weight) when the shapes do not fit the config.
+  Raises FileNotFoundError for a path that does not exist or holds no checkpoint,
+  CheckpointMismatchError (listing every weight) when the shapes do not fit the config, and
+  CheckpointError for a file it cannot read.
   """
   from mctf_jax import convert
   cfg = model_config(config)
@@ -115,7 +117,7 @@ def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = Fals
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if os.path.isfile(path):
     if not path.lower().endswith(TORCH_EXTENSIONS):
-      raise ValueError(f"{path!r} is a file but not a PyTorch checkpoint "
+      raise convert.CheckpointError(f"{path!r} is a file but not a PyTorch checkpoint "
                        f"({', '.join(TORCH_EXTENSIONS)}); Orbax checkpoints are directories")
     state = convert.load_state_dict(path)
   else:

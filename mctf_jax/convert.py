@@ -25,11 +25,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
+import zipfile
 from typing import Any, Mapping
 
 import numpy as np
 
-from mctf_jax.config import ModelConfig, model_config
+from mctf_jax.config import ConfigError, ModelConfig, model_config
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,11 @@ WRAPPER_KEYS = ("model", "state_dict", "module")
 EMA_WRAPPER_KEYS = ("model_ema", "state_dict_ema", "ema")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read, or whose weights do not fit the model."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint whose weights do not fit the model; lists every problem at once."""
 
   def __init__(self, missing=(), unexpected=(), wrong_shape=(), source: str = "checkpoint"):
@@ -147,17 +153,17 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[
     if key in checkpoint and isinstance(checkpoint[key], Mapping):
       return dict(checkpoint[key])
   if ema:
-    raise KeyError(f"no EMA weights in the checkpoint: expected one of {EMA_WRAPPER_KEYS}, "
-                   f"found keys {sorted(checkpoint)[:20]}")
+    raise CheckpointError(f"no EMA weights in the checkpoint: expected one of "
+                          f"{EMA_WRAPPER_KEYS}, found keys {sorted(checkpoint)[:20]}")
   return dict(checkpoint)
 
 
-def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
-  """Reads a PyTorch-style state dict from .pth/.pt/.bin (torch), .npz or .safetensors."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no checkpoint file at {path!r}")
-  ext = os.path.splitext(path)[1].lower()
+# The files load_state_dict reads (torch's own, and numpy/safetensors in the same naming).
+TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+STATE_DICT_EXTENSIONS = TORCH_FILE_EXTENSIONS + (".npz", ".safetensors")
+
+
+def _read_checkpoint_file(path: str, ext: str):
   if ext == ".npz":
     with np.load(path, allow_pickle=False) as data:
       raw = {k: data[k] for k in data.files}
@@ -165,23 +171,49 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
     for prefix in ("param/", "model/"):
       if raw and all(k.startswith(prefix) for k in raw):
         raw = {k[len(prefix):]: v for k, v in raw.items()}
-  elif ext == ".safetensors":
+    return raw
+  if ext == ".safetensors":
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
-    raw = load_file(path)
-  elif ext in (".pth", ".pt", ".bin", ".ckpt"):
-    from mctf_jax import torch_pickle
-    if torch_pickle.is_zip_checkpoint(path):
-      raw = torch_pickle.load(path)  # no torch needed, and no code from the file is run
-    else:
-      try:
-        import torch
-      except ImportError as e:
-        raise ImportError(f"{path!r} uses PyTorch's legacy (pre-1.6) format, which needs torch "
-                          f"to read (pip install torch); or save it as .npz/.safetensors") from e
-      raw = torch.load(path, map_location="cpu", weights_only=True)
-  else:
-    raise ValueError(f"unknown checkpoint format {ext!r} for {path!r}: expected .pth, .pt, "
-                     f".bin, .npz or .safetensors")
+    try:
+      return load_file(path)
+    except SafetensorError as e:
+      raise CheckpointError(f"cannot read {path!r}: {e}") from e
+  from mctf_jax import torch_pickle
+  if torch_pickle.is_zip_checkpoint(path):
+    return torch_pickle.load(path)  # no torch needed, and no code from the file is run
+  with open(path, "rb") as f:
+    if f.read(1) != b"\x80":   # a pickle's protocol opcode starts torch's legacy format
+      raise CheckpointError(f"{path!r} is not a PyTorch checkpoint: neither a zip archive "
+                            f"(torch >= 1.6) nor a pickle (the legacy format)")
+  try:
+    import torch
+  except ImportError as e:
+    raise CheckpointError(f"{path!r} uses PyTorch's legacy (pre-1.6) format, which needs "
+                          f"torch to read (pip install torch); or save it as "
+                          f".npz/.safetensors") from e
+  return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
+  """Reads a PyTorch-style state dict from .pth/.pt/.bin (torch), .npz or .safetensors.
+
+  Raises FileNotFoundError for a missing file and CheckpointError for one it cannot read.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no checkpoint file at {path!r}")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in STATE_DICT_EXTENSIONS:
+    raise CheckpointError(f"unknown checkpoint format {ext!r} for {path!r}: expected one of "
+                          f"{', '.join(STATE_DICT_EXTENSIONS)}")
+  try:
+    raw = _read_checkpoint_file(path, ext)
+  except CheckpointError:
+    raise
+  except (ValueError, KeyError, EOFError, OSError, RuntimeError, pickle.UnpicklingError,
+          zipfile.BadZipFile) as e:
+    raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
   state = unwrap_state_dict(raw, ema=ema) if isinstance(raw, Mapping) else raw
   return {k: _to_numpy(v) for k, v in state.items()}
 
@@ -220,8 +252,8 @@ def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix: int = 1
   old = int(round(math.sqrt(grid.shape[0])))
   new = int(round(math.sqrt(num_tokens - num_prefix)))
   if old * old != grid.shape[0] or new * new != num_tokens - num_prefix:
-    raise ValueError(f"cannot resize a position embedding of {pos_embed.shape[1]} tokens to "
-                     f"{num_tokens}: both grids must be square")
+    raise CheckpointError(f"cannot resize a position embedding of {pos_embed.shape[1]} tokens "
+                          f"to {num_tokens}: both grids must be square")
   grid = grid.reshape(old, old, -1).astype(np.float64)
   grid = _resize_axis(_resize_axis(grid, 0, new), 1, new)
   grid = grid.reshape(1, new * new, -1).astype(pos_embed.dtype)
@@ -337,7 +369,7 @@ def main(argv=None):
       state = load_state_dict(flags_.torch, ema=flags_.ema)
       params = torch_to_flax(state, config, allow_unexpected=flags_.allow_unexpected,
                              source=flags_.torch)
-    except (CheckpointMismatchError, FileNotFoundError, ImportError, ValueError, KeyError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
       raise app.UsageError(str(e))
     n = sum(v.size for v in _flatten(params).values())
     path = checkpoint.save_params(flags_.out, params, config, overwrite=flags_.overwrite)

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mctf_jax.config import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 def _several_processes() -> bool:
@@ -90,7 +92,7 @@ def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
   """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   if fsdp < 1 or len(devices) % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be >= 1 and divide the number of devices "
+    raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the number of devices "
                      f"({len(devices)})")
   grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
   return Mesh(grid, BATCH_AXES)
@@ -125,10 +127,10 @@ def tree_shardings(mesh: Mesh, tree):
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size"):
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of devices "
+    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of devices "
                      f"({n}); choose a multiple of {n}")
   if global_batch_size % jax.process_count():
-    raise ValueError(f"{what}={global_batch_size} is not divisible by the number of processes "
+    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of processes "
                      f"({jax.process_count()})")
 
 

@@ -330,10 +330,10 @@ def _merges(FLAGS) -> None:
   except (OSError, ValueError) as e:
     _fail(f"cannot read image {FLAGS.image!r}: {e}")
   if FLAGS.checkpoint:
-    from mctf_jax import checkpoint
+    from mctf_jax import checkpoint, convert
     try:
       params = checkpoint.load_params(FLAGS.checkpoint, config)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, convert.CheckpointError) as e:
       _fail(str(e))
   else:
     from mctf_jax.benchmark import random_params

@@ -90,15 +90,34 @@ def test_reader_agrees_with_torch_when_installed():
 
 
 def test_not_a_checkpoint(tmp_path):
+  """Every way a file can fail to be a checkpoint is a CheckpointError naming the file
+  (what train.py and eval.py report in one line), never an exception from the reader."""
   bad = tmp_path / "notes.pth"
   bad.write_text("hello")
   with pytest.raises(ValueError, match="legacy|not a zip"):
     torch_pickle.load(str(bad))
   with pytest.raises(FileNotFoundError, match="no checkpoint file"):
     convert.load_state_dict(str(tmp_path / "missing.pth"))
-  with pytest.raises(ValueError, match="unknown checkpoint format '.txt'"):
-    (tmp_path / "w.txt").write_text("x")
+  (tmp_path / "w.txt").write_text("x")
+  with pytest.raises(convert.CheckpointError, match="unknown checkpoint format '.txt'"):
     convert.load_state_dict(str(tmp_path / "w.txt"))
+  # A zip that is no torch checkpoint, a truncated one, and files that only look like
+  # numpy or safetensors archives.
+  import zipfile
+  with zipfile.ZipFile(tmp_path / "other.pth", "w") as z:
+    z.writestr("readme.txt", "not a checkpoint")
+  real = open(os.path.join(DATA, "tiny_deit.pth"), "rb").read()
+  (tmp_path / "cut.pth").write_bytes(real[:len(real) // 2])
+  (tmp_path / "fake.npz").write_bytes(b"PK not really")
+  (tmp_path / "fake.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+  with pytest.raises(convert.CheckpointError, match="neither a zip archive .* nor a pickle"):
+    convert.load_state_dict(str(bad))
+  for name in ("other.pth", "cut.pth", "fake.npz", "fake.safetensors"):
+    with pytest.raises(convert.CheckpointError, match=name):
+      convert.load_state_dict(str(tmp_path / name))
+  with pytest.raises(convert.CheckpointError, match="no EMA weights"):
+    convert.unwrap_state_dict({"model": {}}, ema=True)
+  assert issubclass(convert.CheckpointMismatchError, convert.CheckpointError)
 
 
 def test_pos_embed_resize_matches_torch_bicubic():
@@ -176,7 +195,7 @@ def test_load_params_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
     checkpoint.load_params(str(tmp_path / "empty"), config)
   (tmp_path / "notes.txt").write_text("x")
-  with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+  with pytest.raises(convert.CheckpointError, match="not a PyTorch checkpoint"):
     checkpoint.load_params(str(tmp_path / "notes.txt"), config)
   wrong = dict(config["model"], embed_dim=32)
   with pytest.raises(convert.CheckpointMismatchError, match="wrong shape"):

@@ -139,6 +139,11 @@ def test_eval_py_clear_errors(finished, tmp_path, env):
   bad_r = run(["eval.py", CONFIG, f"--checkpoint={workdir}", "--config.eval.r_values=(1.5,)",
                "--throughput_batch=0"], env)
   assert bad_r.returncode == 1 and "must be a whole number" in bad_r.stderr
+  (tmp_path / "notes.pth").write_text("not a checkpoint")
+  unreadable = run(["eval.py", CONFIG, f"--checkpoint={tmp_path}/notes.pth",
+                    "--throughput_batch=0"], env)
+  assert unreadable.returncode == 1 and "notes.pth" in unreadable.stderr
+  assert "Traceback" not in unreadable.stderr
 
 
 def test_train_py_clear_errors(finished, tmp_path, env):

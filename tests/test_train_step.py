@@ -198,9 +198,11 @@ def test_fsdp_shards_parameters():
   assert sh["big"].spec == jax.sharding.PartitionSpec(None, "fsdp")
   assert sh["bias"].spec == jax.sharding.PartitionSpec()
   assert sh["odd"].spec == jax.sharding.PartitionSpec()
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the number of "
-                                       r"devices \(8\)"):
+  with pytest.raises(mctf_jax.ConfigError, match=r"batch_size=12 is not divisible by the "
+                                                r"number of devices \(8\)"):
     parallel.check_batch_size(12, parallel.create_mesh(1, jax.devices()[:8]))
+  with pytest.raises(mctf_jax.ConfigError, match=r"mesh.fsdp=3 must be >= 1 and divide"):
+    parallel.create_mesh(3, jax.devices()[:8])
 
 
 def test_official_lr_schedule():
