@@ -88,7 +88,7 @@ def main(argv):
   print(f"\nsummary (batch {FLAGS.batch_size}, {FLAGS.dtype}, {device.device_kind}):")
   head = (f"{'config':<12s} {'r':>5s} {'GFLOPs':>13s} {'img/s fused':>11s} {'img/s plain':>11s} "
           f"{'speed-up':>8s} {'pairs: quartiles':>16s} {'FLOP ratio':>10s} {'target':>6s} "
-          f"{'fusion share':>12s}")
+          f"{'fusion share':>12s}  targets met")
   print(head)
   print("-" * len(head))
   for name, res in results.items():
@@ -98,11 +98,19 @@ def main(argv):
       continue
     target = TARGETS.get(name)
     share = res.get("profile", {}).get("fusion_share")
+    res["targets"] = {}
+    if target:
+      res["targets"]["speedup"] = {"min": target, "met": bool(res["speedup"] >= target)}
+    if share is not None:
+      res["targets"]["fusion_share"] = {"max": FUSION_SHARE_TARGET,
+                                        "met": bool(share <= FUSION_SHARE_TARGET)}
+    verdict = ", ".join(f"{k.replace('_', ' ')} {'yes' if t['met'] else 'NO'}"
+                        for k, t in res["targets"].items()) or "-"
     print(f"{name:<12s} {fused['r']!r:>5s} {fused['gflops']:6.3f}/{plain['gflops']:6.3f} "
           f"{fused['img_per_s']:11.1f} {plain['img_per_s']:11.1f} {res['speedup']:7.2f}x "
           f"{res['speedup_quartiles'][0]:7.2f}-{res['speedup_quartiles'][2]:.2f}x "
           f"{res['flop_ratio']:9.2f}x {(f'{target:.2f}x' if target else '-'):>6s} "
-          f"{(f'{100 * share:.1f}%' if share is not None else '-'):>12s}")
+          f"{(f'{100 * share:.1f}%' if share is not None else '-'):>12s}  {verdict}")
   print(f"targets at float32, batch 32, 2 CPU threads; fusion share target <= "
         f"{100 * FUSION_SHARE_TARGET:.0f}%")
   if FLAGS.json:

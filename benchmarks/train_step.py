@@ -28,7 +28,8 @@ With --compile_profile, the plain step, the student alone (``teacher_r_max=0``) 
 MCTF step are compiled once more under jax.profiler, and the phases of each compilation and
 the kernels emitted per part of the model (``profiling.profile_compile``) are printed.
 
-Prints a table and the ratios MCTF / plain, and writes them as JSON with --json.
+Prints a table, the ratios MCTF / plain and whether each meets its target (time <= 1.4x,
+compile <= 3x, memory <= 1.5x), and writes them as JSON with --json.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 flags.mark_flags_as_required(["config"])
 
 MIB = 2 ** 20
+# The issue's targets for the MCTF step against the plain one (at most these ratios).
+TARGETS = {"time": 1.4, "compile": 3.0, "memory": 1.5}
 
 
 def _jitted_step(config, params, images, labels):
@@ -239,6 +242,9 @@ def main(argv):
         f"{r['compile']:.1f}x ({len(branches.schedules)} teacher branches, "
         f"{'padded shapes' if branches.layouts else 'exact shapes'}), memory "
         f"{r['memory']:.2f}x")
+  result["targets"] = {k: {"max_ratio": t, "met": bool(r[k] <= t)} for k, t in TARGETS.items()}
+  print("targets: " + ", ".join(f"{k} <= {t}x {'met' if r[k] <= t else 'NOT met'}"
+                                for k, t in TARGETS.items()))
   if FLAGS.compile_profile:
     result["compile_profile"] = compile_profiles(mctf_cfg, plain_cfg, params, images, labels)
   if FLAGS.json:

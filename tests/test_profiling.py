@@ -120,6 +120,10 @@ def test_forward_benchmark_script(tmp_path):
   assert "tiny fused forward: wall" in proc.stdout
   result = json.loads(out.read_text())["results"]["tiny"]
   assert result["speedup"] > 0 and 0 < result["profile"]["fusion_share"] < 1
+  # The tiny config has no speed-up target; the fusion share's applies to every config.
+  share_met = result["profile"]["fusion_share"] <= 0.10
+  assert result["targets"] == {"fusion_share": {"max": 0.10, "met": share_met}}
+  assert f"fusion share {'yes' if share_met else 'NO'}" in proc.stdout
   proc = _script("benchmarks/forward.py", "--configs=nonexistent")
   assert proc.returncode != 0 and "no config configs/nonexistent.py" in proc.stderr
 
@@ -138,6 +142,10 @@ def test_train_step_benchmark_script(tmp_path):
   assert result["mctf"]["padded"] and result["mctf"]["teacher_branches"] == 2
   for key in ("time", "compile", "memory", "flops"):
     assert result["ratios"][key] > 0
+  for key, limit in (("time", 1.4), ("compile", 3.0), ("memory", 1.5)):
+    target = result["targets"][key]
+    assert target == {"max_ratio": limit, "met": result["ratios"][key] <= limit}
+    assert f"{key} <= {limit}x {'met' if target['met'] else 'NOT met'}" in proc.stdout
   assert result["ratios"]["flops"] > 1
   # Compiled --compiles times each; the shortest counts.
   for name in ("plain", "mctf"):
