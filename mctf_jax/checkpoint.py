@@ -32,7 +32,6 @@ METADATA = "mctf_jax.json"
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema"
 CHECKPOINTS_DIR = "checkpoints"
-TORCH_EXTENSIONS = STATE_DICT_EXTENSIONS
 
 
 def _config_dict(config: Any) -> dict:
@@ -116,9 +115,10 @@ def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = Fals
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   if os.path.isfile(path):
-    if not path.lower().endswith(TORCH_EXTENSIONS):
-      raise convert.CheckpointError(f"{path!r} is a file but not a PyTorch checkpoint "
-                       f"({', '.join(TORCH_EXTENSIONS)}); Orbax checkpoints are directories")
+    if not path.lower().endswith(STATE_DICT_EXTENSIONS):
+      raise convert.CheckpointError(
+          f"{path!r} is a file but not a PyTorch checkpoint "
+          f"({', '.join(STATE_DICT_EXTENSIONS)}); Orbax checkpoints are directories")
     state = convert.load_state_dict(path)
   else:
     if os.path.isfile(os.path.join(path, METADATA)):
@@ -129,7 +129,7 @@ def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = Fals
       raise FileNotFoundError(
           f"{path!r} holds no checkpoint: expected a directory written by "
           f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
-          f"file ({', '.join(TORCH_EXTENSIONS)})")
+          f"file ({', '.join(STATE_DICT_EXTENSIONS)})")
     state = convert.flax_to_torch(_restore_item(item))
   # One path for every format: the torch-layout names checked against the config.
   return convert.torch_to_flax(state, cfg, adapt=adapt, source=path)

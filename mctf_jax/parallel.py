@@ -93,7 +93,7 @@ def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if fsdp < 1 or len(devices) % fsdp:
     raise ConfigError(f"mesh.fsdp={fsdp} must be >= 1 and divide the number of devices "
-                     f"({len(devices)})")
+                      f"({len(devices)})")
   grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
   return Mesh(grid, BATCH_AXES)
 
@@ -127,11 +127,11 @@ def tree_shardings(mesh: Mesh, tree):
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size"):
   n = mesh.devices.size
   if global_batch_size % n:
-    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of devices "
-                     f"({n}); choose a multiple of {n}")
+    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of "
+                      f"devices ({n}); choose a multiple of {n}")
   if global_batch_size % jax.process_count():
-    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of processes "
-                     f"({jax.process_count()})")
+    raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of "
+                      f"processes ({jax.process_count()})")
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
