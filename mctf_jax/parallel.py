@@ -78,6 +78,27 @@ def define_runtime_flags() -> None:
                        "--coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
+  def check(values):
+    address, count, index = (values["coordinator_address"], values["num_processes"],
+                             values["process_id"])
+    if address is None:
+      if count is not None or index is not None:
+        raise flags.ValidationError("--num_processes and --process_id go with "
+                                    "--coordinator_address=host:port, which is missing")
+      return True
+    if count is None or index is None:
+      raise flags.ValidationError(f"--coordinator_address={address} needs --num_processes "
+                                  f"and --process_id")
+    if count < 1:
+      raise flags.ValidationError(f"--num_processes={count} must be at least 1")
+    if not 0 <= index < count:
+      raise flags.ValidationError(f"--process_id={index} must lie in [0, --num_processes="
+                                  f"{count})")
+    return True
+
+  flags.register_multi_flags_validator(
+      ["coordinator_address", "num_processes", "process_id"], check)
+
 
 def setup_runtime(flag_values) -> None:
   """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'

@@ -159,6 +159,23 @@ def test_train_py_clear_errors(finished, tmp_path, env):
   assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_multi_process_flags_checked_before_anything_starts(script, tmp_path, env):
+  where = (f"--workdir={tmp_path}/w" if script == "train.py"
+           else f"--checkpoint={tmp_path}/none")
+  cases = [("--coordinator_address=localhost:1",),
+           ("--num_processes=2", "--process_id=0"),
+           ("--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2")]
+  said = ["--coordinator_address=localhost:1 needs --num_processes and --process_id",
+          "go with --coordinator_address=host:port, which is missing",
+          "--process_id=2 must lie in [0, --num_processes=2)"]
+  for flags, message in zip(cases, said):
+    done = run([script, CONFIG, where, *flags], env, timeout=120)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env):
   workdir = tmp_path / "diverged"
   done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.base_lr=1e30",
