@@ -5,8 +5,8 @@
 
 A state dict may be plain or wrapped like the official checkpoints ({'model': ...}), hold
 torch tensors or numpy arrays, and come from a ``.pth``, ``.npz`` or ``.safetensors`` file
-(``load_state_dict``). ``.pth`` files are read without PyTorch (``mctf_jax.torch_pickle``);
-only the legacy pre-1.6 format needs torch installed. Names map one to one: ``blocks.3.attn.qkv.weight``
+(``load_state_dict``). ``.pth`` files, in the zip format and the legacy pre-1.6 one, are read
+without PyTorch (``mctf_jax.torch_pickle``). Names map one to one: ``blocks.3.attn.qkv.weight``
 (out, in) is ``params['blocks_3']['attn']['qkv']['kernel']`` (in, out); conv kernels go from
 (O, I, kh, kw) to (kh, kw, I, O); LayerNorm ``weight`` is ``scale``.
 
@@ -180,19 +180,10 @@ def _read_checkpoint_file(path: str, ext: str):
     except SafetensorError as e:
       raise CheckpointError(f"cannot read {path!r}: {e}") from e
   from mctf_jax import torch_pickle
-  if torch_pickle.is_zip_checkpoint(path):
-    return torch_pickle.load(path)  # no torch needed, and no code from the file is run
-  with open(path, "rb") as f:
-    if f.read(1) != b"\x80":   # a pickle's protocol opcode starts torch's legacy format
-      raise CheckpointError(f"{path!r} is not a PyTorch checkpoint: neither a zip archive "
-                            f"(torch >= 1.6) nor a pickle (the legacy format)")
   try:
-    import torch
-  except ImportError as e:
-    raise CheckpointError(f"{path!r} uses PyTorch's legacy (pre-1.6) format, which needs "
-                          f"torch to read (pip install torch); or save it as "
-                          f".npz/.safetensors") from e
-  return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_pickle.load(path)  # no torch needed, and no code from the file is run
+  except torch_pickle.FormatError as e:
+    raise CheckpointError(str(e)) from e
 
 
 def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
@@ -214,7 +205,11 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
   except (ValueError, KeyError, EOFError, OSError, RuntimeError, pickle.UnpicklingError,
           zipfile.BadZipFile) as e:
     raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
-  state = unwrap_state_dict(raw, ema=ema) if isinstance(raw, Mapping) else raw
+  if not isinstance(raw, Mapping):
+    from mctf_jax import torch_pickle
+    raise CheckpointError(f"{path!r} holds {torch_pickle.describe(raw)}, not a state dict "
+                          f"(parameter names to tensors): save model.state_dict()")
+  state = unwrap_state_dict(raw, ema=ema)
   return {k: _to_numpy(v) for k, v in state.items()}
 
 

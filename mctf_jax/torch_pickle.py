@@ -1,15 +1,23 @@
-"""Reads PyTorch checkpoint files (.pth, zip format of torch >= 1.6) without PyTorch.
+"""Reads PyTorch checkpoint files (.pth) without PyTorch, in both formats torch.save writes.
 
-A .pth file is a zip archive holding ``<name>/data.pkl`` (the pickled object, tensors
-replaced by references to storages) and ``<name>/data/<key>`` (raw little-endian storage
-bytes). This reader unpickles with a restricted unpickler: tensors become numpy arrays,
-known containers are rebuilt, and every other class becomes an inert placeholder, so no
-code from the file is ever run (unlike ``torch.load(weights_only=False)``).
+- The zip format (torch >= 1.6, the default since): a zip archive holding
+  ``<name>/data.pkl`` (the pickled object, tensors replaced by references to storages) and
+  ``<name>/data/<key>`` (each storage's raw bytes, little-endian).
+- The legacy format (torch < 1.6, or ``_use_new_zipfile_serialization=False``): one stream of
+  pickles, a magic number, a protocol version (1001) and the saving machine's byte order,
+  then the object (storages again as references), then the list of storage keys, then each
+  storage in that order as an int64 element count followed by its raw bytes.
+
+Both are unpickled with a restricted unpickler: tensors become numpy arrays, known
+containers are rebuilt, and every other class becomes an inert placeholder, so no code
+from the file is ever run (unlike ``torch.load(weights_only=False)``). The tar format of
+torch < 0.4 is not read.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import zipfile
 
@@ -53,13 +61,40 @@ class _Placeholder:
     return _Placeholder(*args)
 
 
+_PLACEHOLDER_CLASSES: dict[str, type] = {}
+
+
+def _placeholder_class(module: str, name: str) -> type:
+  """A _Placeholder subclass that remembers which class of the file it stands for."""
+  qualified = f"{module}.{name}"
+  if qualified not in _PLACEHOLDER_CLASSES:
+    _PLACEHOLDER_CLASSES[qualified] = type(name, (_Placeholder,), {"stands_for": qualified})
+  return _PLACEHOLDER_CLASSES[qualified]
+
+
+def describe(obj) -> str:
+  """What a loaded object is, for error messages: 'a torch.nn.modules.linear.Linear
+  object' for a class the reader did not rebuild."""
+  return f"a {getattr(obj, 'stands_for', type(obj).__name__)} object"
+
+
+class FormatError(ValueError):
+  """The file is not a PyTorch checkpoint this reader understands."""
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   if not isinstance(storage, np.ndarray):
     raise pickle.UnpicklingError("tensor without a readable storage")
   size, stride = tuple(size), tuple(stride)
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  itemsize = storage.dtype.itemsize
+  if offset < 0 or min(stride, default=0) < 0 or (
+      offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage)):
+    raise pickle.UnpicklingError(f"tensor of size {size} at offset {offset} runs past the "
+                                 f"end of its storage ({len(storage)} elements)")
   if not size:
     return storage[offset].copy()
-  itemsize = storage.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
                                          strides=tuple(s * itemsize for s in stride))
   return np.array(view)  # contiguous copy
@@ -69,19 +104,28 @@ def _rebuild_parameter(data, *unused):
   return data
 
 
-class _Unpickler(pickle.Unpickler):
+def _skipped(*unused):
+  return None
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+
+class _Unpickler(pickle.Unpickler):
+  """Unpickles torch.save's object. read_storage(key, dtype, numel) returns a storage's
+  elements as a 1-D array; None skims the pickle instead, noting each storage's dtype in
+  ``self.storage_dtypes`` and building no tensor."""
+
+  def __init__(self, file, read_storage=None):
     super().__init__(file)
-    self._archive = archive
-    self._prefix = prefix
+    self._read_storage = read_storage
     self._storages: dict[str, np.ndarray] = {}
+    self.storage_dtypes: dict[str, np.dtype] = {}
 
   def find_class(self, module, name):
-    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-      return _rebuild_tensor
-    if module == "torch._utils" and name == "_rebuild_parameter":
-      return _rebuild_parameter
+    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor",
+                                             "_rebuild_parameter",
+                                             "_rebuild_parameter_with_state"):
+      if self._read_storage is None:
+        return _skipped
+      return _rebuild_tensor if name.startswith("_rebuild_tensor") else _rebuild_parameter
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(_STORAGE_DTYPES[name])
     if module == "torch" and name in _TORCH_DTYPES:
@@ -92,36 +136,128 @@ class _Unpickler(pickle.Unpickler):
       return collections.OrderedDict
     if module == "builtins" and name in ("set", "frozenset", "slice", "complex"):
       return {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}[name]
-    return _Placeholder
+    return _placeholder_class(module, name)
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+    kind = pid[0].decode("ascii") if isinstance(pid, tuple) and isinstance(pid[0], bytes) \
+        else (pid[0] if isinstance(pid, tuple) and pid else None)
+    if kind == "module":
+      raise FormatError("it holds a whole pickled nn.Module (torch.save(model)); save its "
+                        "model.state_dict() instead")
+    if kind != "storage" or len(pid) < 5:
       raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    _, storage_type, key, _location, _numel = pid[:5]
+    storage_type, key, _location, numel = pid[1:5]
+    view = pid[5] if len(pid) > 5 else None
+    key = str(key)
+    dtype = getattr(storage_type, "dtype", None)
+    if dtype is None:
+      raise pickle.UnpicklingError(f"storage {key} has an unsupported dtype "
+                                   f"({storage_type!r}); install ml_dtypes or torch")
+    if self._read_storage is None:
+      self.storage_dtypes[key] = dtype
+      return None
     if key not in self._storages:
-      dtype = getattr(storage_type, "dtype", None)
-      if dtype is None:
-        raise pickle.UnpicklingError(f"storage {key} has an unsupported dtype "
-                                     f"({storage_type!r}); install ml_dtypes or torch")
-      raw = self._archive.read(f"{self._prefix}data/{key}")
-      self._storages[key] = np.frombuffer(raw, dtype.newbyteorder("<"))
-    return self._storages[key]
+      self._storages[key] = self._read_storage(key, dtype, int(numel))
+    storage = self._storages[key]
+    if view is not None:   # a view of another storage (torch < 1.0 only)
+      _view_key, offset, view_numel = view
+      storage = storage[offset:offset + view_numel]
+    return storage
 
 
-def is_zip_checkpoint(path: str) -> bool:
-  return zipfile.is_zipfile(path)
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_PROTOCOL = 1001
 
 
-def load(path: str):
-  """The object saved by torch.save at `path`, with tensors as numpy arrays."""
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path!r} is not a zip-format PyTorch checkpoint (saved by torch >= 1.6); "
-                     f"the legacy format needs torch itself to read")
+class _PlainUnpickler(pickle.Unpickler):
+  """For the legacy format's header pickles: plain values only, no class at all."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f"unexpected {module}.{name} in a torch file header")
+
+
+def _load_zip(path: str):
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     if not pickles:
-      raise ValueError(f"{path!r} is a zip file but holds no data.pkl: not a PyTorch checkpoint")
+      raise FormatError("a zip file without data.pkl: not a PyTorch checkpoint")
     name = min(pickles, key=len)
     prefix = name[: -len("data.pkl")]
+
+    def read_storage(key, dtype, numel):
+      raw = archive.read(f"{prefix}data/{key}")
+      if len(raw) < numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, its tensors "
+                                     f"need {numel * dtype.itemsize}")
+      return np.frombuffer(raw, dtype.newbyteorder("<"), count=numel)
+
     with archive.open(name) as f:
-      return _Unpickler(f, archive, prefix).load()
+      return _Unpickler(f, read_storage).load()
+
+
+def _load_legacy(f):
+  """The legacy format, `f` open at its start: the object is unpickled twice, first to
+  find where the storages' bytes begin (they follow the object), then to build it."""
+  if _PlainUnpickler(f).load() != _LEGACY_MAGIC:
+    raise FormatError("a pickle but not a PyTorch checkpoint (no torch.save magic number)")
+  protocol = _PlainUnpickler(f).load()
+  if protocol != _LEGACY_PROTOCOL:
+    raise FormatError(f"unknown torch.save protocol {protocol!r} (expected "
+                      f"{_LEGACY_PROTOCOL})")
+  sys_info = _PlainUnpickler(f).load()
+  order = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+  start = f.tell()
+  skim = _Unpickler(f)
+  skim.load()
+  end = f.tell()
+  keys = [str(k) for k in _PlainUnpickler(f).load()]
+  where = {}
+  for key in keys:
+    if key not in skim.storage_dtypes:
+      raise FormatError(f"storage {key} is listed but no tensor uses it")
+    head = f.read(8)
+    if len(head) < 8:
+      raise FormatError(f"truncated: storage {key} is missing")
+    numel = int(np.frombuffer(head, order + "i8")[0])
+    where[key] = (f.tell(), numel)
+    f.seek(numel * skim.storage_dtypes[key].itemsize, 1)
+
+  def read_storage(key, dtype, numel):
+    if key not in where:
+      raise FormatError(f"the data of storage {key} is missing")
+    offset, stored = where[key]
+    if stored < numel:
+      raise FormatError(f"storage {key} holds {stored} elements, its tensors "
+                        f"need {numel}")
+    f.seek(offset)
+    raw = f.read(stored * dtype.itemsize)
+    if len(raw) < stored * dtype.itemsize:
+      raise FormatError(f"truncated in the data of storage {key}")
+    return np.frombuffer(raw, dtype.newbyteorder(order))
+
+  f.seek(start)
+  pickled = io.BytesIO(f.read(end - start))   # read_storage moves f
+  return _Unpickler(pickled, read_storage).load()
+
+
+def load(path: str):
+  """The object torch.save wrote at `path` (either format), with tensors as numpy arrays.
+
+  Raises FormatError (a ValueError) naming the file for one in neither format or damaged
+  in a way the format shows; pickle.UnpicklingError or EOFError for other damage.
+  """
+  try:
+    if zipfile.is_zipfile(path):
+      return _load_zip(path)
+    with open(path, "rb") as f:
+      head = f.read(512)
+      if len(head) >= 262 and head[257:262] == b"ustar":
+        raise FormatError("in the tar format of torch < 0.4, which this reader does not "
+                          "read: load it with torch and save it again")
+      if not head.startswith(b"\x80"):   # a pickle's PROTO opcode
+        raise FormatError("not a PyTorch checkpoint: neither a zip archive (torch >= 1.6) "
+                          "nor a pickle (the legacy format)")
+      f.seek(0)
+      return _load_legacy(f)
+  except FormatError as e:
+    raise FormatError(f"{path!r}: {e}") from None

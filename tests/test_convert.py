@@ -1,9 +1,12 @@
 """PyTorch checkpoints <-> Flax params, the torch-free .pth reader, and the convert CLI."""
 
+import io
 import logging
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -68,8 +71,10 @@ def test_npz_and_safetensors(golden, tmp_path):
       np.testing.assert_array_equal(loaded[k], state[k])
 
 
-def test_torch_free_reader_matches_torch_load():
-  loaded = torch_pickle.load(os.path.join(DATA, "torch_reader.pth"))
+@pytest.mark.parametrize("name", ["torch_reader.pth", "torch_reader_legacy.pth"])
+def test_torch_free_reader_matches_torch_load(name):
+  """Both formats torch.save writes: zip (torch >= 1.6) and legacy (the same object)."""
+  loaded = torch_pickle.load(os.path.join(DATA, name))
   expected = np.load(os.path.join(DATA, "torch_reader_expected.npz"))
   for name in expected.files:
     got = loaded["tensors"][name]
@@ -79,9 +84,74 @@ def test_torch_free_reader_matches_torch_load():
   np.testing.assert_array_equal(loaded["nested"][1]["x"], np.arange(-5, 5))
 
 
-def test_reader_agrees_with_torch_when_installed():
+def test_legacy_checkpoint_gives_the_same_weights(golden):
+  """An official-style checkpoint ({'model', 'epoch', 'args': Namespace}) saved in the
+  legacy format loads, without torch, to the same weights as the zip-format one."""
+  _, _, state = golden
+  legacy = convert.load_state_dict(os.path.join(DATA, "tiny_deit_legacy.pth"))
+  assert sorted(legacy) == sorted(state)
+  for k in state:
+    np.testing.assert_array_equal(legacy[k], state[k])
+    assert legacy[k].dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["torch_reader.pth", "torch_reader_legacy.pth"])
+def test_damaged_torch_files_are_checkpoint_errors(name, tmp_path):
+  """A .pth cut short anywhere is a CheckpointError naming the file, never another
+  exception and never a silently shorter result."""
+  data = open(os.path.join(DATA, name), "rb").read()
+  for cut in range(1, len(data), max(1, len(data) // 40)):
+    path = tmp_path / f"cut_{cut}.pth"
+    path.write_bytes(data[:cut])
+    with pytest.raises(convert.CheckpointError, match=f"cut_{cut}.pth"):
+      convert.load_state_dict(str(path))
+
+
+def test_torch_files_that_hold_no_state_dict(tmp_path):
+  class _Saver(pickle.Pickler):   # persistent ids as torch's legacy save writes them
+    def persistent_id(self, obj):
+      return ("module", None, None, None) if obj == "MODULE" else None
+
+  def legacy(obj, magic=0x1950a86a20f9469cfc6c):
+    head = b"".join(pickle.dumps(x, protocol=2) for x in
+                    (magic, 1001, {"little_endian": True, "protocol_version": 1001}))
+    body = io.BytesIO()
+    _Saver(body, protocol=2).dump(obj)
+    return head + body.getvalue() + pickle.dumps([], protocol=2)
+
+  (tmp_path / "module.pth").write_bytes(legacy({"net": "MODULE"}))
+  with pytest.raises(convert.CheckpointError, match=r"module.pth.*model.state_dict\(\)"):
+    convert.load_state_dict(str(tmp_path / "module.pth"))
+  (tmp_path / "plain.pth").write_bytes(pickle.dumps({"a": 1}, protocol=2))
+  with pytest.raises(convert.CheckpointError, match="no torch.save magic number"):
+    convert.load_state_dict(str(tmp_path / "plain.pth"))
+  # torch.save(model) in the zip format: the module's class, rebuilt by no code of ours.
+  with zipfile.ZipFile(tmp_path / "whole.pth", "w") as z:
+    z.writestr("whole/data.pkl", b"\x80\x02ctorch.nn.modules.linear\nLinear\n)\x81}b.")
+  with pytest.raises(convert.CheckpointError,
+                     match=r"holds a torch.nn.modules.linear.Linear object, not a state dict"):
+    convert.load_state_dict(str(tmp_path / "whole.pth"))
+  tar = bytearray(1024)
+  tar[257:262] = b"ustar"
+  (tmp_path / "old.pth").write_bytes(bytes(tar))
+  with pytest.raises(convert.CheckpointError, match="tar format of torch < 0.4"):
+    convert.load_state_dict(str(tmp_path / "old.pth"))
+
+
+def test_tensor_past_its_storage_is_refused():
+  storage = np.arange(6, dtype=np.float32)
+  np.testing.assert_array_equal(torch_pickle._rebuild_tensor(storage, 2, (2, 2), (2, 1)),
+                                [[2, 3], [4, 5]])
+  for offset, size, stride in [(3, (2, 2), (2, 1)), (0, (7,), (1,)), (6, (), ()),
+                               (-1, (2,), (1,)), (5, (2,), (-1,))]:
+    with pytest.raises(pickle.UnpicklingError, match="past the end|storage"):
+      torch_pickle._rebuild_tensor(storage, offset, size, stride)
+
+
+@pytest.mark.parametrize("name", ["tiny_deit.pth", "tiny_deit_legacy.pth"])
+def test_reader_agrees_with_torch_when_installed(name):
   torch = pytest.importorskip("torch")
-  path = os.path.join(DATA, "tiny_deit.pth")
+  path = os.path.join(DATA, name)
   ours = torch_pickle.load(path)["model"]
   theirs = torch.load(path, map_location="cpu", weights_only=False)["model"]
   assert sorted(ours) == sorted(theirs)
@@ -94,7 +164,7 @@ def test_not_a_checkpoint(tmp_path):
   (what train.py and eval.py report in one line), never an exception from the reader."""
   bad = tmp_path / "notes.pth"
   bad.write_text("hello")
-  with pytest.raises(ValueError, match="legacy|not a zip"):
+  with pytest.raises(torch_pickle.FormatError, match="notes.pth.*neither a zip archive"):
     torch_pickle.load(str(bad))
   with pytest.raises(FileNotFoundError, match="no checkpoint file"):
     convert.load_state_dict(str(tmp_path / "missing.pth"))
@@ -103,7 +173,6 @@ def test_not_a_checkpoint(tmp_path):
     convert.load_state_dict(str(tmp_path / "w.txt"))
   # A zip that is no torch checkpoint, a truncated one, and files that only look like
   # numpy or safetensors archives.
-  import zipfile
   with zipfile.ZipFile(tmp_path / "other.pth", "w") as z:
     z.writestr("readme.txt", "not a checkpoint")
   real = open(os.path.join(DATA, "tiny_deit.pth"), "rb").read()

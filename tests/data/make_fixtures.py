@@ -5,7 +5,8 @@
 - tiny_deit.pth: the tiny_default golden weights as an official-style checkpoint
   ({'model', 'model_ema', 'optimizer', 'epoch', 'args'}), float32.
 - torch_reader.pth + torch_reader_expected.npz: tensors of many dtypes and layouts, and
-  what torch.load returns for them, for the torch-free reader.
+  what torch.load returns for them, for the torch-free reader; torch_reader_legacy.pth the
+  same object in torch's legacy (pre-1.6) format, tiny_deit_legacy.pth tiny_deit.pth's.
 - pos_embed_resize.npz: torch.nn.functional.interpolate(bicubic, align_corners=False) of a
   position-embedding grid, up and down, as DeiT's fine-tuning code resizes it.
 """
@@ -29,6 +30,8 @@ def main():
               "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []},
               "epoch": 3, "args": argparse.Namespace(model="deit_tiny", lr=3e-5)},
              os.path.join(HERE, "tiny_deit.pth"))
+  torch.save({"model": state, "epoch": 3, "args": argparse.Namespace(model="deit_tiny")},
+             os.path.join(HERE, "tiny_deit_legacy.pth"), _use_new_zipfile_serialization=False)
 
   g = torch.Generator().manual_seed(0)
   base = torch.randn(6, 5, generator=g, dtype=torch.float64)
@@ -45,8 +48,10 @@ def main():
       "offset_slice": base[2:, 1:4],           # storage offset and strides
       "conv": torch.randn(4, 3, 2, 2, generator=g),
   }
-  torch.save({"tensors": tensors, "nested": [tensors["f32"], {"x": tensors["i64"]}]},
-             os.path.join(HERE, "torch_reader.pth"))
+  reader = {"tensors": tensors, "nested": [tensors["f32"], {"x": tensors["i64"]}]}
+  torch.save(reader, os.path.join(HERE, "torch_reader.pth"))
+  torch.save(reader, os.path.join(HERE, "torch_reader_legacy.pth"),
+             _use_new_zipfile_serialization=False)
   expected = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in
               tensors.items()}
   np.savez(os.path.join(HERE, "torch_reader_expected.npz"), **expected)
