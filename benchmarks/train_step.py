@@ -10,7 +10,9 @@ r), the teacher (r' drawn inside the step) and the consistency loss.
 
 * time: the teacher's r' changes the step's cost, so the MCTF step is timed at step numbers
   chosen to draw every r' (``teacher_value_at``), the same number of times each; its figure
-  is the mean over r' of the median time per r', what a long run averages to. The two
+  is the mean over r' of the median time per r', what a long run averages to. (Where the
+  batch is larger than fusion.teacher_group_size, every step draws an r' per group; the
+  step is then timed at as many consecutive step numbers as there are r' values.) The two
   steps take turns (plain, MCTF at r'=0, plain, MCTF at r'=1, ...), so that other load on
   the machine slows both alike; each turn makes one untimed call, then --block timed ones
   (a step's first call after the other's runs slower: its buffers are allocated afresh).
@@ -141,6 +143,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import mctf_jax
+  import numpy as np
   from mctf_jax import benchmark, flops
   from mctf_jax import train_step as ts
 
@@ -174,15 +177,26 @@ def main(argv):
       print(f"  {compile_times[name][-1]:.1f} s", flush=True)
 
   branches = ts.step_teachers(model)
-  values = branches.values
-  step_of = {}
-  for i in range(10_000):
-    if len(step_of) == len(values):
-      break
-    step_of.setdefault(ts.teacher_value_at(model, mctf_cfg.seed, i), i)
+  groups = ts.teacher_groups(model, FLAGS.batch_size)
+  if groups == 1:
+    values = branches.values
+    step_of = {}
+    for i in range(10_000):
+      if len(step_of) == len(values):
+        break
+      step_of.setdefault(ts.teacher_value_at(model, mctf_cfg.seed, i), i)
+    print(f"timing: {FLAGS.repeats} x (plain, MCTF at r' = {', '.join(map(str, values))})",
+          flush=True)
+  else:
+    # Each step draws an r' per group: time as many consecutive steps as there are r'
+    # values, keyed by the r' each drew.
+    step_of = {ts.teacher_value_at(model, mctf_cfg.seed, i, FLAGS.batch_size): i
+               for i in range(len(branches.values))}
+    values = list(step_of)
+    print(f"timing: {FLAGS.repeats} x (plain, MCTF at steps {list(step_of.values())}, "
+          f"{groups} groups of {FLAGS.batch_size // groups} images with an r' each)",
+          flush=True)
   times = {"plain": [], **{("mctf", v): [] for v in values}}
-  print(f"timing: {FLAGS.repeats} x (plain, MCTF at r' = {', '.join(map(str, values))})",
-        flush=True)
   for _ in range(FLAGS.repeats):
     for v in values:
       for key, (run, _) in (("plain", steps["plain"]), (("mctf", v), steps["mctf"])):
@@ -192,7 +206,7 @@ def main(argv):
           jax.block_until_ready(metrics)
           if i:
             times[key].append(time.perf_counter() - t)
-        if key != "plain" and float(metrics["teacher_r"]) != float(v):
+        if key != "plain" and abs(float(metrics["teacher_r"]) - float(np.mean(v))) > 1e-6:
           raise RuntimeError(f"step {step_of[v]} drew r'={float(metrics['teacher_r'])}, "
                              f"expected {v}")
 
@@ -205,8 +219,8 @@ def main(argv):
   shared = ts.shared_blocks((model.schedule(),) + branches.schedules)
   # The step runs the patch embedding and the shared blocks once for both paths.
   shared_gflops = sum(s.flops for s in plain_flops.stages[:1 + shared]) / 1e9
-  flop_ratio = ((flop(None) + statistics.mean(flop(v) for v in values) - shared_gflops)
-                / plain_flops.gflops)
+  teacher_gflops = statistics.mean(flop(v) for v in branches.values)   # over uniform r'
+  flop_ratio = (flop(None) + teacher_gflops - shared_gflops) / plain_flops.gflops
 
   def mem(info):
     return info["memory"].get("device_peak_bytes_in_use",

@@ -38,6 +38,9 @@ def mctf_fusion(**changes) -> ml_collections.ConfigDict:
       # Train step: the teacher's token arrays at the full width for every r' (None), on
       # a grid of widths of this step, or at exact counts (0); see mctf_jax/config.py.
       train_token_step=ml_collections.config_dict.placeholder(int),
+      # Train step: one r' per this many examples of the global batch, as the official
+      # code draws one per GPU of its 8 x 128 images (0: one r' per batch).
+      teacher_group_size=128,
       train_scan_blocks=True,     # train step: alike padded blocks as one lax.scan
   ))
   fusion.update(changes)

@@ -139,6 +139,11 @@ class FusionConfig:
     compile ~5x the plain step instead of 17x, step time about the same). k > 0: widths on a
     grid of step k (more programs, less padding). 0: one program per r' at exact token
     counts. The student, and evaluation, always run at exact counts.
+  teacher_group_size: the train step draws its own r' for each group of this many
+    consecutive examples of the global batch, as the official code draws one per GPU (its
+    recipe: 8 GPUs x 128 images, so 128 reproduces it). 0, or a batch no larger than it:
+    one r' for the whole batch. Several groups need the padded teacher
+    (train_token_step None or > 0).
   train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks
     (same array width in and out, all fusing or none: at full width, the teacher's fused
     blocks) as one ``lax.scan`` over stacked parameters, so that XLA compiles and
@@ -159,6 +164,7 @@ class FusionConfig:
   teacher_r_max: int | float = 0
   merge_impl: str = "auto"
   train_token_step: int | None = None
+  teacher_group_size: int = 0
   train_scan_blocks: bool = True
 
   def __post_init__(self):
@@ -197,6 +203,10 @@ class FusionConfig:
     if step is not None and (not _is_int(step) or step < 0):
       raise ConfigError(f"fusion.train_token_step must be None (full width), 0 (exact token "
                         f"counts) or a grid step > 0, got {step!r}")
+    group = self.teacher_group_size
+    if not _is_int(group) or group < 0:
+      raise ConfigError(f"fusion.teacher_group_size must be an integer >= 0 (0: one r' for "
+                        f"the whole batch), got {group!r}")
     for name in ("prop_attn", "bidirectional", "trace_source", "train_scan_blocks"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"fusion.{name} must be True or False, got {getattr(self, name)!r}")

@@ -291,7 +291,7 @@ class Block(nn.Module):
                                tau_sim=fz.tau_sim, tau_info=fz.tau_info,
                                tau_size=fz.tau_size, valid_BxT=valid_wide)
     fusion, valid_BxO = P.bipartite_matching(
-        scores, valid_wide, splits[0], splits[1], num_in=width_in, num_out=width_out,
+        scores, valid_wide, splits[..., 0], splits[..., 1], num_in=width_in, num_out=width_out,
         max_moved=max_moved, bidirectional=fz.bidirectional)
     x, size, weights, norm = F.fuse_tokens(state.x_BxTxC, state.size_BxT, fusion,
                                            pooling=fz.pooling, attn_received_BxT=received_BxT,
@@ -303,8 +303,9 @@ class Block(nn.Module):
   def padded(self, state: TokenState, fuses: bool, splits, width_out: int, fusion_width: int,
              max_moved: int, deterministic: bool = True, drop_path=None):
     """The block on a padded token array (``mctf_jax.padded``): state.size_BxT is 0 on the
-    padding; splits = (r_ab, r_ba), runtime int32 scalars, used when `fuses`; the fused
-    tokens leave in an array of width_out rows. Max pooling is not supported."""
+    padding; splits = (r_ab, r_ba), runtime int32 scalars, or (B, 2) for counts per
+    example, used when `fuses`; the fused tokens leave in an array of width_out rows. Max
+    pooling is not supported."""
     if fuses and self.fusion.pooling == "max":
       raise ValueError("padded blocks do not support pooling='max'")
     fuse = lambda *a: self._fuse_padded(*a, splits, width_out, fusion_width, max_moved)
@@ -405,8 +406,9 @@ class VisionTransformer(nn.Module):
                         ) -> EncoderOutput:
     """``run_blocks`` on padded arrays of the widths in `layout` (``mctf_jax.padded``).
 
-    splits_Lx2: (depth, 2) int32, the (r_ab, r_ba) of each block, a runtime value: paths
-    with the same layout share one program whatever they merge. max_moved: a static bound
+    splits_Lx2: (depth, 2) int32, the (r_ab, r_ba) of each block (or (depth, B, 2), per
+    example), a runtime value: paths with the same layout share one program whatever they
+    merge. max_moved: a static bound
     on r_ab + r_ba. first: `start` as a runtime int32 scalar (see the loop below; the train
     step passes one XLA cannot fold). scan (default: fusion.train_scan_blocks): run each
     stretch of alike blocks (``P.alike_runs``) as one ``lax.scan`` (``_scan_blocks``).

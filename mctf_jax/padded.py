@@ -101,6 +101,15 @@ def splits_of(schedule: Schedule) -> np.ndarray:
   return np.asarray([(p.r_ab, p.r_ba) for p in schedule.layers], np.int32).reshape(-1, 2)
 
 
+def covering_layout(layouts) -> PaddedLayout:
+  """One layout that every one of `layouts` fits in: at each block the widest width, and
+  fusing where any of them fuses (a block that fuses with zero merge counts changes no
+  token). Paths whose examples draw different r' run at it together."""
+  layouts = tuple(layouts)
+  return PaddedLayout(tuple(max(w) for w in zip(*(l.widths for l in layouts))),
+                      tuple(any(f) for f in zip(*(l.fuses for l in layouts))))
+
+
 def max_moved(schedules) -> int:
   """The most tokens any block of `schedules` merges (the static size of the merge lists)."""
   return max([p.r for s in schedules for p in s.layers] + [1])
@@ -130,7 +139,8 @@ def attention_received(probs_BxHxTxT: jax.Array, valid_BxT: jax.Array) -> jax.Ar
 def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.Array,
                        r_ba: jax.Array, *, num_in: int, num_out: int, max_moved: int,
                        bidirectional: bool = True):
-  """``fusion.bipartite_matching`` on padded scores with runtime r_ab, r_ba.
+  """``fusion.bipartite_matching`` on padded scores with runtime r_ab, r_ba (int32 scalars,
+  or (B,) arrays: each example merges its own counts).
 
   scores_BxAxB: ``matching_scores(..., valid_BxT=valid)`` at any width >= num_in (the
   padding beyond the real tokens has -inf rows and columns, and ranks after every real
@@ -143,8 +153,9 @@ def bipartite_matching(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_ab: jax.
   scores_BxAxB = jax.lax.stop_gradient(scores_BxAxB)
   num_b = scores_BxAxB.shape[2]
   valid_a, valid_b = valid_BxT[:, ::2], valid_BxT[:, 1::2]
-  r_ab = jnp.asarray(r_ab, jnp.int32)
-  r_ba = jnp.asarray(r_ba, jnp.int32)
+  # Scalars, or one count per example, shape (B,).
+  r_ab = jnp.asarray(r_ab, jnp.int32).reshape(-1, 1)
+  r_ba = jnp.asarray(r_ba, jnp.int32).reshape(-1, 1)
 
   best_score_BxA, best_b_BxA = F.max_argmax(scores_BxAxB, axis=-1)
   rank_a_BxA = F._descending_rank(best_score_BxA)

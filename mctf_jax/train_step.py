@@ -10,7 +10,13 @@ branch. By default the teacher runs on token arrays padded to the full width
 train_token_step=0 every distinct schedule is a branch of its own at exact shapes.
 The key is derived from the seed and the step number, so the whole
 step is a deterministic function of (state, batch) and a resumed run repeats an
-uninterrupted one exactly; r' is the same over the global batch.
+uninterrupted one exactly.
+
+r' is drawn for each group of ``fusion.teacher_group_size`` consecutive examples of the
+global batch (the official code draws one per GPU: 8 per step of its 8 x 128 images), or
+once for the whole batch. Groups need the padded teacher: its merge counts are runtime
+values, per example, and the groups run together in the branch whose layout fits the
+smallest r' drawn (``padded.covering_layout``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import optax
 
 from mctf_jax import losses, padded
-from mctf_jax.config import FusionConfig
+from mctf_jax.config import ConfigError, FusionConfig
 from mctf_jax.model import VisionTransformer, consistency
 from mctf_jax.schedule import Schedule
 
@@ -93,6 +99,25 @@ def step_teachers(model: VisionTransformer) -> TeacherBranches:
   return teacher_branches(model, token_grid(model) if padded_training(model) else None)
 
 
+def teacher_groups(model: VisionTransformer, batch_size: int) -> int:
+  """How many r' a train step on a global batch of `batch_size` draws: one per
+  ``fusion.teacher_group_size`` examples, or one (size 0, or a batch no larger)."""
+  size = model.fusion.teacher_group_size
+  if not teacher_values(model.fusion) or not size or batch_size <= size:
+    return 1
+  if batch_size % size:
+    raise ConfigError(f"batch_size={batch_size} is not a multiple of "
+                      f"fusion.teacher_group_size={size} (the examples that share one "
+                      f"teacher r'); choose a multiple, or teacher_group_size=0 for one r' "
+                      f"per batch")
+  if not padded_training(model):
+    raise ConfigError(f"fusion.teacher_group_size={size} splits the batch of {batch_size} "
+                      f"into groups with an r' each, which needs the padded teacher "
+                      f"(fusion.train_token_step None or > 0, pooling other than 'max'); "
+                      f"or set teacher_group_size=0")
+  return batch_size // size
+
+
 def shared_blocks(schedules) -> int:
   """How many leading blocks fuse in none of `schedules`. The student and every teacher
   compute these blocks identically, so a train step runs them once (DeiT-S MCTF: block 0;
@@ -108,18 +133,23 @@ def _step_keys(base_key, step):
   return jax.random.split(jax.random.fold_in(base_key, step), 4)
 
 
-def _draw(key, num_values: int):
-  return jax.random.randint(key, (), 0, num_values)
+def _draw(key, num_values: int, groups: int = 1):
+  """Indices into the teacher values: a scalar for one group (the draw of a step before
+  there were groups), else one per group."""
+  return jax.random.randint(key, () if groups == 1 else (groups,), 0, num_values)
 
 
-def teacher_value_at(model: VisionTransformer, seed: int, step: int):
-  """The r' that the train step numbered `step` (0-based) draws, or None without a teacher.
-  (benchmarks/train_step.py uses it to time every r' alike.)"""
+def teacher_value_at(model: VisionTransformer, seed: int, step: int, batch_size: int = 0):
+  """The r' that the train step numbered `step` (0-based) draws on a global batch of
+  batch_size: one value, or a tuple of one per group (``teacher_groups``); None without a
+  teacher. (benchmarks/train_step.py uses it to time every r' alike.)"""
   values = teacher_values(model.fusion)
   if not values:
     return None
+  groups = teacher_groups(model, batch_size)
   k_draw = _step_keys(jax.random.PRNGKey(seed), step)[0]
-  return values[int(_draw(k_draw, len(values)))]
+  draw = np.asarray(_draw(k_draw, len(values), groups))
+  return values[int(draw)] if groups == 1 else tuple(values[int(i)] for i in draw)
 
 
 def loss_config(config) -> losses.LossConfig:
@@ -162,8 +192,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     # Every r' runs its branch's program with its own merge counts, read from this table.
     teacher_splits = (np.stack([padded.splits_of(s) for s in value_schedules])
                       if value_schedules else None)
+    # With groups: the branch that fits the smallest r' drawn (and every larger one).
+    value_layouts = [teachers.layouts[b] for b in teachers.branch_of_value]
+    covering = [padded.covering_layout(value_layouts[i:]) for i in range(len(value_layouts))]
   else:
     student_path, student_splits = student_schedule, None
+  if config.get("batch_size") is not None:
+    teacher_groups(model, int(config.batch_size))   # a bad batch or group size fails here
 
   def shared_tokens(params, images, k_embed, k_blocks):
     # The embedding and the blocks before the first fusion, common to both paths (as the
@@ -226,13 +261,25 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
                             state.params)
     teacher_cls, teacher_r = None, jnp.zeros((), jnp.float32)
     if teachers.values:
-      draw = _draw(k_draw, len(teachers.values))
-      branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
-      teacher_r = jnp.asarray(teachers.values, jnp.float32)[draw]
-      if pad:
+      batch_size = batch["image"].shape[0]
+      groups = teacher_groups(model, batch_size)
+      draw = _draw(k_draw, len(teachers.values), groups)
+      teacher_r = jnp.mean(jnp.asarray(teachers.values, jnp.float32)[draw])
+      if groups > 1:
+        # All drew r' = 0: its own branch (no fusion). Else the smallest r' drawn decides.
+        paths = list(teachers.layouts)
+        paths += [c for c in dict.fromkeys(covering) if c not in paths]
+        lowest = jnp.asarray([paths.index(c) for c in covering], jnp.int32)[jnp.min(draw)]
+        branch = jnp.where(jnp.max(draw) == 0, teachers.branch_of_value[0], lowest)
+        # (depth, B, 2): the merge counts of each example's group.
+        splits = jnp.repeat(jnp.asarray(teacher_splits)[draw], batch_size // groups, axis=0)
+        splits = jnp.transpose(splits, (1, 0, 2))
+      elif pad:
+        branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
         paths = list(teachers.layouts)
         splits = jnp.asarray(teacher_splits)[draw]
       else:
+        branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
         paths = list(teachers.schedules)
         splits = jnp.zeros((depth, 2), jnp.int32)   # unused
       loss_teacher, teacher_cls, (teacher_grads, teacher_dh) = jax.lax.switch(

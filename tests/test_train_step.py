@@ -10,9 +10,10 @@ import pytest
 
 import mctf_jax
 from mctf_jax import losses, optim, parallel
+from mctf_jax.config import ConfigError
 from mctf_jax.train_step import (TrainState, make_train_step, padded_training, shared_blocks,
-                                 step_teachers, teacher_branches, teacher_value_at,
-                                 teacher_values)
+                                 step_teachers, teacher_branches, teacher_groups,
+                                 teacher_value_at, teacher_values)
 from configs import default
 
 
@@ -116,6 +117,61 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
                  new.params, want)
 
 
+def test_each_group_of_the_batch_draws_its_own_teacher_r():
+  """With fusion.teacher_group_size=8 a batch of 16 is two groups, each with its own r'
+  (the official code: one per GPU). The step gives the loss and gradient of the model's
+  own teacher path run on each group at its r', the outputs joined before the loss (the
+  consistency loss averages over the whole batch)."""
+  config = small_config(teacher_group_size=8)
+  model = mctf_jax.create_model(config)
+  assert teacher_groups(model, 16) == 2 and teacher_groups(model, 8) == 1
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  tx = optax.sgd(1.0)
+  step = jax.jit(make_train_step(model, tx, config))
+  cfg = losses.LossConfig(0.1, config.loss.consistency_threshold, (1.0, 1.0, 3.0))
+  draws = {i: teacher_value_at(model, config.seed, i, 16) for i in range(40)}
+  assert all(len(d) == 2 for d in draws.values())
+  # A step that draws 0 beside a larger r' (the fused branch, one group merging nothing),
+  # and one that draws two different r' > 0.
+  mixed = next(i for i, d in draws.items() if min(d) == 0 and max(d) == 2)
+  above = next(i for i, d in draws.items() if min(d) == 1 and max(d) == 2)
+  for i, mixup in ((mixed, False), (above, True)):
+    batch = _batch(2, mixup=mixup)
+    new, metrics = step(TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None),
+                        batch)
+    np.testing.assert_allclose(metrics["teacher_r"], np.mean(draws[i]), rtol=1e-6)
+
+    def loss_fn(p):
+      outs = [model.apply({"params": p}, batch["image"][8 * g:8 * g + 8], train=True,
+                          teacher_r=r) for g, r in enumerate(draws[i])]
+      out = {k: jnp.concatenate([o[k] for o in outs]) for k in outs[0]}
+      return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
+                              mixed_labels=batch.get("mixed_label"))
+
+    (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    for k in ("loss_student", "loss_teacher", "loss_consistency", "pass_rate"):
+      np.testing.assert_allclose(metrics[k], parts[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    want = jax.tree.map(lambda p, g: p - g, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 new.params, want)
+
+
+def test_teacher_groups_need_a_fitting_batch_and_the_padded_teacher():
+  model = mctf_jax.create_model(small_config(teacher_group_size=6))
+  with pytest.raises(ConfigError, match="batch_size=16 is not a multiple of "
+                                        "fusion.teacher_group_size=6"):
+    make_train_step(model, optax.sgd(1.0), small_config(teacher_group_size=6))
+  exact = small_config(teacher_group_size=4, train_token_step=0)
+  with pytest.raises(ConfigError, match="needs the padded teacher"):
+    make_train_step(mctf_jax.create_model(exact), optax.sgd(1.0), exact)
+  for fine in (dict(teacher_group_size=0), dict(teacher_group_size=16),
+               dict(teacher_group_size=4, teacher_r_max=0.0)):
+    assert teacher_groups(mctf_jax.create_model(small_config(**fine)), 16) == 1
+  with pytest.raises(ConfigError, match="teacher_group_size must be an integer >= 0"):
+    mctf_jax.create_model(small_config(teacher_group_size=-1))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_scanned_step_equals_unrolled(dtype):
   """fusion.train_scan_blocks (alike padded blocks as one lax.scan: the teacher's fused
@@ -168,7 +224,9 @@ def _run(config, mesh, steps=3):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_eight_devices_equal_one():
-  config = small_config()
+  """Four groups of the batch of 16 draw their own r', their examples split over the
+  devices. (One r' per batch on several devices: test_entry_points' two processes.)"""
+  config = small_config(teacher_group_size=4)
   one, h1 = _run(config, parallel.create_mesh(1, jax.devices()[:1]))
   # Data parallel over 4 and parameters sharded over 2: both kinds of parallelism at once.
   config.mesh.fsdp = 2
