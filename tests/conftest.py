@@ -6,6 +6,12 @@ import os
 # Multi-device behaviour is tested on 8 simulated CPU devices (set before JAX starts).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's time is mostly XLA compiling many small programs, which LLVM's optimisation
+# level 0 does ~30% faster; the numerics are the same (no fast-math either way). Set here,
+# the flag reaches the train.py/eval.py subprocesses too. Benchmarks run at the default.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
 import tempfile
 

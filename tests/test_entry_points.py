@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint
+from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=tests/configs/digits_tiny.py"
@@ -25,7 +26,7 @@ TOTAL = 44   # 2 epochs of 22 steps
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("XLA_FLAGS", None)   # one device, unless a test asks for more
+  env["XLA_FLAGS"] = FAST_COMPILE   # one device, unless a test asks for more
   return env
 
 
@@ -153,7 +154,7 @@ def test_train_py_clear_errors(finished, tmp_path, env):
   assert "model.embed_dim: 32 there, 48 now" in other.stderr
   unknown = run(["train.py", CONFIG, f"--workdir={tmp_path}/u", "--config.batchsize=3"], env)
   assert unknown.returncode != 0 and "batchsize" in unknown.stderr
-  eight = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
   odd = run(["train.py", CONFIG, f"--workdir={tmp_path}/b", "--config.batch_size=60"], eight)
   assert odd.returncode == 1
   assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
