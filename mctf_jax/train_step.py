@@ -192,9 +192,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     # Every r' runs its branch's program with its own merge counts, read from this table.
     teacher_splits = (np.stack([padded.splits_of(s) for s in value_schedules])
                       if value_schedules else None)
-    # With groups: the branch that fits the smallest r' drawn (and every larger one).
+    # With groups (several r' a step): the branch that fits the smallest r' drawn and
+    # every larger one, after the branches of one r'.
     value_layouts = [teachers.layouts[b] for b in teachers.branch_of_value]
     covering = [padded.covering_layout(value_layouts[i:]) for i in range(len(value_layouts))]
+    group_paths = list(teachers.layouts) + [c for c in dict.fromkeys(covering)
+                                            if c not in teachers.layouts]
+    group_branch_of_lowest = [group_paths.index(c) for c in covering]
   else:
     student_path, student_splits = student_schedule, None
   if config.get("batch_size") is not None:
@@ -267,21 +271,17 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
       teacher_r = jnp.mean(jnp.asarray(teachers.values, jnp.float32)[draw])
       if groups > 1:
         # All drew r' = 0: its own branch (no fusion). Else the smallest r' drawn decides.
-        paths = list(teachers.layouts)
-        paths += [c for c in dict.fromkeys(covering) if c not in paths]
-        lowest = jnp.asarray([paths.index(c) for c in covering], jnp.int32)[jnp.min(draw)]
+        lowest = jnp.asarray(group_branch_of_lowest, jnp.int32)[jnp.min(draw)]
         branch = jnp.where(jnp.max(draw) == 0, teachers.branch_of_value[0], lowest)
+        paths = group_paths
         # (depth, B, 2): the merge counts of each example's group.
         splits = jnp.repeat(jnp.asarray(teacher_splits)[draw], batch_size // groups, axis=0)
         splits = jnp.transpose(splits, (1, 0, 2))
-      elif pad:
-        branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
-        paths = list(teachers.layouts)
-        splits = jnp.asarray(teacher_splits)[draw]
       else:
         branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
-        paths = list(teachers.schedules)
-        splits = jnp.zeros((depth, 2), jnp.int32)   # unused
+        paths = list(teachers.layouts if pad else teachers.schedules)
+        splits = (jnp.asarray(teacher_splits)[draw] if pad
+                  else jnp.zeros((depth, 2), jnp.int32))   # unused at exact shapes
       loss_teacher, teacher_cls, (teacher_grads, teacher_dh) = jax.lax.switch(
           branch, [teacher_branch(p) for p in paths], state.params, h, batch, k_teacher,
           splits, first)

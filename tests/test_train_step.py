@@ -72,6 +72,17 @@ def test_shared_blocks():
                    variables, jnp.zeros((1, 17, 32)))
 
 
+def _assert_sgd_step_is(new, metrics, params, loss_fn):
+  """The step (SGD at lr 1, so params - grads) gave loss_fn's loss, parts and gradient."""
+  (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  for k in ("loss_student", "loss_teacher", "loss_consistency", "pass_rate"):
+    np.testing.assert_allclose(metrics[k], parts[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  want = jax.tree.map(lambda p, g: p - g, params, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               new.params, want)
+
+
 @pytest.mark.parametrize("depth,layers,token_step", [(2, (1,), None), (3, (0, 2), 16),
                                                      (3, (0, 2), 0)])
 def test_step_equals_model_teacher_path(depth, layers, token_step):
@@ -108,13 +119,7 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
       return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
                               mixed_labels=batch.get("mixed_label"))
 
-    (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-    for k in ("loss_student", "loss_teacher", "loss_consistency", "pass_rate"):
-      np.testing.assert_allclose(metrics[k], parts[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    want = jax.tree.map(lambda p, g: p - g, params, grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 new.params, want)
+    _assert_sgd_step_is(new, metrics, params, loss_fn)
 
 
 def test_each_group_of_the_batch_draws_its_own_teacher_r():
@@ -148,13 +153,7 @@ def test_each_group_of_the_batch_draws_its_own_teacher_r():
       return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
                               mixed_labels=batch.get("mixed_label"))
 
-    (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-    for k in ("loss_student", "loss_teacher", "loss_consistency", "pass_rate"):
-      np.testing.assert_allclose(metrics[k], parts[k], rtol=1e-5, atol=1e-7, err_msg=k)
-    want = jax.tree.map(lambda p, g: p - g, params, grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 new.params, want)
+    _assert_sgd_step_is(new, metrics, params, loss_fn)
 
 
 def test_teacher_groups_need_a_fitting_batch_and_the_padded_teacher():
