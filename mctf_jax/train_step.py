@@ -133,6 +133,28 @@ def _step_keys(base_key, step):
   return jax.random.split(jax.random.fold_in(base_key, step), 4)
 
 
+class GroupBranches(NamedTuple):
+  layouts: tuple            # the switch's branches: the teacher's own, then the covering
+                            # layouts they lack
+  branch_of_lowest: tuple   # values[i] is the smallest r' drawn: the branch that fits it
+                            # and every larger value
+
+
+def group_branches(teachers: TeacherBranches) -> GroupBranches:
+  """The switch branches of a padded teacher whose step draws several r' (``teacher_groups``
+  > 1): the groups run together in the layout that fits the smallest r' drawn and every
+  larger one (``padded.covering_layout``), or all drew 0 and run its unfused branch. At
+  full width that is the branch of the r' > 0; on a token grid a draw of 0 beside larger r'
+  needs a fusing layout at the full width, a branch of its own."""
+  if teachers.layouts is None:
+    raise ValueError("groups of r' need the padded teacher (TeacherBranches.layouts)")
+  value_layouts = [teachers.layouts[b] for b in teachers.branch_of_value]
+  covering = [padded.covering_layout(value_layouts[i:]) for i in range(len(value_layouts))]
+  layouts = list(teachers.layouts) + [c for c in dict.fromkeys(covering)
+                                      if c not in teachers.layouts]
+  return GroupBranches(tuple(layouts), tuple(layouts.index(c) for c in covering))
+
+
 def _draw(key, num_values: int, groups: int = 1):
   """Indices into the teacher values: a scalar for one group (the draw of a step before
   there were groups), else one per group."""
@@ -192,15 +214,10 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     # Every r' runs its branch's program with its own merge counts, read from this table.
     teacher_splits = (np.stack([padded.splits_of(s) for s in value_schedules])
                       if value_schedules else None)
-    # With groups (several r' a step): the branch that fits the smallest r' drawn and
-    # every larger one, after the branches of one r'.
-    value_layouts = [teachers.layouts[b] for b in teachers.branch_of_value]
-    covering = [padded.covering_layout(value_layouts[i:]) for i in range(len(value_layouts))]
-    group_paths = list(teachers.layouts) + [c for c in dict.fromkeys(covering)
-                                            if c not in teachers.layouts]
-    group_branch_of_lowest = [group_paths.index(c) for c in covering]
+    # With groups (several r' a step): the branch that fits the smallest r' drawn.
+    grouped = group_branches(teachers) if teachers.values else None
   else:
-    student_path, student_splits = student_schedule, None
+    student_path, student_splits, grouped = student_schedule, None, None
   if config.get("batch_size") is not None:
     teacher_groups(model, int(config.batch_size))   # a bad batch or group size fails here
 
@@ -271,9 +288,9 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
       teacher_r = jnp.mean(jnp.asarray(teachers.values, jnp.float32)[draw])
       if groups > 1:
         # All drew r' = 0: its own branch (no fusion). Else the smallest r' drawn decides.
-        lowest = jnp.asarray(group_branch_of_lowest, jnp.int32)[jnp.min(draw)]
+        lowest = jnp.asarray(grouped.branch_of_lowest, jnp.int32)[jnp.min(draw)]
         branch = jnp.where(jnp.max(draw) == 0, teachers.branch_of_value[0], lowest)
-        paths = group_paths
+        paths = grouped.layouts
         # (depth, B, 2): the merge counts of each example's group.
         splits = jnp.repeat(jnp.asarray(teacher_splits)[draw], batch_size // groups, axis=0)
         splits = jnp.transpose(splits, (1, 0, 2))

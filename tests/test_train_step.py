@@ -9,10 +9,10 @@ import optax
 import pytest
 
 import mctf_jax
-from mctf_jax import losses, optim, parallel
+from mctf_jax import losses, optim, padded, parallel
 from mctf_jax.config import ConfigError
-from mctf_jax.train_step import (TrainState, make_train_step, padded_training, shared_blocks,
-                                 step_teachers, teacher_branches, teacher_groups,
+from mctf_jax.train_step import (TrainState, group_branches, make_train_step, padded_training,
+                                 shared_blocks, step_teachers, teacher_branches, teacher_groups,
                                  teacher_value_at, teacher_values)
 from configs import default
 
@@ -126,10 +126,22 @@ def test_each_group_of_the_batch_draws_its_own_teacher_r():
   """With fusion.teacher_group_size=8 a batch of 16 is two groups, each with its own r'
   (the official code: one per GPU). The step gives the loss and gradient of the model's
   own teacher path run on each group at its r', the outputs joined before the loss (the
-  consistency loss averages over the whole batch)."""
-  config = small_config(teacher_group_size=8)
+  consistency loss averages over the whole batch).
+
+  On a token grid of step 1 each r' has its own layout, so the groups share a covering
+  one: r' = 1 and 2 run in r' = 1's; 0 beside 2 in a branch of its own, which fuses at
+  the full width (the layout of the default full-width teacher's r' > 0)."""
+  config = small_config(teacher_group_size=8, train_token_step=1)
   model = mctf_jax.create_model(config)
   assert teacher_groups(model, 16) == 2 and teacher_groups(model, 8) == 1
+  teachers = step_teachers(model)
+  grouped = group_branches(teachers)
+  full = padded.PaddedLayout((17,) * 4, (False, True, True))
+  assert [l.widths for l in teachers.layouts] == [(17,) * 4, (17, 17, 16, 15),
+                                                  (17, 17, 15, 13)]
+  assert grouped.layouts == teachers.layouts + (full,)
+  assert grouped.branch_of_lowest == (3, 1, 2)
+  assert step_teachers(mctf_jax.create_model(small_config())).layouts[1] == full
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tx = optax.sgd(1.0)
   step = jax.jit(make_train_step(model, tx, config))
