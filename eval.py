@@ -69,6 +69,8 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
                                f"fusion.layers is empty; set --config.fusion.layers")
   mesh = parallel.create_mesh(config.mesh.fsdp)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  # The checkpoint first: a wrong path or config fails before the input pipeline starts.
+  params = ckpt_lib.load_params(checkpoint, config, ema=ema)
   info = data.dataset_info(config)
   if info.num_classes != config.model.num_classes:
     raise mctf_jax.ConfigError(f"dataset {info.name} has {info.num_classes} classes but "
@@ -77,7 +79,6 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   say(f"evaluating {checkpoint} on {info.name} ({split or config.data.eval_split}, "
       f"{info.num_eval} images) at r = {list(r_values)} on {mesh.devices.size} device(s)")
 
-  params = ckpt_lib.load_params(checkpoint, config, ema=ema)
   param_sh = parallel.tree_shardings(mesh, params)
   params = jax.device_put(params, param_sh)
   batches_per_host = -(-info.num_eval // config.eval_batch_size)

@@ -5,6 +5,8 @@ import hashlib
 import io
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,6 +19,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from configs import default
 from mctf_jax import data
 from mctf_jax.data import augment, sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEAN = np.array(default.get_config().data.mean, np.float32)
 STD = np.array(default.get_config().data.std, np.float32)
@@ -522,3 +526,19 @@ def test_throughput(tmp_path):
     while time.perf_counter() - start < 10:
       count += len(next(it)["label"])
     print(f"{name}: {count / (time.perf_counter() - start):.0f} img/s")
+
+
+def test_tensorflow_is_imported_when_the_pipeline_is_first_used():
+  """train.py and eval.py catch DataError without TensorFlow's start-up (~5 s): its errors
+  about arguments, configs and checkpoints come first."""
+  code = ("import sys\n"
+          "from mctf_jax.data import DataError\n"
+          "assert 'tensorflow' not in sys.modules, 'imported TensorFlow'\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert done.returncode == 0, done.stderr
+  # Here (TensorFlow imported by this module) the names resolve to the modules' own.
+  assert data.DataError is sources.DataError and data.DatasetInfo is sources.DatasetInfo
+  assert data.dataset_info.__module__ == "mctf_jax.data.pipeline"
+  with pytest.raises(AttributeError, match="has no attribute 'Pipeline'"):
+    data.Pipeline

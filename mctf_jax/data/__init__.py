@@ -17,35 +17,33 @@ RandAugment ops matching Pillow's within one grey level (mctf_jax.data.augment).
 training stream is a pure function of (seed, process, step): resuming at a step gives the
 batches an uninterrupted run gives (mctf_jax.data.pipeline).
 
-TensorFlow runs on the CPU only: importing this package hides the GPUs/TPUs from it so that
-it never takes accelerator memory.
+TensorFlow runs on the CPU only: the first module of this package that needs it hides the
+GPUs/TPUs from it (mctf_jax.data._tf) so that it never takes accelerator memory. The package
+imports its modules, and TensorFlow, when one of their names is first used: train.py and
+eval.py check their arguments, config and checkpoint before paying TensorFlow's start-up.
 """
 
-import warnings
+import importlib
 
-import tensorflow as tf
+from mctf_jax.data.errors import DataError
 
+_LAZY = {
+    "MixupSpec": "augment", "RandAugmentSpec": "augment", "parse_randaugment": "augment",
+    "Settings": "pipeline", "TrainPipeline": "pipeline", "dataset_info": "pipeline",
+    "eval_batches": "pipeline", "eval_transform": "pipeline", "settings": "pipeline",
+    "DatasetInfo": "sources", "load_digits_split": "sources",
+}
 
-def _hide_accelerators():
-  for kind in ("GPU", "TPU"):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except ValueError:     # no such device type
-      pass
-    except RuntimeError:   # TensorFlow had set up its devices before this import
-      if tf.config.get_visible_devices(kind):
-        warnings.warn(f"TensorFlow was initialised before mctf_jax.data was imported and "
-                      f"sees {kind}s, whose memory it may take; import mctf_jax.data first")
+__all__ = ["DataError", *_LAZY]
 
 
-_hide_accelerators()
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+  globals()[name] = value
+  return value
 
-from mctf_jax.data.augment import (MixupSpec, RandAugmentSpec,  # noqa: E402
-                                   parse_randaugment)
-from mctf_jax.data.pipeline import (Settings, TrainPipeline, dataset_info,  # noqa: E402
-                                    eval_batches, eval_transform, settings)
-from mctf_jax.data.sources import DataError, DatasetInfo, load_digits_split  # noqa: E402
 
-__all__ = ["DatasetInfo", "DataError", "TrainPipeline", "dataset_info", "eval_batches",
-           "eval_transform", "load_digits_split", "settings", "Settings", "parse_randaugment",
-           "RandAugmentSpec", "MixupSpec"]
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))

@@ -23,7 +23,7 @@ import math
 import re
 from typing import Callable, Optional, Sequence
 
-import tensorflow as tf
+from mctf_jax.data._tf import tf
 
 LEVEL_DENOM = 10.0  # timm: magnitude 10 = full strength
 

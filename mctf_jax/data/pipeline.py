@@ -20,9 +20,9 @@ import math
 from typing import Any, Iterator, Optional
 
 import numpy as np
-import tensorflow as tf
 
 from mctf_jax.data import augment, sources
+from mctf_jax.data._tf import tf
 from mctf_jax.data.augment import MixupSpec, RandAugmentSpec
 from mctf_jax.data.sources import DataError, DatasetInfo
 

@@ -15,18 +15,15 @@ import os
 from typing import Any, Callable, Optional
 
 import numpy as np
-import tensorflow as tf
 
 from mctf_jax.data import augment
+from mctf_jax.data._tf import tf
+from mctf_jax.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DIGITS_EVAL_SPLITS = ("test", "validation")
-
-
-class DataError(ValueError):
-  """A dataset that cannot be read as configured (missing, unprepared, empty, bad split)."""
 
 
 @dataclasses.dataclass(frozen=True)
