@@ -55,7 +55,9 @@ def test_forward_shapes_and_fusion_invariants(tiny):
                                           ("approx", "max"), ("approx", "mean"),
                                           ("off", "attn"), ("precise", "attn")])
 def test_every_mode_and_pooling_runs_and_differentiates(mode, pooling):
-  config = tiny_config(one_step_ahead=mode, pooling=pooling, prop_attn=pooling != "mean")
+  config = tiny_config(one_step_ahead=mode, pooling=pooling, prop_attn=pooling != "mean",
+                       layers=(1, 2))
+  config["model"]["depth"] = 3   # two fused blocks: the second sees a merged map
   model = mctf_jax.create_model(config)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
