@@ -91,8 +91,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   itemsize = storage.dtype.itemsize
   if offset < 0 or min(stride, default=0) < 0 or (
       offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage)):
-    raise pickle.UnpicklingError(f"tensor of size {size} at offset {offset} runs past the "
-                                 f"end of its storage ({len(storage)} elements)")
+    raise FormatError(f"tensor of size {size} at offset {offset} runs past the end of its "
+                      f"storage ({len(storage)} elements)")
   if not size:
     return storage[offset].copy()
   view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
@@ -187,8 +187,8 @@ def _load_zip(path: str):
     def read_storage(key, dtype, numel):
       raw = archive.read(f"{prefix}data/{key}")
       if len(raw) < numel * dtype.itemsize:
-        raise pickle.UnpicklingError(f"storage {key} holds {len(raw)} bytes, its tensors "
-                                     f"need {numel * dtype.itemsize}")
+        raise FormatError(f"storage {key} holds {len(raw)} bytes, its tensors need "
+                          f"{numel * dtype.itemsize}")
       return np.frombuffer(raw, dtype.newbyteorder("<"), count=numel)
 
     with archive.open(name) as f:

@@ -144,8 +144,20 @@ def test_tensor_past_its_storage_is_refused():
                                 [[2, 3], [4, 5]])
   for offset, size, stride in [(3, (2, 2), (2, 1)), (0, (7,), (1,)), (6, (), ()),
                                (-1, (2,), (1,)), (5, (2,), (-1,))]:
-    with pytest.raises(pickle.UnpicklingError, match="past the end|storage"):
+    with pytest.raises(torch_pickle.FormatError, match="runs past the end of its storage"):
       torch_pickle._rebuild_tensor(storage, offset, size, stride)
+
+
+def test_zip_storage_shorter_than_its_tensors(tmp_path):
+  with zipfile.ZipFile(os.path.join(DATA, "torch_reader.pth")) as z:
+    entries = {i.filename: z.read(i) for i in z.infolist()}
+  entries["torch_reader/data/1"] = entries["torch_reader/data/1"][:-4]
+  with zipfile.ZipFile(tmp_path / "short.pth", "w") as z:
+    for name, raw in entries.items():
+      z.writestr(name, raw)
+  with pytest.raises(convert.CheckpointError,
+                     match=r"short.pth'?: storage 1 holds 236 bytes, its tensors need 240"):
+    convert.load_state_dict(str(tmp_path / "short.pth"))
 
 
 @pytest.mark.parametrize("name", ["tiny_deit.pth", "tiny_deit_legacy.pth"])
