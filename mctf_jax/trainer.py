@@ -25,8 +25,8 @@ import numpy as np
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import evaluation, optim, parallel
-from mctf_jax.train_step import (TrainState, count_params, make_train_step, step_teachers,
-                                 tree_is_finite)
+from mctf_jax.train_step import (TrainState, count_params, group_branches, make_train_step,
+                                 step_teachers, teacher_groups, tree_is_finite)
 
 logger = logging.getLogger("mctf_jax.train")
 
@@ -248,6 +248,10 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = mctf_jax.create_model(config)
   teachers = step_teachers(model)
+  groups = teacher_groups(model, config.batch_size)
+  # The switch's branches (with several r' a step, also the layouts that cover them).
+  num_branches = (len(group_branches(teachers).layouts) if groups > 1
+                  else len(teachers.schedules))
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
        jax.__version__, jax.process_count(), mesh.devices.size,
@@ -257,8 +261,10 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   _log("config:\n%s", config)
   _log("student %s", model.schedule())
   if teachers.values:
-    _log("teacher r' drawn from %s: %d switch branch(es)%s, ending at %s tokens",
-         list(teachers.values), len(teachers.schedules),
+    _log("teacher r' drawn from %s%s: %d switch branch(es)%s, ending at %s tokens",
+         list(teachers.values),
+         (f" for each group of {config.batch_size // groups} images ({groups} a step)"
+          if groups > 1 else ""), num_branches,
          ("" if not teachers.layouts else " (token arrays padded to the full width)"
           if model.fusion.train_token_step is None else
           f" (token arrays padded to a grid of step {model.fusion.train_token_step})"),
@@ -361,7 +367,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           t0 = time.time()
           train_step = train_step.lower(state, batch).compile()
           _log("compiled the train step (student + %d teacher branch(es)) in %.1f s",
-               len(teachers.schedules), time.time() - t0)
+               num_branches, time.time() - t0)
           t_log = t_run = time.time()
         state, metrics = train_step(state, batch)
         history.append((step, metrics))
