@@ -178,9 +178,7 @@ def main(argv):
 
   branches = ts.step_teachers(model)
   groups = ts.teacher_groups(model, FLAGS.batch_size)
-  # The switch's branches (with groups, the covering layouts a step may also run).
-  num_branches = (len(ts.group_branches(branches).layouts) if groups > 1
-                  else len(branches.schedules))
+  num_branches = len(ts.switch_paths(branches, groups))
   if groups == 1:
     values = branches.values
     step_of = {}

@@ -155,6 +155,14 @@ def group_branches(teachers: TeacherBranches) -> GroupBranches:
   return GroupBranches(tuple(layouts), tuple(layouts.index(c) for c in covering))
 
 
+def switch_paths(teachers: TeacherBranches, groups: int = 1) -> tuple:
+  """The branches of the train step's teacher switch: a Schedule each (exact shapes) or a
+  PaddedLayout each, with several r' a step (`groups` > 1) also the covering layouts."""
+  if groups > 1:
+    return group_branches(teachers).layouts
+  return teachers.schedules if teachers.layouts is None else teachers.layouts
+
+
 def _draw(key, num_values: int, groups: int = 1):
   """Indices into the teacher values: a scalar for one group (the draw of a step before
   there were groups), else one per group."""
@@ -296,7 +304,7 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
         splits = jnp.transpose(splits, (1, 0, 2))
       else:
         branch = jnp.asarray(teachers.branch_of_value, jnp.int32)[draw]
-        paths = list(teachers.layouts if pad else teachers.schedules)
+        paths = switch_paths(teachers)
         splits = (jnp.asarray(teacher_splits)[draw] if pad
                   else jnp.zeros((depth, 2), jnp.int32))   # unused at exact shapes
       loss_teacher, teacher_cls, (teacher_grads, teacher_dh) = jax.lax.switch(

@@ -25,8 +25,8 @@ import numpy as np
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import evaluation, optim, parallel
-from mctf_jax.train_step import (TrainState, count_params, group_branches, make_train_step,
-                                 step_teachers, teacher_groups, tree_is_finite)
+from mctf_jax.train_step import (TrainState, count_params, make_train_step, step_teachers,
+                                 switch_paths, teacher_groups, tree_is_finite)
 
 logger = logging.getLogger("mctf_jax.train")
 
@@ -249,9 +249,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   model = mctf_jax.create_model(config)
   teachers = step_teachers(model)
   groups = teacher_groups(model, config.batch_size)
-  # The switch's branches (with several r' a step, also the layouts that cover them).
-  num_branches = (len(group_branches(teachers).layouts) if groups > 1
-                  else len(teachers.schedules))
+  num_branches = len(switch_paths(teachers, groups))
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
        jax.__version__, jax.process_count(), mesh.devices.size,
