@@ -6,7 +6,8 @@ r"""Evaluate a checkpoint at several r: accuracy, GFLOPs and throughput in one t
 PATH: a directory written by train.py (its latest checkpoint) or by
 ``python -m mctf_jax.convert``, or a PyTorch .pth/.npz/.safetensors (converted on the fly).
 Every image of the split is scored (padded last batch, on every host). Writes the table as
-JSON and CSV to --output_dir (default: PATH/eval, or ./eval_results for a file).
+JSON and CSV to --output_dir (or config.eval.output_dir; default: PATH/eval, or
+./eval_results for a file), which is checked before the evaluation starts.
 """
 
 import csv
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -41,6 +43,22 @@ def _default_output_dir(checkpoint: str) -> str:
   if os.path.isdir(checkpoint):
     return os.path.join(checkpoint, "eval")
   return os.path.abspath("eval_results")
+
+
+class OutputDirError(Exception):
+  """The results cannot be written where they are asked for."""
+
+
+def _prepare_output_dir(path: str) -> None:
+  """Creates `path` and checks that a file can be written in it, before the evaluation
+  (which can take hours) rather than after it."""
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise OutputDirError(f"cannot write the results to {path} (--output_dir or "
+                         f"config.eval.output_dir): {e.strerror or e}; give a writable --output_dir") from None
 
 
 def format_table(rows) -> str:
@@ -71,6 +89,8 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # The checkpoint first: a wrong path or config fails before the input pipeline starts.
   params = ckpt_lib.load_params(checkpoint, config, ema=ema)
+  if jax.process_index() == 0:
+    _prepare_output_dir(output_dir)
   info = data.dataset_info(config)
   if info.num_classes != config.model.num_classes:
     raise mctf_jax.ConfigError(f"dataset {info.name} has {info.num_classes} classes but "
@@ -106,7 +126,6 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
 
   say("\n" + format_table(rows))
   if jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
     device = jax.local_devices()[0]
     result = {"config": config_name, "checkpoint": checkpoint,
               "dataset": info.name, "split": split or config.data.eval_split,
@@ -130,12 +149,13 @@ def main(argv):
   from mctf_jax.convert import CheckpointError
   from mctf_jax.data import DataError
   parallel.setup_runtime(FLAGS)
-  output_dir = FLAGS.output_dir or _default_output_dir(FLAGS.checkpoint)
+  output_dir = (FLAGS.output_dir or FLAGS.config.eval.output_dir
+                or _default_output_dir(FLAGS.checkpoint))
   try:
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,
         throughput_batch=FLAGS.throughput_batch,
         config_name=config_flags.get_config_filename(FLAGS["config"]))
-  except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+  except (ConfigError, CheckpointError, DataError, FileNotFoundError, OutputDirError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -106,6 +106,6 @@ def get_config():
 
   config.eval = ml_collections.ConfigDict(dict(
       r_values=(),                # r to evaluate at (empty: fusion.r and 0)
-      output_dir="",
+      output_dir="",              # eval.py's results (empty: CHECKPOINT/eval); --output_dir wins
   ))
   return config

@@ -145,6 +145,14 @@ def test_eval_py_clear_errors(finished, tmp_path, env):
                     "--throughput_batch=0"], env)
   assert unreadable.returncode == 1 and "notes.pth" in unreadable.stderr
   assert "Traceback" not in unreadable.stderr
+  # Results that cannot be written fail before the evaluation, from the flag or the config.
+  for where in (f"--output_dir={tmp_path}/notes.pth",
+                f"--config.eval.output_dir={tmp_path}/notes.pth/x"):
+    unwritable = run(["eval.py", CONFIG, f"--checkpoint={workdir}", where,
+                      "--throughput_batch=0"], env)
+    assert unwritable.returncode == 1, unwritable.stderr
+    assert f"cannot write the results to {tmp_path}/notes.pth" in unwritable.stderr
+    assert "evaluating" not in unwritable.stdout and "Traceback" not in unwritable.stderr
 
 
 def test_train_py_clear_errors(finished, tmp_path, env):
