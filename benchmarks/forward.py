@@ -65,13 +65,19 @@ def main(argv):
   import jax
   from mctf_jax import benchmark, profiling
 
+  # Every config and the --json path are checked before the first config is timed.
+  if FLAGS.json:
+    try:
+      benchmark.check_output_file(FLAGS.json)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  configs = {os.path.splitext(os.path.basename(name))[0]: _load_config(name)
+             for name in FLAGS.configs}
   device = jax.devices()[0]
   print(f"{benchmark.machine_summary(device)}; batch {FLAGS.batch_size}, dtype {FLAGS.dtype}",
         flush=True)
   results = {}
-  for name in FLAGS.configs:
-    label = os.path.splitext(os.path.basename(name))[0]
-    config = _load_config(name)
+  for label, config in configs.items():
     config.model.dtype = FLAGS.dtype
     print(f"{label}: compiling and timing ...", flush=True)
     result = benchmark.compare(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,

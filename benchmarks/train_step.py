@@ -150,6 +150,11 @@ def main(argv):
   if FLAGS.batch_size < 1 or FLAGS.repeats < 1 or FLAGS.compiles < 1:
     raise app.UsageError(f"need --batch_size >= 1, --repeats >= 1 and --compiles >= 1, got "
                          f"{FLAGS.batch_size}, {FLAGS.repeats} and {FLAGS.compiles}")
+  if FLAGS.json:
+    try:
+      benchmark.check_output_file(FLAGS.json)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   # Compile times are cold ones: no persistent compilation cache, even where the
   # environment names one (JAX_COMPILATION_CACHE_DIR).
   jax.config.update("jax_enable_compilation_cache", False)

@@ -296,6 +296,18 @@ def machine_summary(device) -> str:
           f"({len(os.sched_getaffinity(0))} usable), jax {jax.__version__}")
 
 
+def check_output_file(path: str, flag: str = "--json") -> None:
+  """Raises ValueError, naming `flag`, where no file can be written at `path`: checked
+  before a long run so that it does not end in that error after its work is done."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"{flag}={path} is a directory; expected the path of a file to write")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{flag}={path}: the directory {directory} does not exist")
+  if not os.access(directory, os.W_OK):
+    raise ValueError(f"{flag}={path}: the directory {directory} is not writable")
+
+
 def _fail(message: str):
   print(f"error: {message}", file=sys.stderr)
   raise SystemExit(1)
@@ -339,6 +351,11 @@ def main(argv=None):
             f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}, {FLAGS.settle}")
     if FLAGS.dtype is not None:
       config.model.dtype = FLAGS.dtype
+    if FLAGS.json:
+      try:
+        check_output_file(FLAGS.json)
+      except ValueError as e:
+        _fail(str(e))
     try:
       r = None
       if FLAGS.r is not None:

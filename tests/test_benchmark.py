@@ -131,3 +131,5 @@ def test_cli_bad_values():
   run = _cli("--config=tests/configs/tiny.py", "--r=2.5")
   assert run.returncode == 1 and "token count and must be a whole number" in run.stderr
   assert "Traceback" not in run.stderr
+  run = _cli("--config=tests/configs/tiny.py", "--json=/nonexistent/bench.json")
+  assert run.returncode == 1 and "the directory /nonexistent does not exist" in run.stderr

@@ -124,8 +124,14 @@ def test_forward_benchmark_script(tmp_path):
   share_met = result["profile"]["fusion_share"] <= 0.10
   assert result["targets"] == {"fusion_share": {"max": 0.10, "met": share_met}}
   assert f"fusion share {'yes' if share_met else 'NO'}" in proc.stdout
-  proc = _script("benchmarks/forward.py", "--configs=nonexistent")
+  # Every config name and the --json path are checked before the first config is timed.
+  proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py,nonexistent")
   assert proc.returncode != 0 and "no config configs/nonexistent.py" in proc.stderr
+  assert "compiling" not in proc.stdout
+  proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py",
+                 f"--json={tmp_path}/missing/forward.json")
+  assert proc.returncode != 0 and "compiling" not in proc.stdout
+  assert f"the directory {tmp_path}/missing does not exist" in proc.stderr
 
 
 def test_train_step_benchmark_script(tmp_path):
@@ -161,3 +167,7 @@ def test_train_step_benchmark_script(tmp_path):
   assert count("plain", "fusion/") == 0
   assert 0 < count("student alone", "fusion/") <= count("mctf", "fusion/")
   assert count("plain", "") < count("student alone", "") <= count("mctf", "")
+  proc = _script("benchmarks/train_step.py", "--config=tests/configs/tiny.py",
+                 f"--json={tmp_path}")
+  assert proc.returncode != 0 and "compiling" not in proc.stdout
+  assert f"--json={tmp_path} is a directory" in proc.stderr
