@@ -89,6 +89,9 @@ def main(argv):
                            "parts": prof["parts"],
                            "fusion_share": profiling.fusion_share(prof)}
       print(profiling.format_profile(prof, f"{label} fused forward: "), flush=True)
+    elif result["fused"] is not None and "profile_error" in result["fused"]:
+      print(f"{label} fused forward: no profile ({result['fused']['profile_error']})",
+            flush=True)
     results[label] = result
 
   print(f"\nsummary (batch {FLAGS.batch_size}, {FLAGS.dtype}, {device.device_kind}):")

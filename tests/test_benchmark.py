@@ -100,6 +100,18 @@ def test_compare_bfloat16_and_r_override(tiny_params):
   assert "speed-up" not in benchmark.format_result(none)
 
 
+def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_params):
+  from mctf_jax import profiling
+
+  def unreadable(*args, **kwargs):
+    raise RuntimeError("no kernel of the trace matched an HLO instruction")
+  monkeypatch.setattr(profiling, "profile_call", unreadable)
+  result = benchmark.compare(tiny_config(), tiny_params, batch_size=2, repeats=1,
+                             min_repeat_s=0, warmup=1, profile=True)
+  assert result["speedup"] > 0 and "profile" not in result["fused"]
+  assert "no kernel of the trace matched" in result["fused"]["profile_error"]
+
+
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "mctf_jax.benchmark", *args], cwd=ROOT, env=env,

@@ -77,6 +77,56 @@ def test_profile_of_a_fused_forward():
     profiling.profile_call(compiled, lambda: compiled(params, images), iters=0)
 
 
+def _plane(space, name, lines):
+  """Adds a trace plane: lines {line name: [(event name, display name, seconds,
+  hlo_op stat or None)]}."""
+  plane = space.planes.add(name=name)
+  plane.stat_metadata[1].id, plane.stat_metadata[1].name = 1, "hlo_op"
+  for line_name, events in lines.items():
+    line = plane.lines.add(name=line_name)
+    for name, display, seconds, hlo_op in events:
+      meta_id = len(plane.event_metadata) + 1
+      meta = plane.event_metadata[meta_id]
+      meta.id, meta.name, meta.display_name = meta_id, name, display
+      event = line.events.add(metadata_id=meta_id, duration_ps=int(seconds * 1e12))
+      if hlo_op:  # as GPU traces intern it: a reference to a stat metadata entry's name
+        stat_id = len(plane.stat_metadata) + 1
+        plane.stat_metadata[stat_id].id, plane.stat_metadata[stat_id].name = stat_id, hlo_op
+        event.stats.add(metadata_id=1, ref_value=stat_id)
+  return plane
+
+
+def test_kernel_events_of_accelerator_traces():
+  """GPU kernels are named by their kernel (sanitised fusion names, cuBLAS's): their
+  instruction is the hlo_op stat; TPU ops by the metadata; host events do not count beside
+  a device plane, nor kernel lines beside a derived "XLA Ops" line. (Built traces: no real
+  GPU or TPU trace was available.)"""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  instructions = {"fusion.1": "mlp", "custom-call.2": "mlp", "fusion.3": "fusion/merge"}
+  host = {"thread": [("fusion.1", "", 5.0, None)]}
+  gpu = xplane_pb2.XSpace()
+  _plane(gpu, "/host:CPU", host)
+  _plane(gpu, "/device:GPU:0", {"Stream #13": [
+      ("loop_add_fusion_1", "", 1.0, "fusion.1"),
+      ("sm90_xmma_gemm_f32f32_tn", "", 2.0, "custom-call.2"),
+      ("input_reduce_fusion_3", "", 0.5, "fusion.3"),
+      ("memcpy", "", 0.25, None)]})
+  assert sorted(profiling.kernel_events(gpu, instructions)) == [
+      ("custom-call.2", 2.0), ("fusion.1", 1.0), ("fusion.3", 0.5), ("memcpy", 0.25)]
+  derived = xplane_pb2.XSpace()
+  _plane(derived, "/device:GPU:0", {
+      "Stream #13": [("loop_add_fusion_1", "", 1.0, "fusion.1")],
+      "XLA Ops": [("fusion.1", "", 1.0, None)]})
+  assert list(profiling.kernel_events(derived, instructions)) == [("fusion.1", 1.0)]
+  tpu = xplane_pb2.XSpace()
+  _plane(tpu, "/device:TPU:0", {"XLA Ops": [("fusion.3.1", "%fusion.3", 0.75, None)]})
+  assert list(profiling.kernel_events(tpu, instructions)) == [("fusion.3", 0.75)]
+  # XLA:CPU: kernels are host events named by their instruction.
+  cpu = xplane_pb2.XSpace()
+  _plane(cpu, "/host:CPU", host)
+  assert list(profiling.kernel_events(cpu, instructions)) == [("fusion.1", 5.0)]
+
+
 def test_compile_profile_of_a_fused_forward():
   model = mctf_jax.create_model(tiny_config())
   params = benchmark.random_params(model)
