@@ -319,6 +319,10 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
     state = TrainState(jax.device_put(jnp.asarray(0, jnp.int32), parallel.replicated(mesh)),
                        params, opt_state, ema)
   start_step = int(state.step)
+  if start_step >= total_steps:   # before anything is compiled or written
+    _log("the run in %s is complete (step %d of %d)", workdir, start_step, total_steps)
+    manager.close()
+    return state
 
   train_step = jax.jit(make_train_step(model, tx, config, schedule_fn),
                        in_shardings=(state_sh, parallel.batch_sharding(mesh)),
@@ -329,10 +333,6 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   all_finite = jax.jit(tree_is_finite)
 
   writer = _summary_writer(workdir)
-  if start_step >= total_steps:
-    _log("the run in %s is complete (step %d of %d)", workdir, start_step, total_steps)
-    manager.close()
-    return state
   _log("training %d steps (%d epochs of %d steps) from step %d", total_steps,
        optim.total_epochs(config), steps_per_epoch, start_step)
 

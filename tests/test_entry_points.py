@@ -105,8 +105,11 @@ def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env)
   assert "resuming from" in done.stdout and f"step {TOTAL}/{TOTAL}" in done.stdout
   for ema in (False, True):
     jax.tree.map(np.testing.assert_array_equal, _params(reference, ema), _params(workdir, ema))
+  events = sorted(os.listdir(os.path.join(workdir, "tensorboard")))
   again = run(args, env)
   assert again.returncode == 0 and "is complete" in again.stdout
+  # A complete run writes nothing (it opened an empty TensorBoard event file each time).
+  assert sorted(os.listdir(os.path.join(workdir, "tensorboard"))) == events
 
 
 def test_eval_py_table_json_csv(finished, tmp_path, env):
