@@ -76,10 +76,16 @@ def check_workdir_config(workdir: str, config) -> None:
       raise TrainingError(
           f"workdir {workdir} holds a run of another config ({len(differ)} field(s) differ: "
           f"{details}). Use a new --workdir, or the same config to resume that run.")
+  elif os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainingError(f"the workdir {workdir} is a file; give a directory as --workdir")
   elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      with open(path, "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
+    except OSError as e:
+      raise TrainingError(f"cannot write to the workdir {workdir}: {e.strerror or e}; give "
+                          f"a writable --workdir") from None
 
 
 # ----------------------------------------------------------------------------- input

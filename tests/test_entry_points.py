@@ -163,6 +163,12 @@ def test_train_py_clear_errors(finished, tmp_path, env):
   other = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.model.embed_dim=48"], env)
   assert other.returncode == 1 and "holds a run of another config" in other.stderr
   assert "model.embed_dim: 32 there, 48 now" in other.stderr
+  (tmp_path / "a_file").write_text("")
+  for where, says in ((tmp_path / "a_file", "the workdir {} is a file"),
+                      (tmp_path / "a_file" / "run", "cannot write to the workdir {}")):
+    bad = run(["train.py", CONFIG, f"--workdir={where}"], env)
+    assert bad.returncode == 1 and says.format(where) in bad.stderr
+    assert "Traceback" not in bad.stderr
   unknown = run(["train.py", CONFIG, f"--workdir={tmp_path}/u", "--config.batchsize=3"], env)
   assert unknown.returncode != 0 and "batchsize" in unknown.stderr
   eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
