@@ -44,13 +44,28 @@ def _config_dict(config: Any) -> dict:
   return out
 
 
-def save_params(path: str, params, config: Any, *, overwrite: bool = False) -> str:
-  """Writes params (and the config they belong to) as a parameter checkpoint at `path`."""
-  import orbax.checkpoint as ocp
+def check_save_target(path: str, *, overwrite: bool = False) -> str:
+  """The absolute path where ``save_params`` can write, or FileExistsError saying why not:
+  `path` exists and `overwrite` is off, or it is something other than a parameter
+  checkpoint (a file, a directory holding other files), which is never replaced."""
   path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    if not overwrite:
-      raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+  if not os.path.lexists(path):
+    return path
+  if not overwrite:
+    raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+  if not os.path.isdir(path) or os.path.islink(path) or \
+      not set(os.listdir(path)) <= {METADATA, PARAMS_ITEM}:
+    raise FileExistsError(f"{path} is not a parameter checkpoint (holds more than "
+                          f"{METADATA} and {PARAMS_ITEM}/); not replacing it")
+  return path
+
+
+def save_params(path: str, params, config: Any, *, overwrite: bool = False) -> str:
+  """Writes params (and the config they belong to) as a parameter checkpoint at `path`
+  (with `overwrite`, replacing one written before; see ``check_save_target``)."""
+  import orbax.checkpoint as ocp
+  path = check_save_target(path, overwrite=overwrite)
+  if os.path.lexists(path):
     shutil.rmtree(path)
   os.makedirs(path)
   params = jax.tree.map(np.asarray, params)

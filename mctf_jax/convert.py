@@ -361,13 +361,14 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     config = flags_.config
     try:
+      checkpoint.check_save_target(flags_.out, overwrite=flags_.overwrite)  # before reading
       state = load_state_dict(flags_.torch, ema=flags_.ema)
       params = torch_to_flax(state, config, allow_unexpected=flags_.allow_unexpected,
                              source=flags_.torch)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+      n = sum(v.size for v in _flatten(params).values())
+      path = checkpoint.save_params(flags_.out, params, config, overwrite=flags_.overwrite)
+    except (CheckpointError, ConfigError, OSError) as e:   # OSError: FileNotFoundError, ...
       raise app.UsageError(str(e))
-    n = sum(v.size for v in _flatten(params).values())
-    path = checkpoint.save_params(flags_.out, params, config, overwrite=flags_.overwrite)
     print(f"converted {flags_.torch} ({n:,} parameters) -> {path}")
 
   app.run(run, argv=argv)

@@ -260,6 +260,18 @@ def test_cli_writes_an_orbax_checkpoint_that_loads(tmp_path, golden):
   # Refuses to overwrite; a bad checkpoint gives a clear message, no traceback.
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
+  # --overwrite replaces a converted checkpoint, never another directory or a file.
+  replaced = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+  assert replaced.returncode == 0, replaced.stderr
+  (out / "notes.txt").write_text("mine")
+  (tmp_path / "a_file").write_text("mine")
+  for where in (out, tmp_path / "a_file", tmp_path / "a_file" / "x"):
+    refused = subprocess.run(cmd[:-1] + [f"--out={where}", "--overwrite"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and str(where) in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+  assert (out / "notes.txt").read_text() == (tmp_path / "a_file").read_text() == "mine"
   bad = subprocess.run(cmd[:-1] + [f"--out={tmp_path}/x", "--config.model.embed_dim=32",
                                    "--config.model.num_heads=2"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
