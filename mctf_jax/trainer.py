@@ -60,6 +60,37 @@ def _flatten_config(tree, prefix=""):
   return out
 
 
+# The training loop's own settings: (field, smallest value, whether it must be an int).
+_LOOP_SETTINGS = (("batch_size", 1, True), ("eval_batch_size", 1, True),
+                  ("num_epochs", 0, True), ("cooldown_epochs", 0, True),
+                  ("warmup_epochs", 0, True), ("log_every_steps", 1, True),
+                  ("checkpoint_every_steps", 1, True), ("keep_checkpoints", 1, True),
+                  ("eval_every_epochs", 1, True), ("min_lr", 0, False),
+                  ("warmup_lr", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False))
+
+
+def check_training_config(config) -> None:
+  """ConfigError naming the first training-loop setting out of range, before anything
+  starts (a step or checkpoint interval of 0 failed only once training had started)."""
+  from mctf_jax.config import ConfigError
+  for name, low, whole in _LOOP_SETTINGS:
+    value = config[name]
+    kind = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+      raise ConfigError(f"{name}={value!r}: expected {'an int' if whole else 'a number'} "
+                        f">= {low}")
+  if config.num_epochs + config.cooldown_epochs < 1:
+    raise ConfigError(f"num_epochs={config.num_epochs}, cooldown_epochs="
+                      f"{config.cooldown_epochs}: nothing to train; expected at least one epoch")
+  if isinstance(config.base_lr, bool) or not isinstance(config.base_lr, (int, float)) or \
+      not config.base_lr > 0:
+    raise ConfigError(f"base_lr={config.base_lr!r}: expected a number > 0")
+  if isinstance(config.ema_decay, bool) or not isinstance(config.ema_decay, (int, float)) or \
+      not 0 <= config.ema_decay < 1:
+    raise ConfigError(f"ema_decay={config.ema_decay!r}: expected a number in [0, 1) "
+                      f"(0: no EMA)")
+
+
 def check_workdir_config(workdir: str, config) -> None:
   """Records the config in the workdir; refuses a workdir that holds another config's run."""
   path = os.path.join(workdir, CONFIG_FILE)
@@ -248,6 +279,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   iterator of eval batches with 'mask'. devices: the devices of the mesh (default: all).
   """
   workdir = os.path.abspath(workdir)
+  check_training_config(config)
   check_workdir_config(workdir, config)
   mesh = parallel.create_mesh(config.mesh.fsdp, devices)
   parallel.check_batch_size(config.batch_size, mesh)

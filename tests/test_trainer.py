@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint, convert, parallel, trainer
+from mctf_jax.config import ConfigError
 from configs import default
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -60,6 +61,31 @@ def test_random_init_without_checkpoint():
   params = _init(tiny_config())
   assert params["pos_embed"].shape == (1, 65, 64)
   assert 0.005 < float(np.std(params["blocks_0"]["attn"]["qkv"]["kernel"])) < 0.05
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("log_every_steps", 0, "log_every_steps=0: expected an int >= 1"),
+    ("checkpoint_every_steps", 0, "checkpoint_every_steps=0: expected an int >= 1"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0: expected an int >= 1"),
+    ("eval_every_epochs", -2, "eval_every_epochs=-2: expected an int >= 1"),
+    ("cooldown_epochs", -1, "cooldown_epochs=-1: expected an int >= 0"),
+    ("weight_decay", -0.1, "weight_decay=-0.1: expected a number >= 0"),
+    ("base_lr", 0.0, "base_lr=0.0: expected a number > 0"),
+    ("ema_decay", 1.0, r"ema_decay=1.0: expected a number in \[0, 1\)"),
+])
+def test_training_config_check(field, value, says):
+  config = tiny_config()
+  trainer.check_training_config(config)
+  config[field] = value
+  with pytest.raises(ConfigError, match=says):
+    trainer.check_training_config(config)
+
+
+def test_training_config_needs_an_epoch():
+  config = tiny_config()
+  config.num_epochs, config.cooldown_epochs = 0, 0
+  with pytest.raises(ConfigError, match="nothing to train"):
+    trainer.check_training_config(config)
 
 
 def test_workdir_config_check(tmp_path):
