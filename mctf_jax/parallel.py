@@ -147,6 +147,9 @@ def tree_shardings(mesh: Mesh, tree):
 
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "batch_size"):
   n = mesh.devices.size
+  if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or \
+      global_batch_size < 1:
+    raise ConfigError(f"{what}={global_batch_size!r}: expected an int >= 1")
   if global_batch_size % n:
     raise ConfigError(f"{what}={global_batch_size} is not divisible by the number of "
                       f"devices ({n}); choose a multiple of {n}")

@@ -81,6 +81,13 @@ def test_training_config_check(field, value, says):
     trainer.check_training_config(config)
 
 
+def test_batch_size_check():
+  mesh = parallel.create_mesh(1, jax.devices()[:1])
+  parallel.check_batch_size(3, mesh)
+  with pytest.raises(ConfigError, match=r"eval_batch_size=0: expected an int >= 1"):
+    parallel.check_batch_size(0, mesh, "eval_batch_size")   # eval.py's (0 passed before)
+
+
 def test_training_config_needs_an_epoch():
   config = tiny_config()
   config.num_epochs, config.cooldown_epochs = 0, 0
