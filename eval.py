@@ -79,6 +79,13 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   from mctf_jax import benchmark, checkpoint as ckpt_lib, data, evaluation, flops, parallel
   from mctf_jax.config import normalize_r
 
+  if isinstance(throughput_batch, bool) or not isinstance(throughput_batch, int) or \
+      throughput_batch < 0:
+    raise mctf_jax.ConfigError(f"--throughput_batch={throughput_batch!r}: expected an int >= 0 "
+                               f"(0 skips the measurement)")
+  if split:   # the split evaluated everywhere below, its size and existence checked first
+    config = config.copy_and_resolve_references()
+    config.data.eval_split = split
   model = mctf_jax.create_model(config)
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
   r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)
@@ -96,7 +103,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
     raise mctf_jax.ConfigError(f"dataset {info.name} has {info.num_classes} classes but "
                                f"model.num_classes={config.model.num_classes}")
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  say(f"evaluating {checkpoint} on {info.name} ({split or config.data.eval_split}, "
+  say(f"evaluating {checkpoint} on {info.name} ({config.data.eval_split}, "
       f"{info.num_eval} images) at r = {list(r_values)} on {mesh.devices.size} device(s)")
 
   param_sh = parallel.tree_shardings(mesh, params)
@@ -113,10 +120,9 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
       throughput = benchmark.benchmark_forward(model_r, local, throughput_batch,
                                                repeats=5)["img_per_s"]
     step = evaluation.compile_eval_step(model_r, mesh, param_sh)
-    kwargs = {"split": split} if split else {}
     t0 = time.time()
     acc = evaluation.accuracy(step, params, data.eval_batches(
-        config, config.eval_batch_size, jax.process_index(), jax.process_count(), **kwargs),
+        config, config.eval_batch_size, jax.process_index(), jax.process_count()),
         mesh, progress=f"r={r}", total=batches_per_host)
     row = dict(r=r, tokens_out=model_r.schedule().tokens_out, gflops=report.gflops,
                img_per_s=throughput, **acc)
@@ -128,7 +134,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   if jax.process_index() == 0:
     device = jax.local_devices()[0]
     result = {"config": config_name, "checkpoint": checkpoint,
-              "dataset": info.name, "split": split or config.data.eval_split,
+              "dataset": info.name, "split": config.data.eval_split,
               "device": f"{device.platform}:{device.device_kind}",
               "throughput_batch": throughput_batch or None, "ema": ema, "results": rows}
     with open(os.path.join(output_dir, "results.json"), "w") as f:

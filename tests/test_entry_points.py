@@ -148,6 +148,11 @@ def test_eval_py_clear_errors(finished, tmp_path, env):
                     "--throughput_batch=0"], env)
   assert unreadable.returncode == 1 and "notes.pth" in unreadable.stderr
   assert "Traceback" not in unreadable.stderr
+  for flag, says in (("--split=nosuch", "got split 'nosuch'"),
+                     ("--throughput_batch=-1", "--throughput_batch=-1: expected an int >= 0")):
+    bad = run(["eval.py", CONFIG, f"--checkpoint={workdir}", flag], env)
+    assert bad.returncode == 1 and says in bad.stderr, bad.stderr
+    assert "evaluating" not in bad.stdout and "Traceback" not in bad.stderr
   # Results that cannot be written fail before the evaluation, from the flag or the config.
   for where in (f"--output_dir={tmp_path}/notes.pth",
                 f"--config.eval.output_dir={tmp_path}/notes.pth/x"):
@@ -239,12 +244,16 @@ def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env)
   out_dir = tmp_path / "eval"
   done = run(["eval.py", "--config=tests/configs/tiny.py", "--checkpoint=tests/data/tiny_deit.pth",
               f"--output_dir={out_dir}", "--config.data.dataset=digits",
-              "--config.data.eval_split=test", "--config.fusion.one_step_ahead=off",
+              "--split=train", "--config.fusion.one_step_ahead=off",
               "--config.fusion.tau_info=0", "--config.fusion.tau_size=0",
               "--config.fusion.bidirectional=False", "--config.fusion.layers=(0, 1, 2, 3)",
               "--config.eval.r_values=(0, 4)", "--throughput_batch=0"], env)
   assert done.returncode == 0, done.stdout + done.stderr
-  rows = json.loads((out_dir / "results.json").read_text())["results"]
-  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(0, 65, 360),
-                                                                              (4, 49, 360)]
+  # --split: that split's size in the log and the results (it said the eval split's).
+  assert "on digits (train, 1437 images)" in done.stdout
+  result = json.loads((out_dir / "results.json").read_text())
+  rows = result["results"]
+  assert result["split"] == "train"
+  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(0, 65, 1437),
+                                                                              (4, 49, 1437)]
   assert rows[1]["gflops"] < rows[0]["gflops"]
