@@ -85,10 +85,21 @@ def check_training_config(config) -> None:
   if isinstance(config.base_lr, bool) or not isinstance(config.base_lr, (int, float)) or \
       not config.base_lr > 0:
     raise ConfigError(f"base_lr={config.base_lr!r}: expected a number > 0")
-  if isinstance(config.ema_decay, bool) or not isinstance(config.ema_decay, (int, float)) or \
-      not 0 <= config.ema_decay < 1:
-    raise ConfigError(f"ema_decay={config.ema_decay!r}: expected a number in [0, 1) "
-                      f"(0: no EMA)")
+  for name, value, low, high, closed in (
+      ("ema_decay", config.ema_decay, 0, 1, False),
+      ("loss.label_smoothing", config.loss.label_smoothing, 0, 1, False),
+      ("loss.consistency_threshold", config.loss.consistency_threshold, 0, 1, True)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+        not (low <= value <= high if closed else low <= value < high):
+      raise ConfigError(f"{name}={value!r}: expected a number in [{low}, {high}"
+                        f"{']' if closed else ')'}")
+  for name in ("weight_student", "weight_teacher", "weight_consistency"):
+    value = config.loss[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f"loss.{name}={value!r}: expected a number >= 0")
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    raise ConfigError(f"seed={seed!r}: expected an int in [0, 2**63)")
 
 
 def check_workdir_config(workdir: str, config) -> None:

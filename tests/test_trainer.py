@@ -72,11 +72,20 @@ def test_random_init_without_checkpoint():
     ("weight_decay", -0.1, "weight_decay=-0.1: expected a number >= 0"),
     ("base_lr", 0.0, "base_lr=0.0: expected a number > 0"),
     ("ema_decay", 1.0, r"ema_decay=1.0: expected a number in \[0, 1\)"),
+    ("seed", -1, r"seed=-1: expected an int in \[0, 2\*\*63\)"),
+    ("loss.label_smoothing", 1.5, r"loss.label_smoothing=1.5: expected a number in \[0, 1\)"),
+    ("loss.consistency_threshold", -1.0,
+     r"loss.consistency_threshold=-1.0: expected a number in \[0, 1\]"),
+    ("loss.weight_teacher", -1.0, "loss.weight_teacher=-1.0: expected a number >= 0"),
 ])
 def test_training_config_check(field, value, says):
   config = tiny_config()
   trainer.check_training_config(config)
-  config[field] = value
+  *parents, name = field.split(".")
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[name] = value
   with pytest.raises(ConfigError, match=says):
     trainer.check_training_config(config)
 
