@@ -165,7 +165,11 @@ def main(argv):
   plain_cfg = mctf_cfg.copy_and_resolve_references()
   plain_cfg.fusion.layers = ()
   plain_cfg.fusion.teacher_r_max = 0
-  model = mctf_jax.create_model(mctf_cfg)
+  try:   # a bad config fails here, before anything is compiled
+    model = mctf_jax.create_model(mctf_cfg)
+    ts.teacher_groups(model, FLAGS.batch_size)
+  except mctf_jax.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   params = benchmark.random_params(model)
   images = benchmark.random_images(model, FLAGS.batch_size)
   labels = jnp.arange(FLAGS.batch_size, dtype=jnp.int32) % mctf_cfg.model.num_classes

@@ -221,3 +221,8 @@ def test_train_step_benchmark_script(tmp_path):
                  f"--json={tmp_path}")
   assert proc.returncode != 0 and "compiling" not in proc.stdout
   assert f"--json={tmp_path} is a directory" in proc.stderr
+  proc = _script("benchmarks/train_step.py", "--config=tests/configs/tiny.py", "--batch_size=6",
+                 "--config.fusion.teacher_group_size=4")
+  assert proc.returncode != 0 and "compiling" not in proc.stdout
+  assert "batch_size=6 is not a multiple of fusion.teacher_group_size=4" in proc.stderr
+  assert "Traceback" not in proc.stderr
