@@ -58,7 +58,8 @@ def _prepare_output_dir(path: str) -> None:
       pass
   except OSError as e:
     raise OutputDirError(f"cannot write the results to {path} (--output_dir or "
-                         f"config.eval.output_dir): {e.strerror or e}; give a writable --output_dir") from None
+                         f"config.eval.output_dir): {e.strerror or e}; give a writable "
+                         f"--output_dir") from None
 
 
 def format_table(rows) -> str:

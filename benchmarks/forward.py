@@ -31,10 +31,12 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["deit_s", "deit_s_fast", "deit_t", "deit_t_fast"],
                   "Config names under configs/, or config file paths.")
-flags.DEFINE_integer("batch_size", 32, "Images per forward call.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward call.", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("repeats", 20, "Timed repetitions per model (median reported).")
-flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.")
+flags.DEFINE_integer("repeats", 20, "Timed repetitions per model (median reported).",
+                     lower_bound=1)
+flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.",
+                     lower_bound=0)
 flags.DEFINE_bool("profile", True, "Also profile the fused forward (fusion's share of time).")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 

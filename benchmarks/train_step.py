@@ -50,10 +50,11 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; fields "
                                 "may be overridden: --config.fusion.r=8.")
-flags.DEFINE_integer("batch_size", 32, "Images per step (one device).")
-flags.DEFINE_integer("repeats", 2, "Visits to each step per teacher r'.")
-flags.DEFINE_integer("block", 2, "Timed calls per visit, after one untimed call.")
-flags.DEFINE_integer("compiles", 2, "Compilations of each step (the shortest counts).")
+flags.DEFINE_integer("batch_size", 32, "Images per step (one device).", lower_bound=1)
+flags.DEFINE_integer("repeats", 2, "Visits to each step per teacher r'.", lower_bound=1)
+flags.DEFINE_integer("block", 2, "Timed calls per visit, after one untimed call.", lower_bound=1)
+flags.DEFINE_integer("compiles", 2, "Compilations of each step (the shortest counts).",
+                     lower_bound=1)
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: config's).")
 flags.DEFINE_bool("compile_profile", False, "Also compile the plain step, the student "
                   "alone (no teacher) and the MCTF step once more under jax.profiler and "
@@ -147,9 +148,6 @@ def main(argv):
   from mctf_jax import benchmark, flops
   from mctf_jax import train_step as ts
 
-  if FLAGS.batch_size < 1 or FLAGS.repeats < 1 or FLAGS.compiles < 1:
-    raise app.UsageError(f"need --batch_size >= 1, --repeats >= 1 and --compiles >= 1, got "
-                         f"{FLAGS.batch_size}, {FLAGS.repeats} and {FLAGS.compiles}")
   if FLAGS.json:
     try:
       benchmark.check_output_file(FLAGS.json)
