@@ -226,3 +226,5 @@ def test_train_step_benchmark_script(tmp_path):
   assert proc.returncode != 0 and "compiling" not in proc.stdout
   assert "batch_size=6 is not a multiple of fusion.teacher_group_size=4" in proc.stderr
   assert "Traceback" not in proc.stderr
+  proc = _script("benchmarks/train_step.py", "--config=tests/configs/tiny.py", "--block=0")
+  assert proc.returncode != 0 and "flag --block=0: 0 is not a positive integer" in proc.stderr
