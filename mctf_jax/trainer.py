@@ -69,36 +69,37 @@ _LOOP_SETTINGS = (("batch_size", 1, True), ("eval_batch_size", 1, True),
                   ("warmup_lr", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False))
 
 
+def _is_number(value, whole: bool = False) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+
+
 def check_training_config(config) -> None:
   """ConfigError naming the first training-loop setting out of range, before anything
   starts (a step or checkpoint interval of 0 failed only once training had started)."""
   from mctf_jax.config import ConfigError
   for name, low, whole in _LOOP_SETTINGS:
     value = config[name]
-    kind = int if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+    if not _is_number(value, whole) or value < low:
       raise ConfigError(f"{name}={value!r}: expected {'an int' if whole else 'a number'} "
                         f">= {low}")
   if config.num_epochs + config.cooldown_epochs < 1:
     raise ConfigError(f"num_epochs={config.num_epochs}, cooldown_epochs="
                       f"{config.cooldown_epochs}: nothing to train; expected at least one epoch")
-  if isinstance(config.base_lr, bool) or not isinstance(config.base_lr, (int, float)) or \
-      not config.base_lr > 0:
+  if not _is_number(config.base_lr) or not config.base_lr > 0:
     raise ConfigError(f"base_lr={config.base_lr!r}: expected a number > 0")
   for name, value, low, high, closed in (
       ("ema_decay", config.ema_decay, 0, 1, False),
       ("loss.label_smoothing", config.loss.label_smoothing, 0, 1, False),
       ("loss.consistency_threshold", config.loss.consistency_threshold, 0, 1, True)):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-        not (low <= value <= high if closed else low <= value < high):
+    if not _is_number(value) or not (low <= value <= high if closed else low <= value < high):
       raise ConfigError(f"{name}={value!r}: expected a number in [{low}, {high}"
                         f"{']' if closed else ')'}")
   for name in ("weight_student", "weight_teacher", "weight_consistency"):
     value = config.loss[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if not _is_number(value) or value < 0:
       raise ConfigError(f"loss.{name}={value!r}: expected a number >= 0")
   seed = config.seed
-  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+  if not _is_number(seed, whole=True) or not 0 <= seed < 2 ** 63:
     raise ConfigError(f"seed={seed!r}: expected an int in [0, 2**63)")
 
 
