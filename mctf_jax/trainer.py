@@ -61,8 +61,8 @@ def _flatten_config(tree, prefix=""):
 
 
 # The training loop's own settings: (field, smallest value, whether it must be an int).
-_LOOP_SETTINGS = (("batch_size", 1, True), ("eval_batch_size", 1, True),
-                  ("num_epochs", 0, True), ("cooldown_epochs", 0, True),
+# (Batch sizes: parallel.check_batch_size.)
+_LOOP_SETTINGS = (("num_epochs", 0, True), ("cooldown_epochs", 0, True),
                   ("warmup_epochs", 0, True), ("log_every_steps", 1, True),
                   ("checkpoint_every_steps", 1, True), ("keep_checkpoints", 1, True),
                   ("eval_every_epochs", 1, True), ("min_lr", 0, False),
@@ -291,8 +291,9 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   iterator of eval batches with 'mask'. devices: the devices of the mesh (default: all).
   """
   workdir = os.path.abspath(workdir)
+  # Every check of the config before the workdir records it: a workdir whose first start
+  # failed on a bad value would otherwise refuse the corrected config as another run's.
   check_training_config(config)
-  check_workdir_config(workdir, config)
   mesh = parallel.create_mesh(config.mesh.fsdp, devices)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
@@ -300,6 +301,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   teachers = step_teachers(model)
   groups = teacher_groups(model, config.batch_size)
   num_branches = len(switch_paths(teachers, groups))
+  check_workdir_config(workdir, config)
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
        jax.__version__, jax.process_count(), mesh.devices.size,

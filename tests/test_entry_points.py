@@ -179,6 +179,8 @@ def test_train_py_clear_errors(finished, tmp_path, env):
   odd = run(["train.py", CONFIG, f"--workdir={tmp_path}/b", "--config.batch_size=60"], eight)
   assert odd.returncode == 1
   assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
+  # Not recorded: the corrected config is not refused as another run's.
+  assert not os.path.exists(tmp_path / "b" / "config.json")
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
