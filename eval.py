@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jax and tensorflow load
 from mctf_jax import parallel  # noqa: E402
+from mctf_jax.errors import MctfError, OutputError  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py.",
                                 lock_config=True)
@@ -45,10 +46,6 @@ def _default_output_dir(checkpoint: str) -> str:
   return os.path.abspath("eval_results")
 
 
-class OutputDirError(Exception):
-  """The results cannot be written where they are asked for."""
-
-
 def _prepare_output_dir(path: str) -> None:
   """Creates `path` and checks that a file can be written in it, before the evaluation
   (which can take hours) rather than after it."""
@@ -57,7 +54,7 @@ def _prepare_output_dir(path: str) -> None:
     with tempfile.TemporaryFile(dir=path):
       pass
   except OSError as e:
-    raise OutputDirError(f"cannot write the results to {path} (--output_dir or "
+    raise OutputError(f"cannot write the results to {path} (--output_dir or "
                          f"config.eval.output_dir): {e.strerror or e}; give a writable "
                          f"--output_dir") from None
 
@@ -77,8 +74,10 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
         config_name: str | None = None):
   import jax
   import mctf_jax
-  from mctf_jax import benchmark, checkpoint as ckpt_lib, data, evaluation, flops, parallel
-  from mctf_jax.config import normalize_r
+  from mctf_jax import checkpoint as ckpt_lib, data, parallel
+  from mctf_jax.fusion.config import normalize_r
+  from mctf_jax.tools import benchmark, flops
+  from mctf_jax.training import evaluation
 
   if isinstance(throughput_batch, bool) or not isinstance(throughput_batch, int) or \
       throughput_batch < 0:
@@ -96,7 +95,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   mesh = parallel.create_mesh(config.mesh.fsdp)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # The checkpoint first: a wrong path or config fails before the input pipeline starts.
-  params = ckpt_lib.load_params(checkpoint, config, ema=ema)
+  variables = ckpt_lib.load_variables(checkpoint, config, ema=ema)
   if jax.process_index() == 0:
     _prepare_output_dir(output_dir)
   info = data.dataset_info(config)
@@ -107,8 +106,8 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   say(f"evaluating {checkpoint} on {info.name} ({config.data.eval_split}, "
       f"{info.num_eval} images) at r = {list(r_values)} on {mesh.devices.size} device(s)")
 
-  param_sh = parallel.tree_shardings(mesh, params)
-  params = jax.device_put(params, param_sh)
+  variables_sh = parallel.tree_shardings(mesh, variables)
+  variables = jax.device_put(variables, variables_sh)
   batches_per_host = -(-info.num_eval // config.eval_batch_size)
 
   rows = []
@@ -117,12 +116,12 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
     report = flops.model_flops(model_r)
     throughput = None
     if throughput_batch:
-      local = jax.device_put(params, jax.local_devices()[0])
+      local = jax.device_put(variables, jax.local_devices()[0])
       throughput = benchmark.benchmark_forward(model_r, local, throughput_batch,
                                                repeats=5)["img_per_s"]
-    step = evaluation.compile_eval_step(model_r, mesh, param_sh)
+    step = evaluation.compile_eval_step(model_r, mesh, variables_sh)
     t0 = time.time()
-    acc = evaluation.accuracy(step, params, data.eval_batches(
+    acc = evaluation.accuracy(step, variables, data.eval_batches(
         config, config.eval_batch_size, jax.process_index(), jax.process_count()),
         mesh, progress=f"r={r}", total=batches_per_host)
     row = dict(r=r, tokens_out=model_r.schedule().tokens_out, gflops=report.gflops,
@@ -152,9 +151,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from mctf_jax.config import ConfigError
-  from mctf_jax.convert import CheckpointError
-  from mctf_jax.data import DataError
   parallel.setup_runtime(FLAGS)
   output_dir = (FLAGS.output_dir or FLAGS.config.eval.output_dir
                 or _default_output_dir(FLAGS.checkpoint))
@@ -162,7 +158,7 @@ def main(argv):
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,
         throughput_batch=FLAGS.throughput_batch,
         config_name=config_flags.get_config_filename(FLAGS["config"]))
-  except (ConfigError, CheckpointError, DataError, FileNotFoundError, OutputDirError) as e:
+  except MctfError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

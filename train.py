@@ -29,15 +29,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from mctf_jax import trainer
-  from mctf_jax.config import ConfigError
-  from mctf_jax.convert import CheckpointError
-  from mctf_jax.data import DataError
+  from mctf_jax.errors import MctfError
+  from mctf_jax.training import trainer
   parallel.setup_runtime(FLAGS)
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (trainer.TrainingError, ConfigError, CheckpointError, DataError,
-          FileNotFoundError) as e:
+  except MctfError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
 

@@ -4,10 +4,10 @@ fused forward's time goes.
     python benchmarks/forward.py                       # the four configs, batch 32, float32
     python benchmarks/forward.py --configs=deit_s --batch_size=256 --dtype=bfloat16
 
-For each config (configs/<name>.py): ``mctf_jax.benchmark.compare`` (jitted forward on one
+For each config (configs/<name>.py): ``mctf_jax.tools.benchmark.compare`` (jitted forward on one
 device, random weights and images, after compilation and warm-up, repetitions of the fused
 and the plain model alternating, median) gives img/s of both, their ratio and the FLOP
-ratio; then ``mctf_jax.profiling`` traces the same compiled fused forward with jax.profiler
+ratio; then ``mctf_jax.tools.profiling`` traces the same compiled fused forward with jax.profiler
 and splits its kernel time by part: the fusion's own steps (scores, matching, merges,
 attention merge) against the transformer's. Prints one table and the profiles, writes JSON with --json.
 
@@ -65,7 +65,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   import jax
-  from mctf_jax import benchmark, profiling
+  from mctf_jax.tools import benchmark, profiling
 
   # Every config and the --json path are checked before the first config is timed.
   if FLAGS.json:

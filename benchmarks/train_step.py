@@ -2,14 +2,14 @@ r"""The MCTF train step against a plain DeiT train step: time, compile time, mem
 
     python benchmarks/train_step.py --config=configs/deit_s.py --batch_size=32
 
-Both steps are the trainer's own (``mctf_jax.train_step.make_train_step``, jitted with the
-state donated, as train.py runs it) on the same model, weights and batch of random images;
+Both steps are the trainer's own (``mctf_jax.training.train_step.make_train_step``, jitted
+with the state donated, as train.py runs it) on the same model, weights and batch of random images;
 "plain" is the config with no fused layers and no teacher (``fusion.layers=()``,
 ``fusion.teacher_r_max=0``): a DeiT fine-tuning step. The MCTF step runs the student (fixed
 r), the teacher (r' drawn inside the step) and the consistency loss.
 
 * time: the teacher's r' changes the step's cost, so the MCTF step is timed at step numbers
-  chosen to draw every r' (``teacher_value_at``), the same number of times each; its figure
+  chosen to draw every r' (``TeacherPlan.value_at``), the same number of times each; its figure
   is the mean over r' of the median time per r', what a long run averages to. (Where the
   batch is larger than fusion.teacher_group_size, every step draws an r' per group; the
   step is then timed at as many consecutive step numbers as there are r' values.) The two
@@ -17,7 +17,7 @@ r), the teacher (r' drawn inside the step) and the consistency loss.
   the machine slows both alike; each turn makes one untimed call, then --block timed ones
   (a step's first call after the other's runs slower: its buffers are allocated afresh).
 * FLOPs: forward FLOPs (fvcore convention) of the student and the mean teacher, less the
-  patch embedding and blocks that the step runs once for both (``shared_blocks``), over
+  patch embedding and blocks that the step runs once for both (``TeacherPlan.shared``), over
   the plain model's: the ratio the step time would have if time followed FLOPs.
 * compile: tracing + lowering and XLA compilation of the whole step (all teacher branches),
   without the persistent compilation cache; each step is compiled --compiles times, the two
@@ -67,33 +67,35 @@ MIB = 2 ** 20
 TARGETS = {"time": 1.4, "compile": 3.0, "memory": 1.5}
 
 
-def _jitted_step(config, params, images, labels):
+def _jitted_step(config, variables, images, labels):
   """The trainer's jitted, donated train step of `config`, with a fresh state and batch."""
   import jax
   import jax.numpy as jnp
   import mctf_jax
-  from mctf_jax import optim
-  from mctf_jax import train_step as ts
+  from mctf_jax.training import optim
+  from mctf_jax.training import train_step as ts
 
   model = mctf_jax.create_model(config)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
+  params = variables["params"]
   ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
   state = ts.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
-                        tx.init(params), ema)
+                        tx.init(params), ema,
+                        {k: v for k, v in variables.items() if k != "params"})
   batch = {"image": images, "label": labels}
   step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
   return step, state, batch
 
 
-def prepare(config, params, images, labels, warm: bool = True):
+def prepare(config, variables, images, labels, warm: bool = True):
   """The jitted, donated train step of `config`, compiled (and warm unless `warm` is
   False); returns (run, info): run(step_number) makes one step numbered so, info has
   trace_s, compile_s and memory."""
   import jax
   import jax.numpy as jnp
-  from mctf_jax import benchmark
+  from mctf_jax.tools import benchmark
 
-  step, state, batch = _jitted_step(config, params, images, labels)
+  step, state, batch = _jitted_step(config, variables, images, labels)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
   traced = time.perf_counter()
@@ -114,10 +116,10 @@ def prepare(config, params, images, labels, warm: bool = True):
   return run, info
 
 
-def compile_profiles(mctf_cfg, plain_cfg, params, images, labels) -> dict:
+def compile_profiles(mctf_cfg, plain_cfg, variables, images, labels) -> dict:
   """Where compile time goes: the plain step, the student alone and the MCTF step, each
   compiled once more under the profiler (``profiling.profile_compile``)."""
-  from mctf_jax import profiling
+  from mctf_jax.tools import profiling
 
   student_cfg = mctf_cfg.copy_and_resolve_references()
   student_cfg.fusion.teacher_r_max = 0
@@ -125,7 +127,7 @@ def compile_profiles(mctf_cfg, plain_cfg, params, images, labels) -> dict:
   print("\nwhere compile time goes (one more compilation each, under jax.profiler; kernel "
         "emission is split by part, LLVM's machine code is not):")
   for name, cfg in (("plain", plain_cfg), ("student alone", student_cfg), ("mctf", mctf_cfg)):
-    step, state, batch = _jitted_step(cfg, params, images, labels)
+    step, state, batch = _jitted_step(cfg, variables, images, labels)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     trace_s = time.perf_counter() - start
@@ -145,8 +147,8 @@ def main(argv):
   import jax.numpy as jnp
   import mctf_jax
   import numpy as np
-  from mctf_jax import benchmark, flops
-  from mctf_jax import train_step as ts
+  from mctf_jax.tools import benchmark, flops
+  from mctf_jax.training.plan import teacher_plan
 
   if FLAGS.json:
     try:
@@ -165,10 +167,10 @@ def main(argv):
   plain_cfg.fusion.teacher_r_max = 0
   try:   # a bad config fails here, before anything is compiled
     model = mctf_jax.create_model(mctf_cfg)
-    ts.teacher_groups(model, FLAGS.batch_size)
+    plan = teacher_plan(model, FLAGS.batch_size)
   except mctf_jax.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  params = benchmark.random_params(model)
+  variables = benchmark.random_variables(model)
   images = benchmark.random_images(model, FLAGS.batch_size)
   labels = jnp.arange(FLAGS.batch_size, dtype=jnp.int32) % mctf_cfg.model.num_classes
   device = next(iter(images.devices()))
@@ -179,30 +181,26 @@ def main(argv):
   for round_ in range(FLAGS.compiles):
     for name, cfg in (("mctf", mctf_cfg), ("plain", plain_cfg)):
       print(f"compiling the {name} step ...", flush=True)
-      steps[name] = prepare(cfg, params, images, labels, warm=round_ == FLAGS.compiles - 1)
+      steps[name] = prepare(cfg, variables, images, labels, warm=round_ == FLAGS.compiles - 1)
       compile_times[name].append(steps[name][1]["trace_s"] + steps[name][1]["compile_s"])
       print(f"  {compile_times[name][-1]:.1f} s", flush=True)
 
-  branches = ts.step_teachers(model)
-  groups = ts.teacher_groups(model, FLAGS.batch_size)
-  num_branches = len(ts.switch_paths(branches, groups))
-  if groups == 1:
-    values = branches.values
+  if plan.groups == 1:
+    values = plan.values
     step_of = {}
     for i in range(10_000):
       if len(step_of) == len(values):
         break
-      step_of.setdefault(ts.teacher_value_at(model, mctf_cfg.seed, i), i)
+      step_of.setdefault(plan.value_at(mctf_cfg.seed, i), i)
     print(f"timing: {FLAGS.repeats} x (plain, MCTF at r' = {', '.join(map(str, values))})",
           flush=True)
   else:
     # Each step draws an r' per group: time as many consecutive steps as there are r'
     # values, keyed by the r' each drew.
-    step_of = {ts.teacher_value_at(model, mctf_cfg.seed, i, FLAGS.batch_size): i
-               for i in range(len(branches.values))}
+    step_of = {plan.value_at(mctf_cfg.seed, i): i for i in range(len(plan.values))}
     values = list(step_of)
     print(f"timing: {FLAGS.repeats} x (plain, MCTF at steps {list(step_of.values())}, "
-          f"{groups} groups of {FLAGS.batch_size // groups} images with an r' each)",
+          f"{plan.groups} groups of {plan.group_size} images with an r' each)",
           flush=True)
   times = {"plain": [], **{("mctf", v): [] for v in values}}
   for _ in range(FLAGS.repeats):
@@ -224,10 +222,10 @@ def main(argv):
   plain_info, mctf_info = steps["plain"][1], steps["mctf"][1]
   flop = lambda r: flops.model_flops(model, r).gflops
   plain_flops = flops.model_flops(model, 0)
-  shared = ts.shared_blocks((model.schedule(),) + branches.schedules)
+  shared = plan.shared
   # The step runs the patch embedding and the shared blocks once for both paths.
   shared_gflops = sum(s.flops for s in plain_flops.stages[:1 + shared]) / 1e9
-  teacher_gflops = statistics.mean(flop(v) for v in branches.values)   # over uniform r'
+  teacher_gflops = statistics.mean(flop(v) for v in plan.values)   # over uniform r'
   flop_ratio = (flop(None) + teacher_gflops - shared_gflops) / plain_flops.gflops
 
   def mem(info):
@@ -243,8 +241,8 @@ def main(argv):
                                                           per_value.items()},
                "compile_s": min(compile_times["mctf"]),
                "compile_s_each": compile_times["mctf"],
-               "teacher_branches": num_branches,
-               "padded": branches.layouts is not None, "memory": mctf_info["memory"]},
+               "teacher_branches": plan.num_branches,
+               "padded": plan.padded, "memory": mctf_info["memory"]},
   }
   result["ratios"] = {
       "time": mctf_s / plain_s,
@@ -261,14 +259,15 @@ def main(argv):
                                                     for v, s in per_value.items()))
   r = result["ratios"]
   print(f"ratios MCTF / plain: time {r['time']:.2f}x (FLOPs {r['flops']:.2f}x), compile "
-        f"{r['compile']:.1f}x ({num_branches} teacher branches, "
-        f"{'padded shapes' if branches.layouts else 'exact shapes'}), memory "
+        f"{r['compile']:.1f}x ({plan.num_branches} teacher branches, "
+        f"{'padded shapes' if plan.padded else 'exact shapes'}), memory "
         f"{r['memory']:.2f}x")
   result["targets"] = {k: {"max_ratio": t, "met": bool(r[k] <= t)} for k, t in TARGETS.items()}
   print("targets: " + ", ".join(f"{k} <= {t['max_ratio']}x {'met' if t['met'] else 'NOT met'}"
                                 for k, t in result["targets"].items()))
   if FLAGS.compile_profile:
-    result["compile_profile"] = compile_profiles(mctf_cfg, plain_cfg, params, images, labels)
+    result["compile_profile"] = compile_profiles(mctf_cfg, plain_cfg, variables, images,
+                                                 labels)
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(result, f, indent=2, default=str)

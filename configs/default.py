@@ -16,6 +16,7 @@ def deit_model(size: str) -> ml_collections.ConfigDict:
   """DeiT-Ti/S/B at 224x224, patch 16."""
   width, heads = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
   return ml_collections.ConfigDict(dict(
+      arch="deit",                # the backbone (mctf_jax.models): 'deit' or 'module:Class'
       img_size=224, patch_size=16, in_chans=3, embed_dim=width, depth=12, num_heads=heads,
       num_classes=1000, mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6,
       drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))

@@ -8,7 +8,7 @@ with its other criteria switched off, the paper's ToMe comparison.)
 """
 
 from configs import default
-from mctf_jax.config import TOME_PRESET
+from mctf_jax.fusion.config import TOME_PRESET
 
 
 def tome_fusion(r=13, layers=tuple(range(12))):

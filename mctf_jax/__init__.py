@@ -1,24 +1,34 @@
-"""mctf-jax: Multi-criteria Token Fusion (CVPR 2024) for DeiT / ViT in JAX and Flax."""
+"""mctf-jax: Multi-criteria Token Fusion (CVPR 2024) for ViTs in JAX and Flax.
+
+    fusion/    the engine: the algorithm, the block and stack drivers (no backbone)
+    models/    the backbones on it (DeiT), by config.model.arch
+    training/  the train step, the training loop, losses, optimizer, evaluation
+    data/      the tf.data input pipelines
+    tools/     FLOP counter, benchmark, profiles, pictures
+    config.py, errors.py, checkpoint.py, convert/, torch_pickle.py, parallel.py
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from mctf_jax.config import ConfigError, FusionConfig, ModelConfig, fusion_config, model_config
-from mctf_jax.model import EncoderOutput, VisionTransformer
-from mctf_jax.schedule import LayerPlan, Schedule, compute_schedule
+from mctf_jax.config import fusion_config, model_config
+from mctf_jax.errors import ConfigError, MctfError
+from mctf_jax.fusion import FusionConfig, LayerPlan, Schedule, compute_schedule
+from mctf_jax.models import Backbone, BackboneConfig, DeiT, DeiTConfig, EncoderOutput
+from mctf_jax import models
 
 __version__ = "0.1.0"
 
 
-def create_model(config: Any, **fusion_changes) -> VisionTransformer:
-  """The Flax module for `config` (a ConfigDict with .model and .fusion sections).
+def create_model(config: Any, **fusion_changes) -> Backbone:
+  """The Flax module for `config` (a ConfigDict or mapping with .model and .fusion sections).
 
-  Keyword arguments override fusion fields, e.g. ``create_model(config, r=8)``. The module
-  validates every field here, before any tracing, and its ``schedule()`` shows the
-  per-layer token counts.
+  ``config.model.arch`` picks the backbone (default 'deit'). Keyword arguments override
+  fusion fields, e.g. ``create_model(config, r=8)``. Every field is validated here, before
+  any tracing, and the module's ``schedule()`` shows the per-layer token counts.
   """
-  import dataclasses
   model_cfg = model_config(config)
   fusion_cfg = fusion_config(config)
   if fusion_changes:
@@ -29,9 +39,9 @@ def create_model(config: Any, **fusion_changes) -> VisionTransformer:
     if not jax.config.jax_enable_x64:
       raise ConfigError("model.dtype/param_dtype float64 needs 64-bit JAX: set "
                         "jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1 first")
-  return VisionTransformer(model=model_cfg, fusion=fusion_cfg)
+  return models.get(model_cfg.arch)(config=model_cfg, fusion=fusion_cfg)
 
 
-__all__ = ["create_model", "VisionTransformer", "EncoderOutput", "ModelConfig", "FusionConfig",
-           "ConfigError", "Schedule", "LayerPlan", "compute_schedule", "model_config",
-           "fusion_config"]
+__all__ = ["create_model", "Backbone", "BackboneConfig", "DeiT", "DeiTConfig", "EncoderOutput",
+           "FusionConfig", "ConfigError", "MctfError", "Schedule", "LayerPlan",
+           "compute_schedule", "model_config", "fusion_config"]

@@ -1,18 +1,20 @@
 """Parameter checkpoints: what the converter writes and what train.py / eval.py read.
 
-A *parameter checkpoint* is a directory with an Orbax ``params`` item and a
+A *parameter checkpoint* is a directory with an Orbax ``params`` item (and a
+``model_state`` item for models with state, e.g. BatchNorm statistics) and a
 ``mctf_jax.json`` file that records the model config it was made for::
 
     DIR/mctf_jax.json
     DIR/params/...        (ocp.StandardCheckpointer)
+    DIR/model_state/...   (only for models with state)
 
 train.py keeps its checkpoints in ``WORKDIR/checkpoints/<step>/`` (an Orbax
 CheckpointManager) with the items ``params``, ``ema`` (when it keeps an EMA),
-``opt_state`` and ``meta``.
+``model_state`` (when the model has state), ``opt_state`` and ``meta``.
 
-``load_params`` reads a parameter checkpoint, a train.py work directory (its latest checkpoint,
-EMA weights by default), or a PyTorch file (.pth/.npz/.safetensors, converted on the fly),
-and checks every weight against the config.
+``load_variables`` (and ``load_params``, its params) reads a parameter checkpoint, a
+train.py work directory (its latest checkpoint), or a PyTorch file (.pth/.npz/.safetensors,
+converted on the fly), and checks every weight against the config.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from mctf_jax import convert
 from mctf_jax.config import model_config
-from mctf_jax.convert import STATE_DICT_EXTENSIONS
+from mctf_jax.errors import CheckpointError, CheckpointNotFoundError, OutputError
 
 METADATA = "mctf_jax.json"
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema"
+STATE_ITEM = "model_state"
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -45,32 +49,35 @@ def _config_dict(config: Any) -> dict:
 
 
 def check_save_target(path: str, *, overwrite: bool = False) -> str:
-  """The absolute path where ``save_params`` can write, or FileExistsError saying why not:
+  """The absolute path where ``save_params`` can write, or OutputError saying why not:
   `path` exists and `overwrite` is off, or it is something other than a parameter
   checkpoint (a file, a directory holding other files), which is never replaced."""
   path = os.path.abspath(os.fspath(path))
   if not os.path.lexists(path):
     return path
   if not overwrite:
-    raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    raise OutputError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
   if not os.path.isdir(path) or os.path.islink(path) or \
-      not set(os.listdir(path)) <= {METADATA, PARAMS_ITEM}:
-    raise FileExistsError(f"{path} is not a parameter checkpoint (holds more than "
-                          f"{METADATA} and {PARAMS_ITEM}/); not replacing it")
+      not set(os.listdir(path)) <= {METADATA, PARAMS_ITEM, STATE_ITEM}:
+    raise OutputError(f"{path} is not a parameter checkpoint (holds more than "
+                      f"{METADATA}, {PARAMS_ITEM}/ and {STATE_ITEM}/); not replacing it")
   return path
 
 
-def save_params(path: str, params, config: Any, *, overwrite: bool = False) -> str:
-  """Writes params (and the config they belong to) as a parameter checkpoint at `path`
-  (with `overwrite`, replacing one written before; see ``check_save_target``)."""
+def save_params(path: str, params, config: Any, *, overwrite: bool = False,
+                model_state=None) -> str:
+  """Writes params (the model's state collections too, if any, and the config they belong
+  to) as a parameter checkpoint at `path` (with `overwrite`, replacing one written before;
+  see ``check_save_target``)."""
   import orbax.checkpoint as ocp
   path = check_save_target(path, overwrite=overwrite)
   if os.path.lexists(path):
     shutil.rmtree(path)
   os.makedirs(path)
-  params = jax.tree.map(np.asarray, params)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, PARAMS_ITEM), params)
+  ckptr.save(os.path.join(path, PARAMS_ITEM), jax.tree.map(np.asarray, params))
+  if model_state:
+    ckptr.save(os.path.join(path, STATE_ITEM), jax.tree.map(np.asarray, model_state))
   ckptr.wait_until_finished()
   with open(os.path.join(path, METADATA), "w") as f:
     json.dump({"format": "mctf_jax.params", **_config_dict(config)}, f, indent=1)
@@ -95,56 +102,74 @@ def _latest_step_dir(path: str) -> str | None:
   return os.path.join(path, max(steps, key=int)) if steps else None
 
 
-def find_train_params(path: str, ema: bool = True) -> str | None:
-  """The params (or EMA) item of the latest checkpoint under a train.py workdir, or None.
-
-  `path` may be the workdir, its checkpoints/ directory, or one step directory.
-  """
+def _item_dir(path: str, ema: bool) -> str | None:
+  """The directory holding the params item (or the EMA's) that `path` names: a parameter
+  checkpoint, a train.py workdir (its latest checkpoint), its checkpoints/ directory or one
+  step directory; None if it holds none."""
+  if os.path.isfile(os.path.join(path, METADATA)):
+    return path
   candidates = [path]
   if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
     candidates.insert(0, os.path.join(path, CHECKPOINTS_DIR))
   for directory in candidates:
     step_dir = directory if os.path.isdir(os.path.join(directory, PARAMS_ITEM)) else \
         _latest_step_dir(directory)
-    if step_dir is None:
-      continue
-    for item in ((EMA_ITEM, PARAMS_ITEM) if ema else (PARAMS_ITEM,)):
-      if os.path.isdir(os.path.join(step_dir, item)):
-        return os.path.join(step_dir, item)
+    if step_dir is not None and os.path.isdir(os.path.join(step_dir, PARAMS_ITEM)):
+      return step_dir
   return None
 
 
-def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = False):
-  """Params for `config` from a parameter checkpoint, a train.py workdir or a torch file.
+def find_train_params(path: str, ema: bool = True) -> str | None:
+  """The params (or EMA) item of the latest checkpoint under a train.py workdir, or None.
+
+  `path` may be the workdir, its checkpoints/ directory, or one step directory.
+  """
+  step_dir = _item_dir(path, ema)
+  if step_dir is None:
+    return None
+  for item in ((EMA_ITEM, PARAMS_ITEM) if ema else (PARAMS_ITEM,)):
+    if os.path.isdir(os.path.join(step_dir, item)):
+      return os.path.join(step_dir, item)
+  return None
+
+
+def load_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = False) -> dict:
+  """The model's variables ({'params': ..., and its state collections}) for `config` from a
+  parameter checkpoint, a train.py workdir or a torch file.
 
   ema: for train.py checkpoints, take the EMA weights (when the run kept them).
   adapt: resize the position embedding and re-initialise the head where the image size or
     class count differ (initialising a fine-tuning run); without it those are errors.
-  Raises FileNotFoundError for a path that does not exist or holds no checkpoint,
-  CheckpointMismatchError (listing every weight) when the shapes do not fit the config, and
-  CheckpointError for a file it cannot read.
+  Raises CheckpointNotFoundError (a FileNotFoundError) for a path that does not exist or
+  holds no checkpoint, CheckpointMismatchError (listing every weight) when the shapes do
+  not fit the config, and CheckpointError for a file it cannot read.
   """
-  from mctf_jax import convert
   cfg = model_config(config)
   path = os.fspath(path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
   if os.path.isfile(path):
-    if not path.lower().endswith(STATE_DICT_EXTENSIONS):
-      raise convert.CheckpointError(
+    if not path.lower().endswith(convert.STATE_DICT_EXTENSIONS):
+      raise CheckpointError(
           f"{path!r} is a file but not a PyTorch checkpoint "
-          f"({', '.join(STATE_DICT_EXTENSIONS)}); Orbax checkpoints are directories")
+          f"({', '.join(convert.STATE_DICT_EXTENSIONS)}); Orbax checkpoints are directories")
     state = convert.load_state_dict(path)
   else:
-    if os.path.isfile(os.path.join(path, METADATA)):
-      item = os.path.join(path, PARAMS_ITEM)
-    else:
-      item = find_train_params(path, ema=ema)
-    if item is None:
-      raise FileNotFoundError(
+    step_dir = _item_dir(path, ema)
+    if step_dir is None:
+      raise CheckpointNotFoundError(
           f"{path!r} holds no checkpoint: expected a directory written by "
           f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
-          f"file ({', '.join(STATE_DICT_EXTENSIONS)})")
-    state = convert.flax_to_torch(_restore_item(item))
-  # One path for every format: the torch-layout names checked against the config.
-  return convert.torch_to_flax(state, cfg, adapt=adapt, source=path)
+          f"file ({', '.join(convert.STATE_DICT_EXTENSIONS)})")
+    item = EMA_ITEM if ema and os.path.isdir(os.path.join(step_dir, EMA_ITEM)) else PARAMS_ITEM
+    model_state = (_restore_item(os.path.join(step_dir, STATE_ITEM))
+                   if os.path.isdir(os.path.join(step_dir, STATE_ITEM)) else None)
+    state = convert.flax_to_torch(_restore_item(os.path.join(step_dir, item)), cfg,
+                                  model_state=model_state)
+  # One path for every format: the PyTorch-layout names checked against the config.
+  return convert.torch_to_variables(state, cfg, adapt=adapt, source=path)
+
+
+def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = False):
+  """The params of ``load_variables`` (same arguments and errors)."""
+  return load_variables(path, config, ema=ema, adapt=adapt)["params"]

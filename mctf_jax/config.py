@@ -1,226 +1,25 @@
-"""Validated, hashable hyperparameters of the model and of the token fusion.
+"""From the user's ml_collections config to the validated, hashable settings.
 
-The ml_collections configs in ``configs/`` are the user-facing format; they are turned
-into the frozen dataclasses below once, with every field checked, so that the Flax modules
-get hashable, immutable settings (nanodo style) and a bad value fails before tracing with a
-message that names it.
+The ml_collections configs in ``configs/`` are the user-facing format; their ``model`` and
+``fusion`` sections become frozen dataclasses once, with every field checked, so that the
+Flax modules get hashable, immutable settings (nanodo style) and a bad value fails before
+tracing with a message that names it. ``config.model.arch`` picks the backbone, whose own
+config class holds the model section (``mctf_jax.models``); it defaults to 'deit'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
-ONE_STEP_AHEAD_MODES = ("off", "approx", "precise")
-POOLING_MODES = ("size", "attn", "max", "mean")
-MERGE_IMPLS = ("auto", "scatter", "matmul")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+from mctf_jax import models
+from mctf_jax.errors import ConfigError, is_int
+from mctf_jax.fusion.config import FusionConfig, normalize_r
+from mctf_jax.models.base import BackboneConfig
 
+__all__ = ["model_config", "fusion_config", "FusionConfig", "normalize_r", "ConfigError"]
 
-# ToMe (Bolya et al. 2023) as MCTF with the informativeness and size criteria, the
-# bidirectional matching and the one-step-ahead attention switched off.
-TOME_PRESET = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
-                   bidirectional=False, pooling="size", prop_attn=True, teacher_r_max=0.0)
-
-
-class ConfigError(ValueError):
-  """A configuration value that the model cannot take."""
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def normalize_r(r, name: str = "fusion.r") -> int | float:
-  """Checks an r and returns it as an int count or a float ratio in (0, 1).
-
-  r >= 1 is a number of tokens removed per fused layer and must be a whole number
-  (16 or 16.0); 0 < r < 1 is a ratio of the tokens (MCTF-Fast's 0.35); 0 disables fusion.
-  """
-  if not _is_number(r):
-    raise ConfigError(f"{name} must be a number (a token count >= 0 or a ratio in (0, 1)), "
-                      f"got {r!r} of type {type(r).__name__}")
-  if isinstance(r, float) and not math.isfinite(r):
-    raise ConfigError(f"{name} must be finite, got {r!r}")
-  if r < 0:
-    raise ConfigError(f"{name} must be >= 0 (tokens removed per fused layer), got {r!r}")
-  if r >= 1:
-    if r != int(r):
-      raise ConfigError(f"{name}={r!r}: a value >= 1 is a token count and must be a whole "
-                        f"number; use a value in (0, 1) for a ratio of the tokens")
-    return int(r)
-  if r == 0:
-    return 0
-  return float(r)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """A DeiT / ViT: patch embedding, class token, learned position embedding, pre-norm blocks."""
-  img_size: int = 224
-  patch_size: int = 16
-  in_chans: int = 3
-  embed_dim: int = 384
-  depth: int = 12
-  num_heads: int = 6
-  num_classes: int = 1000
-  mlp_ratio: float = 4.0
-  qkv_bias: bool = True
-  layer_norm_eps: float = 1e-6
-  drop_path_rate: float = 0.0
-  dropout_rate: float = 0.0
-  dtype: str = "float32"        # compute dtype; parameters stay float32
-  param_dtype: str = "float32"
-
-  def __post_init__(self):
-    for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-                 "num_classes"):
-      value = getattr(self, name)
-      if not _is_int(value) or value < 1:
-        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-    if self.img_size % self.patch_size:
-      raise ConfigError(f"model.img_size={self.img_size} is not divisible by "
-                        f"model.patch_size={self.patch_size}; choose sizes with "
-                        f"img_size % patch_size == 0")
-    if self.embed_dim % self.num_heads:
-      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
-                        f"model.num_heads={self.num_heads}")
-    if not _is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
-      raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-    if not _is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
-      raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-    for name in ("drop_path_rate", "dropout_rate"):
-      value = getattr(self, name)
-      if not _is_number(value) or not 0 <= value < 1:
-        raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ConfigError(f"model.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-
-  @property
-  def grid_size(self) -> int:
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
-
-  @property
-  def num_tokens(self) -> int:
-    """Tokens entering the first block: the patches and the class token."""
-    return self.num_patches + 1
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(self.embed_dim * self.mlp_ratio)
-
-
-@dataclasses.dataclass(frozen=True)
-class FusionConfig:
-  """Multi-criteria token fusion (MCTF); see REFERENCE.md for what each field does.
-
-  r: tokens removed at each fused layer (int) or a ratio of the tokens (0 < r < 1).
-  layers: 0-based indices of the blocks that fuse.
-  one_step_ahead: 'approx' (merge the attention map and reuse it), 'precise' (recompute the
-    attention on the fused tokens) or 'off' (fuse the block's output).
-  pooling: how tokens are averaged: 'size' (size-weighted), 'attn' (attention- and size-
-    weighted), 'max' or 'mean'.
-  merge_impl: how merges are computed: 'scatter' (gather + segment sums, best on CPU/GPU),
-    'matmul' (one-hot matrix products, best on TPU) or 'auto' (chosen from the backend).
-    The results agree to rounding.
-  train_token_step: how the train step shapes the teacher's token arrays
-    (``mctf_jax.padded``). None (default): every r' runs at the full input width, padding
-    standing in for the merged tokens, so one compiled program serves every r' > 0 (DeiT-S:
-    compile ~5x the plain step instead of 17x, step time about the same). k > 0: widths on a
-    grid of step k (more programs, less padding). 0: one program per r' at exact token
-    counts. The student, and evaluation, always run at exact counts.
-  teacher_group_size: the train step draws its own r' for each group of this many
-    consecutive examples of the global batch, as the official code draws one per GPU (its
-    recipe: 8 GPUs x 128 images, so 128 reproduces it). 0, or a batch no larger than it:
-    one r' for the whole batch. Several groups need the padded teacher
-    (train_token_step None or > 0).
-  train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks
-    (same array width in and out, all fusing or none: at full width, the teacher's fused
-    blocks) as one ``lax.scan`` over stacked parameters, so that XLA compiles and
-    schedules one block instead of each (DeiT-S: compile 10-20% shorter, estimated peak
-    memory 1.34x -> 1.20x the plain step's). The results are the same (stochastic depth
-    too; dropout, if on, draws other keys). False unrolls them.
-  """
-  r: int | float = 16
-  layers: tuple[int, ...] = ()
-  prop_attn: bool = True
-  one_step_ahead: str = "approx"
-  tau_sim: float = 1.0
-  tau_info: float = 20.0
-  tau_size: float = 40.0
-  bidirectional: bool = True
-  pooling: str = "attn"
-  trace_source: bool = False
-  teacher_r_max: int | float = 0
-  merge_impl: str = "auto"
-  train_token_step: int | None = None
-  teacher_group_size: int = 0
-  train_scan_blocks: bool = True
-
-  def __post_init__(self):
-    object.__setattr__(self, "r", normalize_r(self.r, "fusion.r"))
-    object.__setattr__(self, "teacher_r_max",
-                       normalize_r(self.teacher_r_max, "fusion.teacher_r_max"))
-    layers = self.layers
-    if _is_int(layers):
-      layers = (layers,)
-    try:
-      layers = tuple(layers)
-    except TypeError:
-      raise ConfigError(f"fusion.layers must be a sequence of block indices, got {layers!r}")
-    bad = [l for l in layers if not _is_int(l)]
-    if bad:
-      raise ConfigError(f"fusion.layers must hold integer block indices, got {bad!r} "
-                        f"in {layers!r}")
-    repeated = sorted({l for l in layers if layers.count(l) > 1})
-    if repeated:
-      raise ConfigError(f"fusion.layers lists block(s) {repeated} more than once: {layers!r}")
-    object.__setattr__(self, "layers", tuple(sorted(layers)))
-    if self.one_step_ahead not in ONE_STEP_AHEAD_MODES:
-      raise ConfigError(f"fusion.one_step_ahead must be one of {ONE_STEP_AHEAD_MODES}, "
-                        f"got {self.one_step_ahead!r}")
-    if self.pooling not in POOLING_MODES:
-      raise ConfigError(f"fusion.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
-    if self.merge_impl not in MERGE_IMPLS:
-      raise ConfigError(f"fusion.merge_impl must be one of {MERGE_IMPLS}, "
-                        f"got {self.merge_impl!r}")
-    for name in ("tau_sim", "tau_info", "tau_size"):
-      value = getattr(self, name)
-      if not _is_number(value) or value < 0 or not math.isfinite(value):
-        raise ConfigError(f"fusion.{name} must be a finite number >= 0 (0 switches the "
-                          f"criterion off), got {value!r}")
-    step = self.train_token_step
-    if step is not None and (not _is_int(step) or step < 0):
-      raise ConfigError(f"fusion.train_token_step must be None (full width), 0 (exact token "
-                        f"counts) or a grid step > 0, got {step!r}")
-    group = self.teacher_group_size
-    if not _is_int(group) or group < 0:
-      raise ConfigError(f"fusion.teacher_group_size must be an integer >= 0 (0: one r' for "
-                        f"the whole batch), got {group!r}")
-    for name in ("prop_attn", "bidirectional", "trace_source", "train_scan_blocks"):
-      if not isinstance(getattr(self, name), bool):
-        raise ConfigError(f"fusion.{name} must be True or False, got {getattr(self, name)!r}")
-
-  @classmethod
-  def tome(cls, r: int | float = 13, layers=(), **changes) -> "FusionConfig":
-    """ToMe as a special case of MCTF: similarity only, one-directional, no one-step-ahead."""
-    return cls(r=r, layers=layers, **{**TOME_PRESET, **changes})
-
-  def check_depth(self, depth: int) -> None:
-    out_of_range = [l for l in self.layers if not 0 <= l < depth]
-    if out_of_range:
-      raise ConfigError(f"fusion.layers {list(out_of_range)} out of range: the model has "
-                        f"{depth} blocks, so valid indices are 0..{depth - 1}")
+DEFAULT_ARCH = "deit"
 
 
 def _to_dict(section: Any) -> dict:
@@ -235,34 +34,42 @@ def _to_dict(section: Any) -> dict:
   raise ConfigError(f"expected a config section (ConfigDict or mapping), got {section!r}")
 
 
-def _build(cls, section: Any, where: str):
-  values = _to_dict(section)
+def _build(cls, values: dict, where: str):
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
   if unknown:
     raise ConfigError(f"unknown field(s) in config.{where}: {unknown}; "
                       f"known fields: {sorted(known)}")
-  if "layers" in values and values["layers"] is not None and not _is_int(values["layers"]):
+  if "layers" in values and values["layers"] is not None and not is_int(values["layers"]):
     values["layers"] = tuple(values["layers"])
   return cls(**values)
 
 
-def model_config(config: Any) -> ModelConfig:
-  """ModelConfig from ``config.model`` (a ConfigDict or mapping) or a ModelConfig."""
-  if isinstance(config, ModelConfig):
+def _section(config: Any, name: str):
+  if isinstance(config, Mapping):
+    return config.get(name)
+  return getattr(config, name, None)
+
+
+def model_config(config: Any) -> BackboneConfig:
+  """The backbone's config dataclass from ``config.model`` (a ConfigDict or mapping), or a
+  BackboneConfig as it is."""
+  if isinstance(config, BackboneConfig):
     return config
-  section = config.get("model") if isinstance(config, Mapping) else getattr(config, "model", None)
+  section = _section(config, "model")
   if section is None:
     raise ConfigError("the config has no 'model' section")
-  return _build(ModelConfig, section, "model")
+  values = _to_dict(section)
+  values.setdefault("arch", DEFAULT_ARCH)
+  cls = models.get(values["arch"]).config_class
+  return _build(cls, values, "model")
 
 
 def fusion_config(config: Any) -> FusionConfig:
   """FusionConfig from ``config.fusion``; fusion is off when the section is missing."""
   if isinstance(config, FusionConfig):
     return config
-  section = (config.get("fusion") if isinstance(config, Mapping)
-             else getattr(config, "fusion", None))
+  section = _section(config, "fusion")
   if section is None:
     return FusionConfig(r=0, layers=())
-  return _build(FusionConfig, section, "fusion")
+  return _build(FusionConfig, _to_dict(section), "fusion")

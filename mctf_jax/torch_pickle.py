@@ -23,6 +23,8 @@ import zipfile
 
 import numpy as np
 
+from mctf_jax.errors import FormatError
+
 try:  # bfloat16 for numpy; ships with jax
   import ml_dtypes
   _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -76,10 +78,6 @@ def describe(obj) -> str:
   """What a loaded object is, for error messages: 'a torch.nn.modules.linear.Linear
   object' for a class the reader did not rebuild."""
   return f"a {getattr(obj, 'stands_for', type(obj).__name__)} object"
-
-
-class FormatError(ValueError):
-  """The file is not a PyTorch checkpoint this reader understands."""
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):

@@ -13,6 +13,9 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
+import fcntl
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -74,3 +77,51 @@ def x64():
   jax.config.update("jax_enable_x64", True)
   yield
   jax.config.update("jax_enable_x64", previous)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS_TINY = "tests/configs/digits_tiny.py"
+
+
+@pytest.fixture(scope="session")
+def env():
+  """The environment of train.py / eval.py subprocesses: one CPU device, tests/ on the path
+  (for the toy backbones)."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env["XLA_FLAGS"] = FAST_COMPILE   # one device, unless a test asks for more
+  return env
+
+
+def run(args, env, timeout=600):
+  return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def digits_config(arch=None) -> str:
+  """The --config flag of the end-to-end runs: digits_tiny, or ARCH's TINY size on it."""
+  return f"--config={DIGITS_TINY}" + (f":{arch}" if arch else "")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, env):
+  """trained(arch=None) -> (workdir, stdout) of one uninterrupted train.py run of
+  ``digits_config(arch)``, shared by the tests of every xdist worker (the first to get the
+  lock trains, the others reuse its workdir)."""
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent
+
+  def get(arch=None):
+    name = "uninterrupted" + (f"_{arch.replace(':', '_')}" if arch else "")
+    workdir, log = shared / name, shared / f"{name}.log"
+    with open(shared / f"{name}.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not log.exists():
+        done = run(["train.py", digits_config(arch), f"--workdir={workdir}"], env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        log.write_text(done.stdout)
+    return str(workdir), log.read_text()
+  return get

@@ -11,7 +11,7 @@ import pytest
 
 import mctf_jax
 from conftest import tiny_config
-from mctf_jax import benchmark, flops
+from mctf_jax.tools import benchmark, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,22 +44,22 @@ def test_time_calls_interleaves_and_repeats():
 
 
 @pytest.fixture(scope="module")
-def tiny_params():
-  return benchmark.random_params(mctf_jax.create_model(tiny_config()))
+def tiny_variables():
+  return benchmark.random_variables(mctf_jax.create_model(tiny_config()))
 
 
-def test_random_params_fit_the_model(tiny_params):
+def test_random_variables_fit_the_model(tiny_variables):
   from mctf_jax import convert
-  flat = convert.flax_to_torch(tiny_params)
-  want = convert.expected_shapes(mctf_jax.create_model(tiny_config()).model)
+  flat = convert.flax_to_torch(tiny_variables["params"], tiny_config())
+  want = convert.expected_shapes(tiny_config())
   assert {k: v.shape for k, v in flat.items()} == want
 
 
-def test_benchmark_forward_tiny(tiny_params):
+def test_benchmark_forward_tiny(tiny_variables):
   # The plain model (quick to compile); the fused one is timed by the tests below.
   model = mctf_jax.create_model(tiny_config(r=0))
-  params = tiny_params
-  result = benchmark.benchmark_forward(model, params, 4, repeats=3, warmup=1,
+  variables = tiny_variables
+  result = benchmark.benchmark_forward(model, variables, 4, repeats=3, warmup=1,
                                        min_repeat_s=0.01)
   assert result["img_per_s"] > 0 and result["batch_size"] == 4
   assert result["img_per_s"] == pytest.approx(4 / result["median_s"])
@@ -67,18 +67,18 @@ def test_benchmark_forward_tiny(tiny_params):
   assert result["compile_s"] > 0 and result["trace_s"] > 0
   assert result["platform"] == jax.devices()[0].platform and result["dtype"] == "float32"
   memory = result["memory"]
-  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(variables))
   image_bytes = 4 * 32 * 32 * 3 * 4
   assert memory["argument_size_bytes"] >= param_bytes + image_bytes
   assert memory["estimated_peak_bytes"] >= memory["argument_size_bytes"]
   with pytest.raises(ValueError, match="batch_size must be a positive integer"):
-    benchmark.benchmark_forward(model, params, 0)
+    benchmark.benchmark_forward(model, variables, 0)
 
 
-def test_compare_bfloat16_and_r_override(tiny_params):
+def test_compare_bfloat16_and_r_override(tiny_variables):
   config = tiny_config(trace_source=False, layers=(1,))
   config["model"]["dtype"] = "bfloat16"
-  result = benchmark.compare(config, tiny_params, batch_size=2, r=4, repeats=2, warmup=1,
+  result = benchmark.compare(config, tiny_variables, batch_size=2, r=4, repeats=2, warmup=1,
                              min_repeat_s=0)
   fused, plain = result["fused"], result["plain"]
   assert fused["dtype"] == plain["dtype"] == "bfloat16"
@@ -94,19 +94,19 @@ def test_compare_bfloat16_and_r_override(tiny_params):
   text = benchmark.format_result(result)
   assert "MCTF r=4" in text and "no fusion (r=0)" in text and "speed-up" in text
 
-  none = benchmark.compare(config, tiny_params, batch_size=2, r=0, repeats=1, warmup=1,
+  none = benchmark.compare(config, tiny_variables, batch_size=2, r=0, repeats=1, warmup=1,
                            min_repeat_s=0)
   assert none["fused"] is None and none["speedup"] is None and none["plain"]["img_per_s"] > 0
   assert "speed-up" not in benchmark.format_result(none)
 
 
-def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_params):
-  from mctf_jax import profiling
+def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_variables):
+  from mctf_jax.tools import profiling
 
   def unreadable(*args, **kwargs):
     raise RuntimeError("no kernel of the trace matched an HLO instruction")
   monkeypatch.setattr(profiling, "profile_call", unreadable)
-  result = benchmark.compare(tiny_config(), tiny_params, batch_size=2, repeats=1,
+  result = benchmark.compare(tiny_config(), tiny_variables, batch_size=2, repeats=1,
                              min_repeat_s=0, warmup=1, profile=True)
   assert result["speedup"] > 0 and "profile" not in result["fused"]
   assert "no kernel of the trace matched" in result["fused"]["profile_error"]
@@ -114,8 +114,8 @@ def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_par
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.benchmark", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.benchmark", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_json(tmp_path):

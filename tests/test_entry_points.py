@@ -4,7 +4,6 @@ A run interrupted by SIGTERM (preemption) and then by SIGKILL, and resumed each 
 with exactly the parameters of an uninterrupted run.
 """
 
-import fcntl
 import json
 import os
 import signal
@@ -16,23 +15,10 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint
-from conftest import FAST_COMPILE
+from conftest import FAST_COMPILE, ROOT, digits_config, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = "--config=tests/configs/digits_tiny.py"
+CONFIG = digits_config()
 TOTAL = 44   # 2 epochs of 22 steps
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  env["XLA_FLAGS"] = FAST_COMPILE   # one device, unless a test asks for more
-  return env
-
-
-def run(args, env, timeout=600):
-  return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def run_until(args, env, line_prefix: str, sig) -> tuple[int, str]:
@@ -54,20 +40,9 @@ def run_until(args, env, line_prefix: str, sig) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="session")
-def finished(tmp_path_factory, env):
-  """One uninterrupted run, shared by the tests of every xdist worker (the first to get
-  the lock trains, the others reuse its workdir)."""
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent
-  workdir, log = shared / "uninterrupted", shared / "uninterrupted.log"
-  with open(shared / "uninterrupted.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not log.exists():
-      done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
-      assert done.returncode == 0, done.stdout + done.stderr
-      log.write_text(done.stdout)
-  return str(workdir), log.read_text()
+def finished(trained):
+  """The uninterrupted run of digits_tiny (shared with tests/test_backbones.py)."""
+  return trained()
 
 
 def _params(workdir, ema=False):

@@ -11,8 +11,9 @@ import pytest
 
 import mctf_jax
 from conftest import tiny_config
-from mctf_jax import flops
-from mctf_jax.config import FusionConfig, ModelConfig, fusion_config
+from mctf_jax.config import FusionConfig, fusion_config
+from mctf_jax.models import DeiTConfig
+from mctf_jax.tools import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = tuple(range(1, 12))
@@ -56,7 +57,7 @@ def test_official_numbers(name, r, target):
 ])
 def test_matches_fvcore_on_official_code(size, fusion, r_eval, img_size, expected):
   width, heads = DEIT[size]
-  model = ModelConfig(img_size=img_size, embed_dim=width, num_heads=heads)
+  model = DeiTConfig(img_size=img_size, embed_dim=width, num_heads=heads)
   assert flops.count_flops(model, FusionConfig(**fusion), r_eval).total == expected
 
 
@@ -65,7 +66,7 @@ def test_plain_deit_by_hand():
   t, c, m = 197, 384, 1536
   block = 2 * 5 * t * c + t * c * 3 * c + 2 * t * t * c + t * c * c + 2 * t * c * m
   total = 12 * block + 196 * c * 3 * 16 * 16 + 5 * t * c + c * 1000
-  report = flops.count_flops(ModelConfig())
+  report = flops.count_flops(DeiTConfig())
   assert report.total == total
   assert flops.count_flops(_config("deit_s"), r=0).total == total
 
@@ -152,7 +153,7 @@ def test_xla_cost_analysis(name, r, tolerance):
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.flops", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.flops", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=120)
 
 

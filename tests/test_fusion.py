@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mctf_jax import fusion as F
+from mctf_jax import fusion
+from mctf_jax.fusion import matching
 
 
 def reference_fuse(x, size, scores, r_ab, r_ba, bidirectional):
@@ -45,15 +46,19 @@ def _random_case(seed, batch=3, tokens=21, channels=5):
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("tokens,r", [(21, 6), (20, 9), (17, 1), (65, 8)])
 @pytest.mark.parametrize("impl", ["scatter", "matmul"])
-def test_matches_reference_merge(bidirectional, tokens, r, impl, x64):
+@pytest.mark.parametrize("num_protected", [1, 0])
+def test_matches_reference_merge(bidirectional, tokens, r, impl, num_protected, x64):
+  """With a class token (protected, its row -inf) and without one (nothing protected)."""
   x, size, received = _random_case(tokens + r, tokens=tokens)
-  scores = F.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
-                             size_BxT=jnp.asarray(size))
+  scores = fusion.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
+                                  size_BxT=jnp.asarray(size), num_protected=num_protected)
+  assert np.isneginf(np.asarray(scores)[:, 0]).all() == (num_protected == 1)
   r_ab, r_ba = (r // 2, r - r // 2) if bidirectional else (r, 0)
-  fz = F.bipartite_matching(scores, r_ab=r_ab, r_ba=r_ba, bidirectional=bidirectional)
-  assert fz.num_out == tokens - r
-  out, out_size, _, _ = F.fuse_tokens(jnp.asarray(x), jnp.asarray(size), fz, pooling="size",
-                                      impl=impl)
+  match = fusion.bipartite_matching(scores, r_ab=r_ab, r_ba=r_ba, bidirectional=bidirectional,
+                                    num_protected=num_protected)
+  assert match.num_out == tokens - r
+  out, out_size, _, _ = fusion.fuse_tokens(jnp.asarray(x), jnp.asarray(size), match,
+                                           pooling="size", impl=impl)
   for b in range(x.shape[0]):
     want_x, want_s = reference_fuse(x[b], size[b], np.asarray(scores[b]), r_ab, r_ba,
                                     bidirectional)
@@ -63,10 +68,11 @@ def test_matches_reference_merge(bidirectional, tokens, r, impl, x64):
 
 def test_dest_is_a_valid_fusion_map():
   x, size, received = _random_case(0, batch=4, tokens=65)
-  scores = F.matching_scores(jnp.asarray(x, jnp.float32), attn_received_BxT=jnp.asarray(received))
-  fz = F.bipartite_matching(scores, r_ab=4, r_ba=5)
-  dest, anchor = np.asarray(fz.dest_BxT), np.asarray(fz.anchor_BxO)
-  moved, moved_dest = np.asarray(fz.moved_BxR), np.asarray(fz.moved_dest_BxR)
+  scores = fusion.matching_scores(jnp.asarray(x, jnp.float32),
+                                  attn_received_BxT=jnp.asarray(received))
+  match = fusion.bipartite_matching(scores, r_ab=4, r_ba=5)
+  dest, anchor = np.asarray(match.dest_BxT), np.asarray(match.anchor_BxO)
+  moved, moved_dest = np.asarray(match.moved_BxR), np.asarray(match.moved_dest_BxR)
   out = 65 - 9
   assert dest.min() >= 0 and dest.max() < out
   for b in range(4):
@@ -78,35 +84,68 @@ def test_dest_is_a_valid_fusion_map():
     np.testing.assert_array_equal(dest[b, anchor[b]], np.arange(out))
     np.testing.assert_array_equal(dest[b, moved[b]], moved_dest[b])
   for impl in ("scatter", "matmul"):
-    fused_size = np.asarray(F.merge_sum(jnp.ones((4, 65)), fz, impl))
+    fused_size = np.asarray(fusion.merge_sum(jnp.ones((4, 65)), match, impl))
     np.testing.assert_array_equal(fused_size.sum(-1), 65)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_protected", [2, 3])
+def test_protected_tokens_keep_their_places(num_protected, bidirectional):
+  """More protected tokens (a class and a distillation token, registers): they stay in
+  front, alone, and the others match as they would behind two fewer protected tokens."""
+  rng = np.random.default_rng(num_protected)
+  tokens, r = 23, 8
+  scores = np.asarray(fusion.matching_scores(jnp.asarray(rng.standard_normal((3, tokens, 6))),
+                                             num_protected=num_protected))
+  protected_a, protected_b = (num_protected + 1) // 2, num_protected // 2
+  assert np.isneginf(scores[:, :protected_a]).all()
+  assert np.isneginf(scores[:, :, :protected_b]).all()
+  assert np.isfinite(scores[:, protected_a:, protected_b:]).all()
+  r_ab, r_ba = (r // 2, r - r // 2) if bidirectional else (r, 0)
+  match = fusion.bipartite_matching(jnp.asarray(scores), r_ab=r_ab, r_ba=r_ba,
+                                    bidirectional=bidirectional, num_protected=num_protected)
+  dest, anchor = np.asarray(match.dest_BxT), np.asarray(match.anchor_BxO)
+  np.testing.assert_array_equal(dest[:, :num_protected], np.broadcast_to(
+      np.arange(num_protected), (3, num_protected)))
+  np.testing.assert_array_equal(anchor[:, :num_protected], dest[:, :num_protected])
+  for b in range(3):   # nothing else is sent to a protected token
+    assert set(dest[b, num_protected:]).isdisjoint(range(num_protected))
+  assert (np.asarray(match.moved_BxR) >= num_protected).all()
+  # The first A and B rows/columns out, two protected tokens fewer: the same matching.
+  fewer = fusion.bipartite_matching(jnp.asarray(scores[:, 1:, 1:]), r_ab=r_ab, r_ba=r_ba,
+                                    bidirectional=bidirectional,
+                                    num_protected=num_protected - 2)
+  np.testing.assert_array_equal(dest[:, 2:], np.asarray(fewer.dest_BxT) + 2)
+  np.testing.assert_array_equal(anchor[:, 2:], np.asarray(fewer.anchor_BxO) + 2)
+  np.testing.assert_array_equal(match.moved_BxR, np.asarray(fewer.moved_BxR) + 2)
+  np.testing.assert_array_equal(match.moved_dest_BxR, np.asarray(fewer.moved_dest_BxR) + 2)
 
 
 def test_scores_criteria_and_protection():
   x, size, received = _random_case(1, batch=2, tokens=9)
-  full = F.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
-                           size_BxT=jnp.asarray(size), tau_sim=1, tau_info=20, tau_size=40)
+  full = fusion.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
+                                size_BxT=jnp.asarray(size), tau_sim=1, tau_info=20, tau_size=40)
   assert np.all(np.isneginf(full[:, 0]))
-  sim_only = F.matching_scores(jnp.asarray(x), tau_info=0, tau_size=0)
+  sim_only = fusion.matching_scores(jnp.asarray(x), tau_info=0, tau_size=0)
   a = x[:, ::2] / np.linalg.norm(x[:, ::2], axis=-1, keepdims=True)
   b = x[:, 1::2] / np.linalg.norm(x[:, 1::2], axis=-1, keepdims=True)
   want = (np.einsum("bic,bjc->bij", a, b) + 1) / 2
   np.testing.assert_allclose(sim_only[:, 1:], want[:, 1:], rtol=1e-6)
   # Without the size input the size criterion is left out (sizes are all one).
-  no_size = F.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received))
-  ones = F.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
-                           size_BxT=jnp.ones((2, 9)))
+  no_size = fusion.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received))
+  ones = fusion.matching_scores(jnp.asarray(x), attn_received_BxT=jnp.asarray(received),
+                                size_BxT=jnp.ones((2, 9)))
   np.testing.assert_allclose(no_size[:, 1:], ones[:, 1:], rtol=1e-6)
 
 
 def test_equal_and_zero_tokens_give_no_nan():
   x = jnp.ones((2, 33, 8))
   x = x.at[1, 5].set(0.0)  # a zero token too
-  scores = F.matching_scores(x, attn_received_BxT=jnp.full((2, 33), 1 / 33),
-                             size_BxT=jnp.ones((2, 33)))
+  scores = fusion.matching_scores(x, attn_received_BxT=jnp.full((2, 33), 1 / 33),
+                                  size_BxT=jnp.ones((2, 33)))
   assert not np.any(np.isnan(scores))
-  fz = F.bipartite_matching(scores, r_ab=7, r_ba=8)
-  out, size, _, _ = F.fuse_tokens(x, jnp.ones((2, 33)), fz)
+  match = fusion.bipartite_matching(scores, r_ab=7, r_ba=8)
+  out, size, _, _ = fusion.fuse_tokens(x, jnp.ones((2, 33)), match)
   assert np.all(np.isfinite(out)) and np.all(np.asarray(size).sum(-1) == 33)
 
 
@@ -134,15 +173,16 @@ def test_one_step_ahead_equals_merging_the_map(pooling, impl, x64):
   b, h, t, d, r = 2, 3, 17, 4, 5
   probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((b, h, t, t))), axis=-1)
   x, size, _ = _random_case(4, batch=b, tokens=t)
-  received = F.attention_received(probs)
-  scores = F.matching_scores(jnp.asarray(x), attn_received_BxT=received,
-                             size_BxT=jnp.asarray(size))
-  fz = F.bipartite_matching(scores, r_ab=2, r_ba=3)
-  _, _, weights, norm = F.fuse_tokens(jnp.asarray(x), jnp.asarray(size), fz, pooling=pooling,
-                                      attn_received_BxT=received, impl=impl)
+  received = fusion.attention_received(probs)
+  scores = fusion.matching_scores(jnp.asarray(x), attn_received_BxT=received,
+                                  size_BxT=jnp.asarray(size))
+  match = fusion.bipartite_matching(scores, r_ab=2, r_ba=3)
+  _, _, weights, norm = fusion.fuse_tokens(jnp.asarray(x), jnp.asarray(size), match,
+                                           pooling=pooling, attn_received_BxT=received,
+                                           impl=impl)
   v = jnp.asarray(rng.standard_normal((b, h, t - r, d)))
-  got = F.merged_attention_output(probs, v, fz, weights, norm, impl=impl)
-  merged = explicit_merged_attention(np.asarray(probs), np.asarray(fz.dest_BxT),
+  got = fusion.merged_attention_output(probs, v, match, weights, norm, impl=impl)
+  merged = explicit_merged_attention(np.asarray(probs), np.asarray(match.dest_BxT),
                                      None if weights is None else np.asarray(weights), t - r,
                                      pooling)
   want = np.einsum("bhqk,bhkd->bqhd", merged, np.asarray(v))
@@ -152,11 +192,12 @@ def test_one_step_ahead_equals_merging_the_map(pooling, impl, x64):
 def test_pooling_modes():
   x = jnp.asarray([[[0.0], [1.0], [2.0], [10.0], [4.0]]])
   # Tokens 2 and 3 merge into token 1: dest [0, 1, 1, 1, 2].
-  fz = F.Fusion(dest_BxT=jnp.asarray([[0, 1, 1, 1, 2]]), anchor_BxO=jnp.asarray([[0, 1, 4]]),
-                moved_BxR=jnp.asarray([[2, 3]]), moved_dest_BxR=jnp.asarray([[1, 1]]))
+  match = fusion.Matching(dest_BxT=jnp.asarray([[0, 1, 1, 1, 2]]),
+                          anchor_BxO=jnp.asarray([[0, 1, 4]]), moved_BxR=jnp.asarray([[2, 3]]),
+                          moved_dest_BxR=jnp.asarray([[1, 1]]))
   size = jnp.asarray([[1.0, 1.0, 3.0, 1.0, 1.0]])
   received = jnp.asarray([[0.2, 0.1, 0.4, 0.2, 0.1]])
-  fused = {p: F.fuse_tokens(x, size, fz, pooling=p, attn_received_BxT=received)
+  fused = {p: fusion.fuse_tokens(x, size, match, pooling=p, attn_received_BxT=received)
            for p in ("size", "attn", "mean", "max")}
   np.testing.assert_allclose(fused["size"][0][0, 1, 0], (1 + 6 + 10) / 5)
   np.testing.assert_allclose(fused["mean"][0][0, 1, 0], 13 / 3)
@@ -171,9 +212,9 @@ def test_source_tracking():
   dest1 = jnp.asarray([[0, 1, 1, 2, 3]])          # 5 -> 4 tokens
   dest2 = jnp.asarray([[0, 1, 1, 2]])             # 4 -> 3 tokens
   token_map = jnp.arange(5)[None]
-  token_map = F.update_token_map(F.update_token_map(token_map, dest1), dest2)
+  token_map = fusion.update_token_map(fusion.update_token_map(token_map, dest1), dest2)
   np.testing.assert_array_equal(token_map, [[0, 1, 1, 1, 2]])
-  source = F.source_map(token_map, 3)
+  source = fusion.source_map(token_map, 3)
   np.testing.assert_array_equal(source[0], [[1, 0, 0, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 1]])
 
 
@@ -184,10 +225,10 @@ def test_max_argmax_equals_jnp_with_ties_and_inf(axis):
   values = rng.integers(0, 4, (3, 7, 6)).astype(np.float32)   # many ties
   values[:, 0, :] = -np.inf                                   # a protected row
   values[1, :, 2] = -np.inf
-  top, index = jax.jit(lambda v: F.max_argmax(v, axis=axis))(values)
+  top, index = jax.jit(lambda v: matching.max_argmax(v, axis=axis))(values)
   np.testing.assert_array_equal(top, np.max(values, axis=axis))
   np.testing.assert_array_equal(index, np.argmax(values, axis=axis))
   assert index.dtype == jnp.int32
   hits = rng.random((4, 5, 9)) < 0.2
   hits[0, 0] = False                                          # no hit: 0, as argmax
-  np.testing.assert_array_equal(F.first_index(jnp.asarray(hits)), np.argmax(hits, axis=-1))
+  np.testing.assert_array_equal(matching.first_index(jnp.asarray(hits)), np.argmax(hits, axis=-1))

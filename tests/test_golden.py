@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import mctf_jax
-from mctf_jax import convert, losses
+from mctf_jax import convert
+from mctf_jax.training import losses
 from conftest import (EVAL_CASES, golden_config, golden_images, golden_state_dict,
                       load_golden)
 

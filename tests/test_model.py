@@ -39,7 +39,7 @@ def test_forward_shapes_and_fusion_invariants(tiny):
   out = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images)
   schedule = model.schedule()
   assert out.tokens_BxTxC.shape == (4, schedule.tokens_out, 64)
-  np.testing.assert_array_equal(out.size_BxT.sum(-1), model.model.num_tokens)
+  np.testing.assert_array_equal(out.size_BxT.sum(-1), model.config.num_tokens)
   np.testing.assert_array_equal(out.size_BxT[:, 0], 1)               # class token alone
   np.testing.assert_array_equal(out.source_BxTxN[:, 0, 0], 1)         # and first
   np.testing.assert_array_equal(out.source_BxTxN.sum(1), 1)           # each patch once

@@ -1,4 +1,4 @@
-"""Profile attribution (mctf_jax.profiling) and the benchmark scripts under benchmarks/."""
+"""Profile attribution (mctf_jax.tools.profiling) and the benchmark scripts under benchmarks/."""
 
 import json
 import os
@@ -11,24 +11,31 @@ import pytest
 
 import mctf_jax
 from conftest import tiny_config
-from mctf_jax import benchmark, profiling
+from mctf_jax.tools import benchmark, profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("op_name,part", [
-    ("jit(f)/VisionTransformer/blocks_3/attn.probs/qkv.qk/dot_general", "attention/qk+softmax"),
-    ("jit(f)/VisionTransformer/blocks_3/attn.attend/attend/dot_general", "attention/probs@v"),
-    ("jit(f)/VisionTransformer/blocks_3/attend/transpose", "attention/probs@v"),
-    ("jit(f)/VisionTransformer/blocks_3/mlp/fc1/dot_general", "mlp"),
-    ("jit(f)/transpose(jvp(VisionTransformer))/blocks_3/mlp/fc1/dot_general", "mlp/bwd"),
-    ("jit(f)/VisionTransformer/blocks_3/norm2/reduce_sum", "norm"),
-    ("jit(f)/VisionTransformer/blocks_3/mctf_merge/reduce_sum", "fusion/merge"),
-    ("jit(f)/VisionTransformer/blocks_3/mctf_scores/mctf_matching/argmax", "fusion/matching"),
-    ("jit(f)/transpose(jvp(VisionTransformer))/blocks_1/mctf_attn_merge/mul",
-     "fusion/attn_merge/bwd"),
-    ("jit(f)/VisionTransformer.embed/patch_embed/proj/conv", "embed"),
-    ("jit(f)/VisionTransformer.classify/head/dot_general", "head"),
+    ("jit(f)/DeiT/blocks_3/vit_qk_softmax/attn.probs/qkv.qk/dot_general",
+     "attention/qk+softmax"),
+    ("jit(f)/DeiT/blocks_3/vit_probs_v/dot_general", "attention/probs@v"),
+    ("jit(f)/DeiT/blocks_3/vit_probs_v/transpose", "attention/probs@v"),
+    ("jit(f)/DeiT/blocks_3/vit_values/attn.values/dot_general", "attention/v"),
+    ("jit(f)/DeiT/blocks_3/vit_proj/attn.output/proj/dot_general", "attention/proj"),
+    ("jit(f)/DeiT/blocks_3/vit_mlp/mlp/fc1/dot_general", "mlp"),
+    ("jit(f)/transpose(jvp(DeiT))/blocks_3/vit_mlp/mlp/fc1/dot_general", "mlp/bwd"),
+    ("jit(f)/DeiT/blocks_3/vit_norm/norm2/reduce_sum", "norm"),
+    ("jit(f)/DeiT/blocks_3/mctf_merge/reduce_sum", "fusion/merge"),
+    ("jit(f)/DeiT/blocks_3/mctf_scores/mctf_matching/argmax", "fusion/matching"),
+    ("jit(f)/transpose(jvp(DeiT))/blocks_1/mctf_attn_merge/mul", "fusion/attn_merge/bwd"),
+    # A fusion step inside a part counts for the fusion.
+    ("jit(f)/DeiT/blocks_1/vit_qk_softmax/mctf_scores/mul", "fusion/scores"),
+    ("jit(f)/DeiT.embed/vit_embed/patch_embed/proj/conv", "embed"),
+    ("jit(f)/DeiT.classify/vit_head/head/dot_general", "head"),
+    # Module, class and method names alone attribute nothing: only the scopes do.
+    ("jit(f)/VisionTransformer.embed/patch_embed/proj/conv", "other"),
+    ("jit(f)/T2TViT/blocks_3/attn.probs/mlp/norm1/dot_general", "other"),
     ("jit(f)/add", "other"),
 ])
 def test_part_of(op_name, part):
@@ -44,7 +51,7 @@ def test_instruction_parts_of_unnamed_instructions():
       '%wrapped_reduce.4 = s32[4]{0} fusion(%copy.2), kind=kLoop, calls=%c.4, '
       'metadata={op_name="jit(f)/VisionTransformer/blocks_1/mctf_matching/reduce_min"}',
       'ROOT %fusion.7 = f32[4,8]{1,0} fusion(%p.2), kind=kLoop, calls=%c.7, '
-      'metadata={op_name="jit(f)/transpose(jvp(VisionTransformer))/blocks_1/mlp/add"}',
+      'metadata={op_name="jit(f)/transpose(jvp(DeiT))/blocks_1/vit_mlp/mlp/add"}',
       '%orphan.1 = f32[4]{0} copy(%p.3)',
   ])
   parts = profiling.instruction_parts(hlo)
@@ -54,10 +61,10 @@ def test_instruction_parts_of_unnamed_instructions():
 
 def test_profile_of_a_fused_forward():
   model = mctf_jax.create_model(tiny_config())
-  params = benchmark.random_params(model)
+  variables = benchmark.random_variables(model)
   images = benchmark.random_images(model, 4)
-  compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params, images).compile()
-  prof = profiling.profile_call(compiled, lambda: compiled(params, images), iters=2)
+  compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
+  prof = profiling.profile_call(compiled, lambda: compiled(variables, images), iters=2)
   parts = prof["parts"]
   assert prof["kernel_s"] > 0 and prof["wall_s"] > 0
   assert abs(sum(parts.values()) - prof["kernel_s"]) < 1e-9
@@ -70,11 +77,11 @@ def test_profile_of_a_fused_forward():
   assert text.startswith("tiny: wall") and "fusion/merge" in text
   # Without fusion, nothing is attributed to it.
   plain = model.with_fusion(r=0)
-  compiled = jax.jit(lambda p, x: plain.apply({"params": p}, x)).lower(params, images).compile()
-  prof = profiling.profile_call(compiled, lambda: compiled(params, images), iters=1)
+  compiled = jax.jit(lambda v, x: plain.apply(v, x)).lower(variables, images).compile()
+  prof = profiling.profile_call(compiled, lambda: compiled(variables, images), iters=1)
   assert profiling.fusion_share(prof) == 0
   with pytest.raises(ValueError, match="iters must be >= 1"):
-    profiling.profile_call(compiled, lambda: compiled(params, images), iters=0)
+    profiling.profile_call(compiled, lambda: compiled(variables, images), iters=0)
 
 
 def _plane(space, name, lines):
@@ -129,19 +136,19 @@ def test_kernel_events_of_accelerator_traces():
 
 def test_compile_profile_of_a_fused_forward():
   model = mctf_jax.create_model(tiny_config())
-  params = benchmark.random_params(model)
+  variables = benchmark.random_variables(model)
   images = benchmark.random_images(model, 4)
   # A constant of its own keeps the program out of the test session's compilation cache.
   nonce = float(time.time_ns() % 999_983) + 1.0
   profiles = {}
   for name, m in (("fused", model), ("plain", model.with_fusion(r=0))):
-    lowered = jax.jit(lambda p, x, m=m: m.apply({"params": p}, x) * nonce).lower(params, images)
+    lowered = jax.jit(lambda v, x, m=m: m.apply(v, x) * nonce).lower(variables, images)
     profiles[name] = prof = profiling.profile_compile(lowered)
     assert prof["compile_s"] > 0
     assert set(prof["phases"]) == {p for p, _ in profiling.COMPILE_PHASES}, prof["phases"]
     assert sum(prof["phases"].values()) <= prof["compile_s"]
     # The profiled executable is the program.
-    assert prof["compiled"](params, images).shape == (4, 10)
+    assert prof["compiled"](variables, images).shape == (4, 10)
   fused, plain = profiles["fused"]["kernels"], profiles["plain"]["kernels"]
   for part in ("fusion/scores", "fusion/matching", "fusion/merge", "fusion/attn_merge", "mlp"):
     assert fused.get(part, {}).get("count", 0) > 0, (part, fused)

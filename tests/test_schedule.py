@@ -5,11 +5,17 @@ import importlib
 import pytest
 
 import mctf_jax
-from mctf_jax.config import ConfigError, FusionConfig, ModelConfig
-from mctf_jax.schedule import compute_schedule, effective_r
+from mctf_jax.config import ConfigError, FusionConfig
+from mctf_jax.fusion.schedule import compute_schedule, effective_r
+from mctf_jax.models import DeiTConfig
 
 DEIT_MCTF_TOKENS = (197, 197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21)
 DEIT_FAST_TOKENS = (197, 197, 197, 197, 129, 129, 129, 85, 85, 85, 56, 56, 56)
+
+
+def schedule_of(model, fusion):
+  return compute_schedule(fusion, num_tokens=model.num_tokens, depth=model.depth,
+                          num_protected=model.num_protected)
 
 
 @pytest.mark.parametrize("name,tokens", [
@@ -30,14 +36,14 @@ def test_every_config_schedule(name, tokens):
 
 
 def test_bidirectional_split_and_ratio():
-  model = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
-  s = compute_schedule(model, FusionConfig(r=0.35, layers=(1, 3)))
+  model = DeiTConfig(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
+  s = schedule_of(model, FusionConfig(r=0.35, layers=(1, 3)))
   # int(64 * 0.35) = 22 at 65 tokens, int(42 * 0.35) = 14 at 43 tokens.
   assert [p.r for p in s.layers] == [0, 22, 0, 14]
   assert [(p.r_ab, p.r_ba) for p in s.layers if p.fuses] == [(11, 11), (7, 7)]
-  one_dir = compute_schedule(model, FusionConfig(r=7, layers=(0,), bidirectional=False))
+  one_dir = schedule_of(model, FusionConfig(r=7, layers=(0,), bidirectional=False))
   assert (one_dir.layers[0].r_ab, one_dir.layers[0].r_ba) == (7, 0)
-  odd = compute_schedule(model, FusionConfig(r=7, layers=(0,)))
+  odd = schedule_of(model, FusionConfig(r=7, layers=(0,)))
   assert (odd.layers[0].r_ab, odd.layers[0].r_ba) == (3, 4)
 
 
@@ -49,8 +55,8 @@ def test_reference_clamps():
   assert effective_r(0.35, 10) == 0    # never below 10 tokens
   assert effective_r(4, 8) == 0        # fewer than 10 tokens: no fusion (not negative)
   assert effective_r(0.35, 197) == 68
-  model = ModelConfig(img_size=32, patch_size=4, embed_dim=64, depth=8, num_heads=2)
-  s = compute_schedule(model, FusionConfig(r=16, layers=tuple(range(8))))
+  model = DeiTConfig(img_size=32, patch_size=4, embed_dim=64, depth=8, num_heads=2)
+  s = schedule_of(model, FusionConfig(r=16, layers=tuple(range(8))))
   assert s.tokens_per_layer[-1] >= 10
   assert all(t >= 10 for t in s.tokens_per_layer)
 
@@ -100,7 +106,7 @@ def test_layers_out_of_range_names_them():
 def test_bad_model_values(changes, message):
   base = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
   with pytest.raises(ConfigError, match=message):
-    ModelConfig(**{**base, **changes})
+    DeiTConfig(**{**base, **changes})
 
 
 def test_unknown_config_field():

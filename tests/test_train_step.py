@@ -9,11 +9,13 @@ import optax
 import pytest
 
 import mctf_jax
-from mctf_jax import losses, optim, padded, parallel
+from mctf_jax import parallel
 from mctf_jax.config import ConfigError
-from mctf_jax.train_step import (TrainState, group_branches, make_train_step, padded_training,
-                                 shared_blocks, step_teachers, teacher_branches, teacher_groups,
-                                 teacher_value_at, teacher_values)
+from mctf_jax.fusion import padded
+from mctf_jax.models import DeiT
+from mctf_jax.training import losses, optim
+from mctf_jax.training.plan import teacher_plan, teacher_values
+from mctf_jax.training.train_step import TrainState, make_train_step
 from configs import default
 
 
@@ -44,27 +46,30 @@ def _batch(seed, n=16, size=16, mixup=False):
 def test_teacher_values_and_branches():
   no_teacher = mctf_jax.create_model(small_config(teacher_r_max=0.0))
   assert teacher_values(no_teacher.fusion) == ()
-  model = mctf_jax.create_model(small_config())
-  branches = teacher_branches(model)
-  assert branches.values == (0, 1, 2)
-  assert len(branches.schedules) == 3
-  ratio = mctf_jax.create_model(small_config(r=0.35, teacher_r_max=0.15))
-  b = teacher_branches(ratio)
+  assert teacher_plan(no_teacher, 16).num_branches == 0
+  model = mctf_jax.create_model(small_config(train_token_step=0))   # exact shapes
+  plan = teacher_plan(model, 16)
+  assert plan.values == (0, 1, 2)
+  assert len(plan.paths) == 3
+  ratio = mctf_jax.create_model(small_config(r=0.35, teacher_r_max=0.15, train_token_step=0))
+  b = teacher_plan(ratio, 16)
   assert b.values == tuple(k / 100 for k in range(15))
   # 17 tokens, then 17 - r: r = int(16 k/100) and int((16 - r) k/100) are (0, 0) for k < 7,
   # (1, 1) for k = 7..12 and (2, 1) for k = 13, 14: three distinct schedules.
-  assert [tuple(p.r for p in s.layers[1:]) for s in b.schedules] == [(0, 0), (1, 1), (2, 1)]
+  assert [tuple(p.r for p in s.layers[1:]) for s in b.paths] == [(0, 0), (1, 1), (2, 1)]
   assert b.branch_of_value == (0,) * 7 + (1,) * 6 + (2,) * 2
+  # The plan prints what the trainer logs.
+  assert str(plan) == ("teacher r' drawn from [0, 1, 2]: 3 switch branch(es), ending at "
+                       "[13, 15, 17] tokens")
 
 
 def test_shared_blocks():
   model = mctf_jax.create_model(small_config())
-  branches = teacher_branches(model)
-  schedules = (model.schedule(),) + branches.schedules
-  assert shared_blocks(schedules) == 1                  # everyone fuses from block 1 on
-  assert shared_blocks((model.schedule(0),)) == 3       # nothing fuses: all blocks
+  assert teacher_plan(model, 16).shared == 1                 # everyone fuses from block 1 on
+  no_fusion = mctf_jax.create_model(small_config(r=0.0, teacher_r_max=0.0))
+  assert teacher_plan(no_fusion, 16).shared == 3             # nothing fuses: all blocks
   fast = mctf_jax.create_model(small_config(r=0.35, layers=(2,), teacher_r_max=0.15))
-  assert shared_blocks((fast.schedule(),) + teacher_branches(fast).schedules) == 2
+  assert teacher_plan(fast, 16).shared == 2
   with pytest.raises(ValueError, match=r"fuses at block\(s\) \[1\]"):
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
     jax.eval_shape(lambda v, x: model.apply(v, x, model.schedule(), start=2,
@@ -92,11 +97,11 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
   config = small_config(layers=layers, train_token_step=token_step)
   config.model.depth = depth
   model = mctf_jax.create_model(config)
-  assert padded_training(model) == (token_step != 0)
+  plan = teacher_plan(model, config.batch_size)
+  assert plan.padded == (token_step != 0)
   if token_step != 0:   # full width, or the grid (17, 1): r' = 1, 2 run at width 17
-    teachers = step_teachers(model)
-    assert teachers.branch_of_value == (0, 1, 1)
-    assert teachers.layouts[1].widths == (17,) * (depth + 1)
+    assert plan.branch_of_value == (0, 1, 1)
+    assert plan.paths[1].widths == (17,) * (depth + 1)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tx = optax.sgd(1.0)   # params - grads: the update shows the gradient
   step = jax.jit(make_train_step(model, tx, config))
@@ -106,7 +111,7 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
   for i in range(12):
     state = TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None)
     drawn = int(step(state, _batch(1))[1]["teacher_r"])
-    assert teacher_value_at(model, config.seed, i) == drawn
+    assert plan.value_at(config.seed, i) == drawn
     first_of.setdefault(drawn, i)
   assert len(first_of) >= 2
   for (r, i), mixup in zip(sorted(first_of.items())[-2:], (False, True)):
@@ -133,20 +138,23 @@ def test_each_group_of_the_batch_draws_its_own_teacher_r():
   the full width (the layout of the default full-width teacher's r' > 0)."""
   config = small_config(teacher_group_size=8, train_token_step=1)
   model = mctf_jax.create_model(config)
-  assert teacher_groups(model, 16) == 2 and teacher_groups(model, 8) == 1
-  teachers = step_teachers(model)
-  grouped = group_branches(teachers)
+  plan = teacher_plan(model, 16)
+  assert plan.groups == 2 and teacher_plan(model, 8).groups == 1
+  one_group = teacher_plan(model, 8)
   full = padded.PaddedLayout((17,) * 4, (False, True, True))
-  assert [l.widths for l in teachers.layouts] == [(17,) * 4, (17, 17, 16, 15),
-                                                  (17, 17, 15, 13)]
-  assert grouped.layouts == teachers.layouts + (full,)
-  assert grouped.branch_of_lowest == (3, 1, 2)
-  assert step_teachers(mctf_jax.create_model(small_config())).layouts[1] == full
+  assert [l.widths for l in one_group.paths] == [(17,) * 4, (17, 17, 16, 15),
+                                                 (17, 17, 15, 13)]
+  assert plan.paths == one_group.paths + (full,)
+  assert plan.branch_of_lowest == (3, 1, 2)
+  assert teacher_plan(mctf_jax.create_model(small_config()), 16).paths[1] == full
+  assert str(plan).startswith("teacher r' drawn from [0, 1, 2] for each group of 8 images "
+                              "(2 a step): 4 switch branch(es) (token arrays padded to a "
+                              "grid of step 1)")
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   tx = optax.sgd(1.0)
   step = jax.jit(make_train_step(model, tx, config))
   cfg = losses.LossConfig(0.1, config.loss.consistency_threshold, (1.0, 1.0, 3.0))
-  draws = {i: teacher_value_at(model, config.seed, i, 16) for i in range(40)}
+  draws = {i: plan.value_at(config.seed, i) for i in range(40)}
   assert all(len(d) == 2 for d in draws.values())
   # A step that draws 0 beside 2: both groups run in the extra branch, the r' = 0 group
   # merging nothing, the r' = 2 group in a layout wider than its own (as 2 beside 1 runs
@@ -177,7 +185,7 @@ def test_teacher_groups_need_a_fitting_batch_and_the_padded_teacher():
     make_train_step(mctf_jax.create_model(exact), optax.sgd(1.0), exact)
   for fine in (dict(teacher_group_size=0), dict(teacher_group_size=16),
                dict(teacher_group_size=4, teacher_r_max=0.0)):
-    assert teacher_groups(mctf_jax.create_model(small_config(**fine)), 16) == 1
+    assert teacher_plan(mctf_jax.create_model(small_config(**fine)), 16).groups == 1
   with pytest.raises(ConfigError, match="teacher_group_size must be an integer >= 0"):
     mctf_jax.create_model(small_config(teacher_group_size=-1))
 
@@ -207,7 +215,7 @@ def test_scanned_step_equals_unrolled(dtype):
     if not loose:
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                    new_scan.params, new_unrolled.params)
-  assert {teacher_value_at(model, config.seed, i) for i in range(6)} == {0, 1, 2}
+  assert {teacher_plan(model, 16).value_at(config.seed, i) for i in range(6)} == {0, 1, 2}
 
 
 def _run(config, mesh, steps=3):
@@ -292,7 +300,7 @@ def test_official_lr_schedule():
 def test_weight_decay_mask():
   model = mctf_jax.create_model(small_config())
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  mask = optim.weight_decay_mask(params)
+  mask = optim.weight_decay_mask(params, DeiT.NO_WEIGHT_DECAY)
   assert not mask["pos_embed"] and not mask["cls_token"]
   assert not mask["blocks_0"]["norm1"]["scale"] and not mask["head"]["bias"]
   assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and mask["head"]["kernel"]

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from mctf_jax import checkpoint, convert, parallel, trainer
-from mctf_jax.config import ConfigError
+from mctf_jax import checkpoint, convert, parallel
+from mctf_jax.errors import ConfigError
+from mctf_jax.training import trainer
 from configs import default
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -27,10 +28,9 @@ def _init(config):
   import mctf_jax
   mesh = parallel.create_mesh(1, jax.devices()[:1])
   model = mctf_jax.create_model(config)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          np.zeros((1, config.model.img_size, config.model.img_size, 3)))
-  return trainer.initial_params(model, config, jax.random.PRNGKey(0),
-                                parallel.tree_shardings(mesh, shapes["params"]))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), model.dummy_images())
+  return trainer.initial_variables(model, config, jax.random.PRNGKey(0),
+                                   parallel.tree_shardings(mesh, shapes))["params"]
 
 
 def test_init_from_pth_and_from_converted_orbax(tmp_path):

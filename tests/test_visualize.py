@@ -12,7 +12,7 @@ from scipy import ndimage
 
 import mctf_jax
 from conftest import tiny_config
-from mctf_jax import benchmark, visualize
+from mctf_jax.tools import benchmark, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -80,9 +80,9 @@ def test_render_groups_fills_mean_colours_and_outlines():
 def test_merge_figure_of_tiny_model(photo, tmp_path):
   config = tiny_config()
   model = mctf_jax.create_model(config)
-  params = benchmark.random_params(model)
+  variables = benchmark.random_variables(model)
   crop, normalised = visualize.eval_preprocess(photo, 32, 0.875, MEAN, STD)
-  maps = visualize.trace_token_maps(model, params, normalised)
+  maps = visualize.trace_token_maps(model, variables, normalised)
   schedule = model.schedule()
   fused = [p for p in schedule.layers if p.fuses]
   assert [layer for layer, _ in maps] == [p.layer for p in fused]
@@ -122,8 +122,8 @@ def test_merge_figure_of_tiny_model(photo, tmp_path):
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.visualize", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.visualize", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_merges(photo, tmp_path):

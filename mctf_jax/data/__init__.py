@@ -25,7 +25,7 @@ eval.py check their arguments, config and checkpoint before paying TensorFlow's 
 
 import importlib
 
-from mctf_jax.data.errors import DataError
+from mctf_jax.errors import DataError
 
 _LAZY = {
     "MixupSpec": "augment", "RandAugmentSpec": "augment", "parse_randaugment": "augment",

@@ -18,7 +18,7 @@ import numpy as np
 
 from mctf_jax.data import augment
 from mctf_jax.data._tf import tf
-from mctf_jax.data.errors import DataError
+from mctf_jax.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DIGITS_TEST_FRACTION = 0.2

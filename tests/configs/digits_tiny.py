@@ -1,11 +1,21 @@
-"""configs/digits.py shrunk for the end-to-end tests of train.py and eval.py."""
+"""configs/digits.py shrunk for the end-to-end tests of train.py and eval.py.
+
+``--config=tests/configs/digits_tiny.py:ARCH`` runs the TINY size of another backbone
+(``Backbone.TINY``, e.g. ``toy_backbones:GapViT`` with tests/ on the path) the same way.
+"""
 
 from configs import digits
 
 
-def get_config():
+def get_config(arch=None):
   config = digits.get_config()
   config.model.update(dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.0))
+  if arch:
+    from mctf_jax import models
+    backbone = models.get(arch)
+    fields = dict(backbone.TINY, arch=arch, img_size=32, num_classes=10, drop_path_rate=0.0)
+    config.model = type(config.model)(fields)
+    config.num_epochs = 1
   config.fusion.update(dict(r=8.0, layers=(1, 2), teacher_r_max=2.0))
   config.batch_size = 64            # 22 steps per epoch
   config.eval_batch_size = 120

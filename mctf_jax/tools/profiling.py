@@ -3,15 +3,17 @@
 ``profile_call(compiled, call)`` traces a few calls of a compiled function, reads the trace
 (XSpace protobuf, as written by ``jax.profiler``), matches each kernel event to its HLO
 instruction and that instruction's ``op_name`` metadata (the JAX name stack), and sums the
-kernel time per part of the model:
+kernel time per part of the model. The parts are the named scopes that the fusion engine
+sets (``mctf_jax.fusion.scopes``), whatever the backbone:
 
-* the fusion's own steps, marked by named scopes in ``mctf_jax.fusion``:
-  ``fusion/scores`` (the matching scores), ``fusion/matching`` (bipartite matching),
-  ``fusion/merge`` (merging tokens and sizes, source maps), ``fusion/attn_merge`` (the
-  one-step-ahead attention merge, around the ordinary probs @ v product);
-* the model's: ``attention/qk+softmax`` (with the size bias of proportional attention),
-  ``attention/probs@v``, ``attention/v``,
-  ``attention/proj``, ``mlp``, ``norm``, ``embed``, ``head``, and ``other``.
+* the fusion's own steps, ``mctf_<step>`` scopes: ``fusion/scores`` (the matching
+  scores), ``fusion/matching`` (bipartite matching), ``fusion/merge`` (merging tokens and
+  sizes, source maps), ``fusion/attn_merge`` (the one-step-ahead attention merge, around
+  the ordinary probs @ v product);
+* the transformer's, ``vit_<part>`` scopes set by the block driver and the backbone:
+  ``attention/qk+softmax`` (with the key bias of proportional attention),
+  ``attention/probs@v``, ``attention/v``, ``attention/proj``, ``mlp``, ``norm``, ``embed``,
+  ``head``; anything outside them is ``other``.
 
 Backward-pass kernels (``transpose(...)`` in the name stack) get a ``/bwd`` suffix.
 The kernel names are the HLO instruction names, which is how XLA's CPU and GPU runtimes
@@ -37,46 +39,25 @@ from typing import Any, Callable
 
 import jax
 
-from mctf_jax.fusion import SCOPE_PREFIX
+from mctf_jax.fusion.scopes import FUSION_PREFIX, PART_PREFIX, PARTS
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = ")
 _OP_NAME = re.compile(r"op_name=\"([^\"]*)\"")
 _OPERAND = re.compile(r"%([\w.\-]+)")
-
-def _component_part(component: str) -> str | None:
-  """The model part one name-stack component (a Flax module or method, a named scope)
-  stands for, if any."""
-  name = component.split(".")[-1] if component.startswith("VisionTransformer.") else component
-  if component.startswith("attn.probs") or component.endswith("._attn_size"):
-    return "attention/qk+softmax"
-  if component in ("attn.attend", "attend"):
-    return "attention/probs@v"
-  if component.startswith("attn.values"):
-    return "attention/v"
-  if component.startswith("attn.output"):
-    return "attention/proj"
-  if component == "mlp":
-    return "mlp"
-  if re.fullmatch(r"norm\d*", component):
-    return "norm"
-  if component == "patch_embed" or name == "embed":
-    return "embed"
-  if component == "head" or name == "classify":
-    return "head"
-  return None
+_FUSION_SCOPE = re.compile(re.escape(FUSION_PREFIX) + r"(\w+)")
+_PART_SCOPE = re.compile(re.escape(PART_PREFIX) + r"(\w+)")
 
 
 def part_of(op_name: str) -> str:
-  """The part of the model an instruction with this ``op_name`` belongs to."""
+  """The part of the model an instruction with this ``op_name`` belongs to: the innermost
+  fusion-step scope, else the innermost part scope, else 'other'."""
   suffix = "/bwd" if "transpose(" in op_name else ""
-  scopes = re.findall(re.escape(SCOPE_PREFIX) + r"(\w+)", op_name)
-  if scopes:
-    return "fusion/" + scopes[-1] + suffix
-  # The innermost component that names a part wins.
-  for component in reversed(re.split(r"[/()]", op_name)):
-    part = _component_part(component)
-    if part is not None:
-      return part + suffix
+  steps = _FUSION_SCOPE.findall(op_name)
+  if steps:
+    return "fusion/" + steps[-1] + suffix
+  for part in reversed(_PART_SCOPE.findall(op_name)):
+    if part in PARTS:
+      return PARTS[part] + suffix
   return "other" + suffix
 
 

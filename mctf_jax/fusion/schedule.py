@@ -2,7 +2,9 @@
 
 Everything MCTF decides from shapes alone (r at each layer, its split between the two
 matching directions, the token counts) is computed here once, in plain Python, so that
-every array shape inside ``jit`` is static. Print a schedule to see it::
+every array shape inside ``jit`` is static. A backbone's ``schedule()`` calls
+``compute_schedule`` with its token count, depth and protected tokens; print the result to
+see it::
 
     >>> print(mctf_jax.create_model(config).schedule())
 """
@@ -11,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mctf_jax.config import FusionConfig, ModelConfig, normalize_r
+from mctf_jax.errors import ConfigError, is_int
+from mctf_jax.fusion.config import FusionConfig, normalize_r
 
 # The reference never fuses below this many tokens.
 MIN_TOKENS = 10
-# The class token is never merged.
-NUM_PROTECTED = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +48,13 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """The per-layer plan of a model at one r; hashable, so it can key compiled functions."""
+  """The per-layer plan of a model at one r; hashable, so it can key compiled functions.
+
+  num_protected: the leading tokens that are never merged (class and distillation tokens).
+  """
   layers: tuple[LayerPlan, ...]
   r: int | float = 0
+  num_protected: int = 1
 
   @property
   def tokens_in(self) -> int:
@@ -68,6 +73,10 @@ class Schedule:
     """Tokens entering each block, then the tokens leaving the last one."""
     return tuple(p.tokens_in for p in self.layers) + (self.tokens_out,)
 
+  def unfused_prefix(self) -> int:
+    """How many leading blocks fuse nothing."""
+    return next((p.layer for p in self.layers if p.fuses), len(self.layers))
+
   def __str__(self) -> str:
     lines = [f"fusion schedule (r={self.r!r}): {self.tokens_in} -> {self.tokens_out} tokens",
              "  layer  tokens_in    r  (A->B, B->A)  tokens_out"]
@@ -78,7 +87,7 @@ class Schedule:
     return "\n".join(lines)
 
 
-def effective_r(r: int | float, tokens: int, num_protected: int = NUM_PROTECTED) -> int:
+def effective_r(r: int | float, tokens: int, num_protected: int = 1) -> int:
   """Tokens one fused layer removes from `tokens` tokens, as the reference computes it.
 
   A ratio r < 1 becomes int((tokens - protected) * r); never fuse below MIN_TOKENS tokens;
@@ -94,15 +103,20 @@ def effective_r(r: int | float, tokens: int, num_protected: int = NUM_PROTECTED)
   return max(r, 0)
 
 
-def compute_schedule(model: ModelConfig, fusion: FusionConfig, r=None) -> Schedule:
-  """The schedule of `model` under `fusion`, at fusion.r or at the r given."""
+def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
+                     num_protected: int = 1, r=None) -> Schedule:
+  """The schedule of a stack of `depth` blocks entered by `num_tokens` tokens, the first
+  `num_protected` of which are never merged, under `fusion`, at fusion.r or at the r given."""
   r = fusion.r if r is None else normalize_r(r, "r")
-  fusion.check_depth(model.depth)
-  tokens = model.num_tokens
+  if not is_int(num_protected) or not 0 <= num_protected < num_tokens:
+    raise ConfigError(f"num_protected={num_protected!r}: expected an int in "
+                      f"[0, {num_tokens}) (the leading tokens never merged)")
+  fusion.check_depth(depth)
+  tokens = num_tokens
   plans = []
-  for layer in range(model.depth):
+  for layer in range(depth):
     if layer in fusion.layers and r != 0:
-      n = effective_r(r, tokens)
+      n = effective_r(r, tokens, num_protected)
       if fusion.bidirectional:
         r_ab, r_ba = n // 2, n - n // 2
       else:
@@ -112,4 +126,4 @@ def compute_schedule(model: ModelConfig, fusion: FusionConfig, r=None) -> Schedu
       plan = LayerPlan(layer, tokens)
     plans.append(plan)
     tokens = plan.tokens_out
-  return Schedule(tuple(plans), r)
+  return Schedule(tuple(plans), r, num_protected)

@@ -24,9 +24,12 @@ import numpy as np
 
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
-from mctf_jax import evaluation, optim, parallel
-from mctf_jax.train_step import (TrainState, count_params, make_train_step, step_teachers,
-                                 switch_paths, teacher_groups, tree_is_finite)
+from mctf_jax import parallel
+from mctf_jax.errors import ConfigError, TrainingError, is_number
+from mctf_jax.training import evaluation, optim
+from mctf_jax.training.plan import teacher_plan
+from mctf_jax.training.train_step import (TrainState, count_params, make_train_step,
+                                          tree_is_finite)
 
 logger = logging.getLogger("mctf_jax.train")
 
@@ -35,10 +38,9 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                      "eval_every_epochs", "eval_batch_size", "init.checkpoint", "data.data_dir",
                      "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp")
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, incompatible workdir); the message says why."""
+# Fields added to the configs after runs were made without them, with the value those
+# runs had: a workdir whose config.json lacks one resumes as if it held that value.
+ADDED_FIELDS = {"model.arch": "deit"}
 
 
 def _log(msg: str, *args):
@@ -47,17 +49,6 @@ def _log(msg: str, *args):
 
 
 # ----------------------------------------------------------------------------- workdir
-
-
-def _flatten_config(tree, prefix=""):
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(_flatten_config(value, name + "."))
-    else:
-      out[name] = list(value) if isinstance(value, tuple) else value
-  return out
 
 
 # The training loop's own settings: (field, smallest value, whether it must be an int).
@@ -69,47 +60,49 @@ _LOOP_SETTINGS = (("num_epochs", 0, True), ("cooldown_epochs", 0, True),
                   ("warmup_lr", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False))
 
 
-def _is_number(value, whole: bool = False) -> bool:
-  return not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
-
-
 def check_training_config(config) -> None:
   """ConfigError naming the first training-loop setting out of range, before anything
   starts (a step or checkpoint interval of 0 failed only once training had started)."""
-  from mctf_jax.config import ConfigError
   for name, low, whole in _LOOP_SETTINGS:
     value = config[name]
-    if not _is_number(value, whole) or value < low:
+    if not is_number(value, whole) or value < low:
       raise ConfigError(f"{name}={value!r}: expected {'an int' if whole else 'a number'} "
                         f">= {low}")
   if config.num_epochs + config.cooldown_epochs < 1:
     raise ConfigError(f"num_epochs={config.num_epochs}, cooldown_epochs="
                       f"{config.cooldown_epochs}: nothing to train; expected at least one epoch")
-  if not _is_number(config.base_lr) or not config.base_lr > 0:
+  if not is_number(config.base_lr) or not config.base_lr > 0:
     raise ConfigError(f"base_lr={config.base_lr!r}: expected a number > 0")
   for name, value, low, high, closed in (
       ("ema_decay", config.ema_decay, 0, 1, False),
       ("loss.label_smoothing", config.loss.label_smoothing, 0, 1, False),
       ("loss.consistency_threshold", config.loss.consistency_threshold, 0, 1, True)):
-    if not _is_number(value) or not (low <= value <= high if closed else low <= value < high):
+    if not is_number(value) or not (low <= value <= high if closed else low <= value < high):
       raise ConfigError(f"{name}={value!r}: expected a number in [{low}, {high}"
                         f"{']' if closed else ')'}")
   for name in ("weight_student", "weight_teacher", "weight_consistency"):
     value = config.loss[name]
-    if not _is_number(value) or value < 0:
+    if not is_number(value) or value < 0:
       raise ConfigError(f"loss.{name}={value!r}: expected a number >= 0")
   seed = config.seed
-  if not _is_number(seed, whole=True) or not 0 <= seed < 2 ** 63:
+  if not is_number(seed, whole=True) or not 0 <= seed < 2 ** 63:
     raise ConfigError(f"seed={seed!r}: expected an int in [0, 2**63)")
+
+
+def _flat_config(tree: dict) -> dict:
+  """{'model.arch': 'deit', ...}: a JSON config's fields by dotted name, with the fields
+  added since (``ADDED_FIELDS``) where it lacks them."""
+  from flax import traverse_util
+  return {**ADDED_FIELDS, **traverse_util.flatten_dict(tree, sep=".")}
 
 
 def check_workdir_config(workdir: str, config) -> None:
   """Records the config in the workdir; refuses a workdir that holds another config's run."""
   path = os.path.join(workdir, CONFIG_FILE)
-  current = _flatten_config(json.loads(config.to_json_best_effort()))
+  current = _flat_config(json.loads(config.to_json_best_effort()))
   if os.path.exists(path):
     with open(path) as f:
-      stored = _flatten_config(json.load(f))
+      stored = _flat_config(json.load(f))
     differ = sorted(k for k in set(stored) | set(current)
                     if stored.get(k) != current.get(k)
                     and not any(k == c or (c.endswith(".") and k.startswith(c))
@@ -207,11 +200,14 @@ class PreemptionWatch:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_manager(workdir: str, config):
+def _checkpoint_manager(workdir: str, config, model_state: bool = False):
+  """The workdir's CheckpointManager; items params, opt_state, meta, and ema and
+  model_state when the run keeps them."""
   import orbax.checkpoint as ocp
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          enable_async_checkpointing=True)
-  items = ("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
+  items = (("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
+           + ((ckpt_lib.STATE_ITEM,) if model_state else ()))
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINTS_DIR),
                                item_names=items, options=options)
 
@@ -224,6 +220,8 @@ def save_checkpoint(manager, state: TrainState, epoch: float):
                meta=ocp.args.JsonSave({"step": step, "epoch": epoch}))
   if state.ema is not None:
     items["ema"] = ocp.args.StandardSave(state.ema)
+  if state.model_state:
+    items[ckpt_lib.STATE_ITEM] = ocp.args.StandardSave(state.model_state)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -234,12 +232,16 @@ def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainS
                meta=ocp.args.JsonRestore())
   if abstract_state.ema is not None:
     items["ema"] = ocp.args.StandardRestore(abstract_state.ema)
+  if abstract_state.model_state:
+    items[ckpt_lib.STATE_ITEM] = ocp.args.StandardRestore(abstract_state.model_state)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   if restored.meta["step"] != step:
     raise TrainingError(f"checkpoint {step} records step {restored.meta['step']}")
   return TrainState(step=jnp.asarray(step, jnp.int32), params=restored.params,
                     opt_state=restored.opt_state,
-                    ema=restored.ema if abstract_state.ema is not None else None)
+                    ema=restored.ema if abstract_state.ema is not None else None,
+                    model_state=(restored[ckpt_lib.STATE_ITEM] if abstract_state.model_state
+                                 else {}))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -267,19 +269,21 @@ def _write_scalars(writer, step: int, scalars: dict):
   writer.flush()
 
 
-def initial_params(model, config, rng, shardings):
-  """Random initialisation, or a checkpoint (head reset / pos_embed resized as needed)."""
-  img = config.model.img_size
-  init = jax.jit(lambda key: model.init(key, jnp.zeros((1, img, img, config.model.in_chans)))
-                 ["params"], out_shardings=shardings)
+def initial_variables(model, config, rng, shardings):
+  """The model's variables ({'params': ..., and its state collections}): a random
+  initialisation, or a checkpoint (head reset / pos_embed resized as needed)."""
+  init = jax.jit(lambda key: model.init(key, model.dummy_images()), out_shardings=shardings)
   path = config.init.checkpoint
   if not path:
     _log("initialising parameters at random (seed %d)", config.seed)
     return init(rng)
   _log("initialising from %s", path)
-  loaded = ckpt_lib.load_params(path, config, adapt=True)
-  return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x, np.float32), s), loaded,
-                      shardings)
+  loaded = ckpt_lib.load_variables(path, config, adapt=True)
+  # The collections the checkpoint lacks (e.g. BatchNorm statistics of a checkpoint that
+  # holds parameters only) start from the initialisation.
+  fresh = {k: v for k, v in init(rng).items() if k not in loaded}
+  loaded = {k: jax.tree.map(lambda x: np.asarray(x, np.float32), v) for k, v in loaded.items()}
+  return {**fresh, **jax.device_put(loaded, {k: shardings[k] for k in loaded})}
 
 
 def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=None,
@@ -298,9 +302,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = mctf_jax.create_model(config)
-  teachers = step_teachers(model)
-  groups = teacher_groups(model, config.batch_size)
-  num_branches = len(switch_paths(teachers, groups))
+  plan = teacher_plan(model, config.batch_size)
   check_workdir_config(workdir, config)
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
@@ -309,16 +311,10 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   _log("mesh %s | global batch %d, per device %d", dict(mesh.shape), config.batch_size,
        config.batch_size // mesh.devices.size)
   _log("config:\n%s", config)
-  _log("student %s", model.schedule())
-  if teachers.values:
-    _log("teacher r' drawn from %s%s: %d switch branch(es)%s, ending at %s tokens",
-         list(teachers.values),
-         (f" for each group of {config.batch_size // groups} images ({groups} a step)"
-          if groups > 1 else ""), num_branches,
-         ("" if not teachers.layouts else " (token arrays padded to the full width)"
-          if model.fusion.train_token_step is None else
-          f" (token arrays padded to a grid of step {model.fusion.train_token_step})"),
-         sorted({model.schedule(v).tokens_out for v in teachers.values}))
+  _log("model: %s", model.describe(model.config))
+  _log("student %s", plan.student)
+  if plan.values:
+    _log("%s", plan)
 
   if batches is None:
     from mctf_jax import data as data_lib
@@ -341,46 +337,50 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   tx = optim.make_optimizer(config, steps_per_epoch)
 
   # Shapes and shardings of the state, before anything is allocated.
-  img = config.model.img_size
-  def abstract_params():
-    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, img, img, config.model.in_chans)))[
-        "params"]
-  params_shape = jax.eval_shape(abstract_params)
-  param_sh = parallel.tree_shardings(mesh, params_shape)
+  variables_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                      model.dummy_images()))
+  variables_sh = parallel.tree_shardings(mesh, variables_shape)
+  params_shape = variables_shape["params"]
+  param_sh = variables_sh["params"]
+  model_state_shape = {k: v for k, v in variables_shape.items() if k != "params"}
+  model_state_sh = {k: v for k, v in variables_sh.items() if k != "params"}
   opt_shape = jax.eval_shape(tx.init, params_shape)
   opt_sh = parallel.tree_shardings(mesh, opt_shape)
   use_ema = config.ema_decay > 0
   state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh,
-                        ema=param_sh if use_ema else None)
+                        ema=param_sh if use_ema else None, model_state=model_state_sh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape,
-                                     opt_shape, params_shape if use_ema else None), state_sh)
+                                     opt_shape, params_shape if use_ema else None,
+                                     model_state_shape), state_sh)
   _log("parameters: %s", f"{count_params(params_shape):,}")
 
-  manager = _checkpoint_manager(workdir, config)
+  manager = _checkpoint_manager(workdir, config, model_state=bool(model_state_shape))
   latest = manager.latest_step()
   if latest is not None:
     _log("resuming from %s at step %d", manager.directory, latest)
     state = restore_checkpoint(manager, abstract, latest)
     state = state.replace(step=jax.device_put(state.step, parallel.replicated(mesh)))
   else:
-    params = initial_params(model, config, jax.random.PRNGKey(config.seed), param_sh)
+    variables = initial_variables(model, config, jax.random.PRNGKey(config.seed), variables_sh)
+    params = variables["params"]
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
     ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(
         params) if use_ema else None
     state = TrainState(jax.device_put(jnp.asarray(0, jnp.int32), parallel.replicated(mesh)),
-                       params, opt_state, ema)
+                       params, opt_state, ema,
+                       {k: v for k, v in variables.items() if k != "params"})
   start_step = int(state.step)
   if start_step >= total_steps:   # before anything is compiled or written
     _log("the run in %s is complete (step %d of %d)", workdir, start_step, total_steps)
     manager.close()
     return state
 
-  train_step = jax.jit(make_train_step(model, tx, config, schedule_fn),
+  train_step = jax.jit(make_train_step(model, tx, config, schedule_fn, plan),
                        in_shardings=(state_sh, parallel.batch_sharding(mesh)),
                        out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
   eval_rs = [model.fusion.r] + ([0] if model.fusion.r != 0 and model.fusion.layers else [])
-  eval_fns = {r: evaluation.compile_eval_step(model.with_fusion(r=r), mesh, param_sh)
+  eval_fns = {r: evaluation.compile_eval_step(model.with_fusion(r=r), mesh, variables_sh)
               for r in eval_rs}
   all_finite = jax.jit(tree_is_finite)
 
@@ -417,7 +417,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           t0 = time.time()
           train_step = train_step.lower(state, batch).compile()
           _log("compiled the train step (student + %d teacher branch(es)) in %.1f s",
-               num_branches, time.time() - t0)
+               plan.num_branches, time.time() - t0)
           t_log = t_run = time.time()
         state, metrics = train_step(state, batch)
         history.append((step, metrics))
@@ -451,7 +451,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           last_good = done
         if epoch_end and (done // steps_per_epoch) % config.eval_every_epochs == 0:
           t_eval = time.time()
-          results = {r: evaluation.accuracy(fn, state.params, eval_batches_fn(), mesh)
+          variables = {"params": state.params, **state.model_state}
+          results = {r: evaluation.accuracy(fn, variables, eval_batches_fn(), mesh)
                      for r, fn in eval_fns.items()}
           epoch = done // steps_per_epoch
           _log("epoch %d eval (%.1f s): %s", epoch, time.time() - t_eval, " | ".join(

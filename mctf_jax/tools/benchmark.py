@@ -1,7 +1,8 @@
 r"""Forward-pass throughput of a config with and without token fusion.
 
-    python -m mctf_jax.benchmark --config=configs/deit_s.py --batch_size=256
-    python -m mctf_jax.benchmark --config=configs/deit_s.py --batch_size=256 --dtype=bfloat16 \
+    python -m mctf_jax.tools.benchmark --config=configs/deit_s.py --batch_size=256
+    python -m mctf_jax.tools.benchmark --config=configs/deit_s.py --batch_size=256 \
+        --dtype=bfloat16 \
         --r=8 --json=/tmp/bench.json
 
 Runs on the first device of ``jax.devices()`` (CPU, GPU or TPU). Weights are random unless
@@ -20,12 +21,12 @@ Runs on the first device of ``jax.devices()`` (CPU, GPU or TPU). Weights are ran
   after each model's warm-up. That is the process's running peak: the fused model is warmed
   up first, so the baseline's figure is its own unless the fused model needed more;
 
-and prints both with the speed-up and the FLOP ratio (fvcore convention, ``mctf_jax.flops``).
+and prints both with the speed-up and the FLOP ratio (fvcore convention, ``mctf_jax.tools.flops``).
 Compared with the official ``benchmark()`` (utils/utils.py: 200 runs of batch 256 in fp16
 autocast on a GPU, first quarter thrown away, mean), this reports the median and keeps the
 input on the device.
 
-The measuring loop is a library function, ``benchmark_forward(model, params, batch_size)``
+The measuring loop is a library function, ``benchmark_forward(model, variables, batch_size)``
 (one model), built from ``prepare_forward`` and ``time_calls`` (any set of calls).
 """
 
@@ -43,7 +44,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from mctf_jax.config import DTYPES
+from mctf_jax.models.base import DTYPE_NAMES
 
 MIB = 2 ** 20
 
@@ -108,25 +109,26 @@ def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
   return {name: (times[name], inner[name]) for name in calls}
 
 
-def prepare_forward(model, params, images, *, warmup: int = 2):
+def prepare_forward(model, variables, images, *, warmup: int = 2):
   """Compiles the forward pass of `model` for `images` and runs it `warmup` times (>= 1).
 
-  params and images must already be on the device. Returns (call, info): call() runs the
-  compiled forward pass once (a ``functools.partial`` of the ``jax.stages.Compiled``, which
-  is ``call.func``); info has trace_s (tracing + lowering), compile_s (XLA),
+  variables ({'params': ...}) and images must already be on the device. Returns (call,
+  info): call() runs the compiled forward pass once (a ``functools.partial`` of the
+  ``jax.stages.Compiled``, which is ``call.func``); info has trace_s (tracing + lowering),
+  compile_s (XLA),
   warm_call_s (the last warm-up call), memory (``memory_figures`` after the warm-up) and
   the device, its platform and kind, batch_size, dtype.
   """
   if warmup < 0:
     raise ValueError(f"warmup must be >= 0, got {warmup}")
   device = next(iter(images.devices()))
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  forward = jax.jit(lambda v, x: model.apply(v, x))
   start = time.perf_counter()
-  lowered = forward.lower(params, images)
+  lowered = forward.lower(variables, images)
   traced = time.perf_counter()
   compiled = lowered.compile()
   compiled_at = time.perf_counter()
-  call = functools.partial(compiled, params, images)
+  call = functools.partial(compiled, variables, images)
   warm = 0.0
   for _ in range(max(warmup, 1)):
     t = time.perf_counter()
@@ -141,7 +143,7 @@ def prepare_forward(model, params, images, *, warmup: int = 2):
       "device": str(device),
       "platform": device.platform,
       "device_kind": device.device_kind,
-      "dtype": model.model.dtype,
+      "dtype": model.config.dtype,
   }
 
 
@@ -150,9 +152,8 @@ def random_images(model, batch_size: int, seed: int = 0, device=None):
   if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   device = jax.devices()[0] if device is None else device
-  m = model.model
   images = jax.random.normal(jax.random.key(seed),
-                             (batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+                             (batch_size,) + tuple(model.config.image_shape), jnp.float32)
   return jax.device_put(images, device)
 
 
@@ -164,10 +165,10 @@ def _figures(info: dict, timing: tuple[list[float], int], repeats: int) -> dict:
               iters_per_repeat=inner)
 
 
-def benchmark_forward(model, params, batch_size: int, *, repeats: int = 10, warmup: int = 2,
+def benchmark_forward(model, variables, batch_size: int, *, repeats: int = 10, warmup: int = 2,
                       min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
                       device=None) -> dict:
-  """Inference throughput of ``model.apply({'params': params}, images)`` on one device.
+  """Inference throughput of ``model.apply(variables, images)`` on one device.
 
   Random normal images (batch_size, img_size, img_size, in_chans), float32, on the device
   (default: the first of ``jax.devices()``). Returns a dict: img_per_s (from the median
@@ -176,56 +177,56 @@ def benchmark_forward(model, params, batch_size: int, *, repeats: int = 10, warm
   device, platform, device_kind, dtype.
   """
   images = random_images(model, batch_size, seed, device)
-  params = jax.device_put(params, next(iter(images.devices())))
-  call, info = prepare_forward(model, params, images, warmup=warmup)
+  variables = jax.device_put(variables, next(iter(images.devices())))
+  call, info = prepare_forward(model, variables, images, warmup=warmup)
   timing = time_calls({"model": call}, repeats=repeats, min_repeat_s=min_repeat_s,
                       settle=settle, seconds_per_call={"model": info["warm_call_s"]})["model"]
   return _figures(info, timing, repeats)
 
 
-def random_params(model, seed: int = 0):
-  """Freshly initialised parameters (jitted init, on the default device).
+def random_variables(model, seed: int = 0) -> dict:
+  """Freshly initialised variables ({'params': ..., and the model's state collections};
+  jitted init, on the default device).
 
   Initialised through the model without fusion (the same parameters; init runs a forward
   pass, which compiles much quicker without fusion), with the 'rbg' generator, whose
   compilation is 2-3x quicker than threefry's on CPU.
   """
-  m = model.model
-  images = jnp.zeros((1, m.img_size, m.img_size, m.in_chans), jnp.float32)
   key = jax.random.key(seed, impl="rbg")
-  return jax.jit(model.with_fusion(r=0).init)(key, images)["params"]
+  return jax.jit(model.with_fusion(r=0).init)(key, model.dummy_images())
 
 
-def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
+def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 10,
             warmup: int = 2, min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
             device=None, profile: bool = False) -> dict:
   """Throughput of `config` at its r (or `r`) and of the same model at r=0, with FLOPs.
 
-  Both run on the same weights (random when params is None) and images; both are compiled
+  Both run on the same weights (random when variables is None) and images; both are compiled
   and warmed up first (the fused one first), then their timed repetitions alternate, each
   after `settle` untimed calls (see ``time_calls``).
   Returns {'fused': ..., 'plain': ..., 'speedup': img/s fused / plain, 'speedup_pairs': the
   sorted ratios of each fused repetition's time to the plain one after it,
-  'speedup_quartiles': their quartiles, 'flop_ratio': plain / fused FLOPs}; each entry is a ``benchmark_forward`` dict plus r, tokens_in, tokens_out
-  and gflops (fvcore convention). With no fusion in the config, 'fused' is None. With
-  `profile`, the fused entry also has 'profile': ``mctf_jax.profiling.profile_call`` of the
-  same compiled forward pass (kernel time by part of the model), or 'profile_error' where
-  the trace could not be attributed.
+  'speedup_quartiles': their quartiles, 'flop_ratio': plain / fused FLOPs}; each entry is a
+  ``benchmark_forward`` dict plus r, tokens_in, tokens_out and gflops (fvcore convention).
+  With no fusion in the config, 'fused' is None. With `profile`, the fused entry also has
+  'profile': ``mctf_jax.tools.profiling.profile_call`` of the same compiled forward pass
+  (kernel time by part of the model), or 'profile_error' where the trace could not be
+  attributed.
   """
   import mctf_jax
-  from mctf_jax import flops
+  from mctf_jax.tools import flops
 
   model = mctf_jax.create_model(config)
   if r is not None:
     model = model.with_fusion(r=r)
-  if params is None:
-    params = random_params(model, seed)
+  if variables is None:
+    variables = random_variables(model, seed)
   images = random_images(model, batch_size, seed, device)
-  params = jax.device_put(params, next(iter(images.devices())))
+  variables = jax.device_put(variables, next(iter(images.devices())))
   models = {"plain": model.with_fusion(r=0)}
   if model.schedule().fuses:
     models = {"fused": model, **models}
-  prepared = {name: prepare_forward(mdl, params, images, warmup=warmup)
+  prepared = {name: prepare_forward(mdl, variables, images, warmup=warmup)
               for name, mdl in models.items()}
   timings = time_calls({name: call for name, (call, _) in prepared.items()}, repeats=repeats,
                        min_repeat_s=min_repeat_s, settle=settle,
@@ -247,7 +248,7 @@ def compare(config, params=None, *, batch_size: int, r=None, repeats: int = 10,
                                         if len(pairs) > 1 else pairs * 3)
     result["flop_ratio"] = result["plain"]["gflops"] / result["fused"]["gflops"]
     if profile:
-      from mctf_jax import profiling
+      from mctf_jax.tools import profiling
       call = prepared["fused"][0]
       try:
         result["fused"]["profile"] = profiling.profile_call(call.func, call)
@@ -327,7 +328,7 @@ def main(argv=None):
   flags.DEFINE_integer("batch_size", 32, "Images per forward call.")
   flags.DEFINE_string("r", None, "Benchmark at this r (a count, or a ratio < 1) instead of "
                       "config.fusion.r.")
-  flags.DEFINE_enum("dtype", None, DTYPES, "Compute dtype (model.dtype); parameters stay in "
+  flags.DEFINE_enum("dtype", None, DTYPE_NAMES, "Compute dtype (model.dtype); parameters stay in "
                     "model.param_dtype. Default: the config's.")
   flags.DEFINE_string("checkpoint", None, "Optional weights (converted Orbax dir, train.py "
                       "workdir or .pth/.npz/.safetensors); random weights otherwise.")
@@ -344,8 +345,8 @@ def main(argv=None):
   def run(argv_):
     if len(argv_) > 1:
       _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
-    from mctf_jax.config import ConfigError, normalize_r
-    from mctf_jax.convert import CheckpointError
+    from mctf_jax.errors import ConfigError, MctfError
+    from mctf_jax.fusion.config import normalize_r
     config = FLAGS.config
     if FLAGS.batch_size < 1:
       _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
@@ -371,13 +372,13 @@ def main(argv=None):
                             f"{FLAGS.r!r}")
       import mctf_jax
       mctf_jax.create_model(config)  # validates the config before anything is timed
-      params = None
+      variables = None
       if FLAGS.checkpoint:
         from mctf_jax import checkpoint
-        params = checkpoint.load_params(FLAGS.checkpoint, config)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
+        variables = checkpoint.load_variables(FLAGS.checkpoint, config)
+    except MctfError as e:
       _fail(str(e))
-    result = compare(config, params, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
+    result = compare(config, variables, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
                      warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s,
                      settle=FLAGS.settle, seed=FLAGS.seed)
     print(format_result(result))

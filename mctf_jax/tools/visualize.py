@@ -1,8 +1,8 @@
 r"""Pictures: which patches each fused token holds, and accuracy against GFLOPs.
 
-    python -m mctf_jax.visualize --config=configs/deit_s.py --checkpoint=CKPT \
+    python -m mctf_jax.tools.visualize --config=configs/deit_s.py --checkpoint=CKPT \
         --image=photo.jpg --out=merges.png [--layers=all|final]
-    python -m mctf_jax.visualize plot --results=eval_results.json --out=acc_vs_flops.png
+    python -m mctf_jax.tools.visualize plot --results=eval_results.json --out=acc_vs_flops.png
 
 Merges (the MCTF / ToMe papers' figure): the image goes through the evaluation
 preprocessing (shorter side resized to img_size / crop_pct, bicubic; centre crop;
@@ -67,13 +67,15 @@ def eval_preprocess(image, img_size: int, crop_pct: float, mean: Sequence[float]
 # ----------------------------------------------------------------------------- drawing
 
 
-def patch_labels(token_map_N: np.ndarray, grid: int) -> np.ndarray:
-  """(grid, grid) map of the token holding each patch (the class token, n = 0, dropped)."""
+def patch_labels(token_map_N: np.ndarray, grid: int, num_prefix: int = 1) -> np.ndarray:
+  """(grid, grid) map of the token holding each patch (the `num_prefix` tokens before the
+  patches, e.g. the class token, dropped)."""
   token_map_N = np.asarray(token_map_N)
-  if token_map_N.shape != (grid * grid + 1,):
-    raise ValueError(f"token map must have {grid * grid + 1} entries (class token and a "
-                     f"{grid}x{grid} grid of patches), got shape {token_map_N.shape}")
-  return token_map_N[1:].reshape(grid, grid)
+  if token_map_N.shape != (grid * grid + num_prefix,):
+    raise ValueError(f"token map must have {grid * grid + num_prefix} entries ({num_prefix} "
+                     f"protected token(s) and a {grid}x{grid} grid of patches), got shape "
+                     f"{token_map_N.shape}")
+  return token_map_N[num_prefix:].reshape(grid, grid)
 
 
 def group_colors(num: int, seed: int = 0) -> np.ndarray:
@@ -185,22 +187,23 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str], cols: int = 6
 # ----------------------------------------------------------------------------- merges
 
 
-def trace_token_maps(model, params, image_HxWx3: np.ndarray) -> list[tuple[int, np.ndarray]]:
-  """(block, token_map_N) after every fused block, for one normalised image."""
+def trace_token_maps(model, variables, image_HxWx3: np.ndarray) -> list[tuple[int, np.ndarray]]:
+  """(block, token_map_N) after every fused block, for one normalised image; variables:
+  {'params': ...} and the model's state collections, if any."""
   import jax
   import jax.numpy as jnp
 
   schedule = model.schedule()
   fused = [plan.layer for plan in schedule.layers if plan.fuses]
-  encode = jax.jit(lambda p, x: [m for _, m in model.apply(
-      {"params": p}, x, method=model.encode, trace_source=True).layer_token_maps])
-  maps = encode(params, jnp.asarray(image_HxWx3, jnp.float32)[None])
+  encode = jax.jit(lambda v, x: [m for _, m in model.apply(
+      v, x, method=model.encode, trace_source=True).layer_token_maps])
+  maps = encode(variables, jnp.asarray(image_HxWx3, jnp.float32)[None])
   return [(layer, np.asarray(m[0])) for layer, m in zip(fused, maps)]
 
 
 def draw_merges(crop_HxWx3: np.ndarray, token_maps: Sequence[tuple[int, np.ndarray]],
                 patch_size: int, *, panel_px: int = 224, border: int | None = None,
-                cols: int = 6, seed: int = 0):
+                cols: int = 6, seed: int = 0, num_prefix: int = 1):
   """The figure: the crop, then one panel per (block, token_map_N). Returns (PIL image, info).
 
   info: per panel, the block, its token count (class token included) and the distinct
@@ -217,7 +220,7 @@ def draw_merges(crop_HxWx3: np.ndarray, token_maps: Sequence[tuple[int, np.ndarr
   captions = ["input"]
   info = []
   for layer, token_map in token_maps:
-    labels = patch_labels(token_map, grid)
+    labels = patch_labels(token_map, grid, num_prefix)
     panel, pixel_labels = render_groups(crop_HxWx3, labels, scale=scale, border=border,
                                         colors=colors)
     tokens = int(np.max(token_map)) + 1
@@ -302,7 +305,8 @@ def _fail(message: str):
 
 def _merges(FLAGS) -> None:
   import mctf_jax
-  from mctf_jax.config import ConfigError, normalize_r
+  from mctf_jax.errors import ConfigError, MctfError
+  from mctf_jax.fusion.config import normalize_r
 
   config = FLAGS.config
   missing = [f"--{name}" for name in ("config", "image", "out") if not getattr(FLAGS, name)]
@@ -317,7 +321,9 @@ def _merges(FLAGS) -> None:
       model = model.with_fusion(r=r)
   except ValueError as e:
     _fail(str(e) if isinstance(e, ConfigError) else f"--r must be a number, got {FLAGS.r!r}")
-  m = model.model
+  m = model.config
+  if getattr(m, "patch_size", None) is None:
+    _fail(f"{type(model).__name__} has no grid of square patches (model.patch_size) to draw")
   if not model.schedule().fuses:
     _fail(f"the model fuses no tokens at r={model.fusion.r!r} on blocks "
           f"{list(model.fusion.layers)}; nothing to draw")
@@ -330,20 +336,21 @@ def _merges(FLAGS) -> None:
   except (OSError, ValueError) as e:
     _fail(f"cannot read image {FLAGS.image!r}: {e}")
   if FLAGS.checkpoint:
-    from mctf_jax import checkpoint, convert
+    from mctf_jax import checkpoint
     try:
-      params = checkpoint.load_params(FLAGS.checkpoint, config)
-    except (FileNotFoundError, convert.CheckpointError) as e:
+      variables = checkpoint.load_variables(FLAGS.checkpoint, config)
+    except MctfError as e:
       _fail(str(e))
   else:
-    from mctf_jax.benchmark import random_params
+    from mctf_jax.tools.benchmark import random_variables
     print("no --checkpoint: random weights (tokens then fuse by colour and position only)")
-    params = random_params(model, FLAGS.seed)
-  maps = trace_token_maps(model, params, normalised)
+    variables = random_variables(model, FLAGS.seed)
+  maps = trace_token_maps(model, variables, normalised)
   if FLAGS.layers == "final":
     maps = maps[-1:]
   picture, info = draw_merges(crop, maps, m.patch_size, panel_px=FLAGS.panel_px,
-                              border=FLAGS.border, cols=FLAGS.cols, seed=FLAGS.seed)
+                              border=FLAGS.border, cols=FLAGS.cols, seed=FLAGS.seed,
+                              num_prefix=m.num_protected)
   try:
     picture.save(FLAGS.out)
   except (OSError, ValueError) as e:

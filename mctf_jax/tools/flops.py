@@ -1,8 +1,8 @@
 r"""FLOPs of DeiT with MCTF, counted as the paper counts them (fvcore), from the schedule.
 
-    python -m mctf_jax.flops --config=configs/deit_s.py            # 2.602 GFLOPs
-    python -m mctf_jax.flops --config=configs/deit_s.py --config.fusion.r=8 --verbose
-    python -m mctf_jax.flops --config=configs/deit_s.py --xla      # + XLA's own count
+    python -m mctf_jax.tools.flops --config=configs/deit_s.py            # 2.602 GFLOPs
+    python -m mctf_jax.tools.flops --config=configs/deit_s.py --config.fusion.r=8 --verbose
+    python -m mctf_jax.tools.flops --config=configs/deit_s.py --xla      # + XLA's own count
 
 The official code reports fvcore's ``FlopCountAnalysis(model, (1, 3, 224, 224)).total()``.
 fvcore's convention, followed here:
@@ -59,12 +59,13 @@ fvcore's by convention, not by error:
   element), the fusion's score arithmetic and rank comparisons; it counts exponentials,
   erf and rsqrt apart, as 'transcendentals' (DeiT-S: 6.43 M, softmax's and GELU's).
 
-So ``2 * traced <= xla_flops <= (1 + e) * 2 * traced`` with e the elementwise share. On CPU
-(jax 0.10) with batch 1: DeiT-S 9.471 XLA GFLOPs vs 2 x 4.599 (e = 3.0%) without fusion,
-5.385 vs 2 x 2.609 (3.2%) with MCTF r=16; DeiT-T 5.4% / 6.0%; the width-64 test model
-16-18% (small matrices, so elementwise work weighs more). The tests allow e < 8% for
-DeiT-T/S and < 25% for the test model. Against the official fvcore numbers (4.608 and
-2.602 for DeiT-S), XLA / (2 x fvcore) is 1.028 and 1.035.
+So ``2 * traced <= xla_flops <= (1 + e) * 2 * traced`` with e the elementwise share, a few
+percent for DeiT-T/S and more for small test models, whose matrices are small (the tests
+allow e < 8% and < 25%; measured values in docs/speed.md).
+
+The count is backbone-agnostic: the backbone gives the FLOPs of its embedding and of what
+follows the blocks (``Backbone.flops_embed``, ``flops_tail``) and the sizes of its blocks
+(embed_dim, mlp_dim, num_heads); the blocks are costed here from the schedule.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ import math
 import sys
 from typing import Any
 
-from mctf_jax.config import FusionConfig, ModelConfig, fusion_config, model_config
-from mctf_jax.schedule import LayerPlan, Schedule, compute_schedule
+from mctf_jax import models
+from mctf_jax.config import fusion_config, model_config
+from mctf_jax.fusion.config import FusionConfig
+from mctf_jax.fusion.schedule import LayerPlan, Schedule, compute_schedule
+from mctf_jax.fusion.steps import resolve_merge_impl
+from mctf_jax.models.base import LAYER_NORM_FLOPS_PER_ELEMENT
 
 IMPLEMENTATIONS = ("official", "mctf_jax")
 
@@ -85,7 +90,6 @@ IMPLEMENTATIONS = ("official", "mctf_jax")
 MATMUL_OPS = ("patch_embed", "qkv", "scores", "attend", "proj", "mlp", "matching", "merge",
               "head")
 OPS = MATMUL_OPS + ("norm",)
-LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,59 +179,59 @@ class FlopReport:
 # ----------------------------------------------------------------------------- counting
 
 
-def _attention(m: ModelConfig, q: int, k: int) -> int:
+def _attention(m, q: int, k: int) -> int:
   """q @ k^T (or attn @ v) over all heads: H * q * k * d."""
   return q * k * m.embed_dim  # H * d = C
 
 
-def _norm(m: ModelConfig, tokens: int) -> int:
+def _norm(m, tokens: int) -> int:
   return LAYER_NORM_FLOPS_PER_ELEMENT * tokens * m.embed_dim
 
 
-def _matching(m: ModelConfig, fz: FusionConfig, tokens: int) -> int:
+def _matching(m, fusion: FusionConfig, tokens: int) -> int:
   """The similarity a @ b^T between the even and the odd tokens (C-wide metric)."""
-  return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fz.tau_sim else 0
+  return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fusion.tau_sim else 0
 
 
-def _merge_onehot(fz: FusionConfig, plan: LayerPlan, width: int, attend_width: int,
+def _merge_onehot(fusion: FusionConfig, plan: LayerPlan, width: int, attend_width: int,
                   one_step_ahead: bool) -> int:
   """The one-hot (O, r) products of this port's 'matmul' merges in one fusion step."""
   o, r = plan.tokens_out, plan.r
   widths = [1, width]                         # sizes, tokens
-  if fz.pooling == "max":
+  if fusion.pooling == "max":
     widths = [1]                                # tokens merged by max: no product
-  elif fz.pooling != "size":
+  elif fusion.pooling != "size":
     widths.append(1)                            # normalisers of the weighted average
   if one_step_ahead:
     widths.append(attend_width)
   return sum(o * r * w for w in widths)
 
 
-def _plain_block(m: ModelConfig, t: int) -> list[tuple[str, int]]:
+def _plain_block(m, t: int) -> list[tuple[str, int]]:
   c = m.embed_dim
   return [("norm", 2 * _norm(m, t)), ("qkv", t * c * 3 * c),
           ("scores", _attention(m, t, t)), ("attend", _attention(m, t, t)),
           ("proj", t * c * c), ("mlp", 2 * t * c * m.mlp_dim)]
 
 
-def _block(m: ModelConfig, fz: FusionConfig, plan: LayerPlan, implementation: str,
+def _block(m, fusion: FusionConfig, plan: LayerPlan, implementation: str,
            merge_impl: str) -> list[tuple[str, int]]:
   c, t, o = m.embed_dim, plan.tokens_in, plan.tokens_out
-  mode = fz.one_step_ahead
+  mode = fusion.one_step_ahead
   if not plan.fuses:
     return _plain_block(m, t)
-  matching = ("matching", _matching(m, fz, t))
+  matching = ("matching", _matching(m, fusion, t))
   merge = []
   if implementation == "mctf_jax" and merge_impl == "matmul":
-    attend_width = c if fz.pooling != "max" else m.num_heads * t
-    merge = [("merge", _merge_onehot(fz, plan, c, attend_width, mode == "approx"))]
+    attend_width = c if fusion.pooling != "max" else m.num_heads * t
+    merge = [("merge", _merge_onehot(fusion, plan, c, attend_width, mode == "approx"))]
   if mode == "off":
     return _plain_block(m, t) + [matching] + merge
   ops = [("norm", _norm(m, t)), ("qkv", t * c * 2 * c), ("scores", _attention(m, t, t)),
          matching]
   if mode == "approx":
     # v of the fused tokens, merged attention @ v.
-    port_full = implementation == "mctf_jax" and fz.pooling != "max"
+    port_full = implementation == "mctf_jax" and fusion.pooling != "max"
     attend = _attention(m, t, t) if port_full else _attention(m, o, o)
     ops += [("norm", _norm(m, o)), ("qkv", o * c * c), ("attend", attend)]
   else:  # precise: the whole attention again, on the fused tokens
@@ -248,9 +252,10 @@ def count_flops(model_cfg: Any, fusion_cfg: Any = None, r: int | float | None = 
                 implementation: str = "official", merge_impl: str | None = None) -> FlopReport:
   """FLOPs of one image, per stage, as fvcore counts the official code.
 
-  model_cfg: a ModelConfig, or a whole config (ConfigDict with .model and .fusion).
+  model_cfg: a backbone config (e.g. DeiTConfig), or a whole config (ConfigDict with .model
+    and .fusion).
   fusion_cfg: a FusionConfig or a config; None takes model_cfg's fusion section (no fusion
-    for a bare ModelConfig).
+    for a bare backbone config).
   r: evaluate at this r (a count or a ratio) instead of fusion.r; 0 is plain DeiT.
   implementation: 'official' (what the reference executes; its reported numbers) or
     'mctf_jax' (what this port executes; see the module docstring).
@@ -260,29 +265,28 @@ def count_flops(model_cfg: Any, fusion_cfg: Any = None, r: int | float | None = 
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   m = model_config(model_cfg)
-  fz = fusion_config(model_cfg if fusion_cfg is None else fusion_cfg)
+  fusion = fusion_config(model_cfg if fusion_cfg is None else fusion_cfg)
   if merge_impl is None:
-    merge_impl = fz.merge_impl
+    merge_impl = fusion.merge_impl
     if implementation == "mctf_jax" and merge_impl == "auto":
-      from mctf_jax.model import _resolve_merge_impl
-      merge_impl = _resolve_merge_impl(merge_impl)
-  schedule = compute_schedule(m, fz, r)
-  c, n = m.embed_dim, m.num_patches
-  stages = [LayerFlops("patch_embed", n, n + 1, 0,
-                       (("patch_embed", n * c * m.in_chans * m.patch_size ** 2),))]
+      merge_impl = resolve_merge_impl(merge_impl)
+  backbone = models.get(m.arch)
+  schedule = compute_schedule(fusion, num_tokens=m.num_tokens, depth=m.depth,
+                              num_protected=m.num_protected, r=r)
+  name, tokens_in, tokens_out, ops = backbone.flops_embed(m)
+  stages = [LayerFlops(name, tokens_in, tokens_out, 0, ops)]
   for plan in schedule.layers:
-    ops = _block(m, fz, plan, implementation, merge_impl)
+    ops = _block(m, fusion, plan, implementation, merge_impl)
     stages.append(LayerFlops(f"block {plan.layer}", plan.tokens_in, plan.tokens_out, plan.r,
                              _merged(ops)))
-  t = schedule.tokens_out
-  stages.append(LayerFlops("norm", t, t, 0, (("norm", _norm(m, t)),)))
-  stages.append(LayerFlops("head", 1, 1, 0, (("head", c * m.num_classes),)))
+  for name, tokens_in, tokens_out, ops in backbone.flops_tail(m, schedule.tokens_out):
+    stages.append(LayerFlops(name, tokens_in, tokens_out, 0, ops))
   return FlopReport(tuple(stages), schedule, implementation, m.img_size)
 
 
 def model_flops(model, r: int | float | None = None, **kwargs) -> FlopReport:
-  """count_flops for a VisionTransformer module (its model and fusion settings)."""
-  return count_flops(model.model, model.fusion, r, **kwargs)
+  """count_flops for a backbone module (its model and fusion settings)."""
+  return count_flops(model.config, model.fusion, r, **kwargs)
 
 
 # ----------------------------------------------------------------------------- XLA
@@ -300,8 +304,7 @@ def xla_cost(model, batch_size: int = 1, r: int | float | None = None) -> dict[s
 
   if r is not None:
     model = model.with_fusion(r=r)
-  m = model.model
-  images = jax.ShapeDtypeStruct((batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  images = jax.ShapeDtypeStruct((batch_size,) + tuple(model.config.image_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   fn = jax.jit(lambda v, x: model.apply(v, x))
   cost = fn.lower(variables, images).compile().cost_analysis()
@@ -357,8 +360,7 @@ def traced_matmul_flops(model, batch_size: int = 1, r: int | float | None = None
 
   if r is not None:
     model = model.with_fusion(r=r)
-  m = model.model
-  images = jax.ShapeDtypeStruct((batch_size, m.img_size, m.img_size, m.in_chans), jnp.float32)
+  images = jax.ShapeDtypeStruct((batch_size,) + tuple(model.config.image_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   return _jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images))
 
@@ -374,8 +376,7 @@ def _fail(message: str):
 
 def _describe(config) -> str:
   m = model_config(config)
-  return (f"DeiT (width {m.embed_dim}, depth {m.depth}, {m.img_size}x{m.img_size}, "
-          f"patch {m.patch_size})")
+  return models.get(m.arch).describe(m)
 
 
 def main(argv=None):
@@ -413,12 +414,12 @@ def main(argv=None):
       base = count_flops(config, r=0, implementation=FLAGS.implementation)
     except ConfigError as e:
       _fail(str(e))
-    fz = fusion_config(config)
+    fusion = fusion_config(config)
     print(f"{_describe(config)}, {FLAGS.implementation} code, fvcore convention "
           f"(1 multiply-add = 1 FLOP)")
     if report.schedule.fuses:
-      print(f"MCTF r={report.schedule.r!r} on blocks {list(fz.layers)} "
-            f"(one-step-ahead {fz.one_step_ahead}): {report.gflops:.3f} GFLOPs, "
+      print(f"MCTF r={report.schedule.r!r} on blocks {list(fusion.layers)} "
+            f"(one-step-ahead {fusion.one_step_ahead}): {report.gflops:.3f} GFLOPs, "
             f"{report.schedule.tokens_in} -> {report.schedule.tokens_out} tokens")
       print(f"without fusion: {base.gflops:.3f} GFLOPs; fused / plain = "
             f"{report.total / base.total:.3f}")

@@ -1,8 +1,9 @@
 """Optimizer and learning-rate schedule of the DeiT / MCTF fine-tuning recipe.
 
 AdamW (betas 0.9/0.999, eps 1e-8) with weight decay on every parameter except 1-D ones
-(biases, LayerNorm), the position embedding and the class token (timm's
-``create_optimizer`` with ``no_weight_decay = {pos_embed, cls_token}``), optional global-norm
+(biases, LayerNorm) and those the backbone names (``NO_WEIGHT_DECAY``; DeiT: the position
+embedding and the class token, as timm's ``create_optimizer`` with its
+``no_weight_decay = {pos_embed, cls_token}``), optional global-norm
 clipping, and timm's epoch-wise cosine schedule:
 
   lr(e) = warmup_lr + e * (peak - warmup_lr) / warmup_epochs          for e < warmup_epochs
@@ -16,13 +17,15 @@ trains with lr(max(e - 1, 0)), exactly as the official code steps its scheduler
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
+from mctf_jax import models
+from mctf_jax.config import model_config
 
 
 def peak_lr(config) -> float:
@@ -54,18 +57,21 @@ def make_schedule(config, steps_per_epoch: int):
   return schedule
 
 
-def weight_decay_mask(params):
-  """True for the parameters that get weight decay."""
+def weight_decay_mask(params, no_weight_decay=()):
+  """True for the parameters that get weight decay: not the 1-D ones, nor those named in
+  `no_weight_decay` (the backbone's ``NO_WEIGHT_DECAY``)."""
   def decays(path, leaf):
     names = [getattr(k, "key", str(k)) for k in path]
-    return leaf.ndim > 1 and not any(name in NO_WEIGHT_DECAY for name in names)
+    return leaf.ndim > 1 and not any(name in no_weight_decay for name in names)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  no_decay = models.get(model_config(config).arch).NO_WEIGHT_DECAY
   parts = []
   if config.grad_clip and config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))
   parts.append(optax.adamw(make_schedule(config, steps_per_epoch), b1=0.9, b2=0.999, eps=1e-8,
-                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+                           weight_decay=config.weight_decay,
+                           mask=functools.partial(weight_decay_mask, no_weight_decay=no_decay)))
   return optax.chain(*parts)

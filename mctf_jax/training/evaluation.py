@@ -16,9 +16,10 @@ from mctf_jax import parallel
 
 
 def make_eval_step(model):
-  """eval_step(params, batch) -> summed top-1 / top-5 hits and the count of real examples."""
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["image"]).astype(jnp.float32)
+  """eval_step(variables, batch) -> summed top-1 / top-5 hits and the count of real
+  examples; variables: {'params': ...} and the model's state collections, if any."""
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     k = min(5, logits.shape[-1])
     _, top = jax.lax.top_k(logits, k)
@@ -28,14 +29,15 @@ def make_eval_step(model):
   return eval_step
 
 
-def compile_eval_step(model, mesh, param_shardings):
-  return jax.jit(make_eval_step(model), in_shardings=(param_shardings,
+def compile_eval_step(model, mesh, variable_shardings):
+  return jax.jit(make_eval_step(model), in_shardings=(variable_shardings,
                                                       parallel.batch_sharding(mesh)))
 
 
-def accuracy(eval_step: Callable, params, batches: Iterable[dict], mesh, *,
+def accuracy(eval_step: Callable, variables, batches: Iterable[dict], mesh, *,
              progress: str | None = None, total: int | None = None) -> dict:
-  """{'top1': %, 'top5': %, 'images': n} of `params` over the local `batches` of every process.
+  """{'top1': %, 'top5': %, 'images': n} of the model's `variables` over the local `batches`
+  of every process.
 
   progress: a label for a progress bar on process 0 (None: no bar). total: batches expected.
   """
@@ -45,7 +47,7 @@ def accuracy(eval_step: Callable, params, batches: Iterable[dict], mesh, *,
                    dynamic_ncols=True)
   totals = None
   for local in batches:
-    sums = eval_step(params, parallel.global_batch(local, mesh))
+    sums = eval_step(variables, parallel.global_batch(local, mesh))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError("the evaluation split yielded no batches")

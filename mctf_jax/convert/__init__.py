@@ -1,0 +1,263 @@
+"""PyTorch (timm / DeiT / MCTF naming) state dicts to Flax variables, and back.
+
+    params = mctf_jax.convert.torch_to_flax(state_dict, config)
+    state_dict = mctf_jax.convert.flax_to_torch(params, config)
+
+A state dict may be plain or wrapped like the official checkpoints ({'model': ...}), hold
+torch tensors or numpy arrays, and come from a ``.pth``, ``.npz`` or ``.safetensors`` file
+(``load_state_dict``). ``.pth`` files, in the zip format and the legacy pre-1.6 one, are read
+without PyTorch (``mctf_jax.torch_pickle``). The backbone of ``config.model.arch`` names its
+parameters (``Backbone.torch_shapes``, ``flax_path``): for DeiT, timm's names map one to one,
+``blocks.3.attn.qkv.weight`` (out, in) is ``params['blocks_3']['attn']['qkv']['kernel']``
+(in, out); conv kernels go from (O, I, kh, kw) to (kh, kw, I, O); LayerNorm ``weight`` is
+``scale``; BatchNorm's running statistics go to the 'batch_stats' collection.
+
+If the image size differs, the position embedding is resized like DeiT's fine-tuning code
+(bicubic, align_corners=False, the tokens off the patch grid kept). If the class count
+differs, the head is dropped with a warning and freshly initialised. Every other mismatch
+(missing, unexpected or wrongly shaped weights) raises ``CheckpointMismatchError`` listing
+all of them.
+
+Command line (``python -m mctf_jax.convert``, see ``mctf_jax/convert/__main__.py``) writes
+an Orbax checkpoint that train.py and eval.py load::
+
+    python -m mctf_jax.convert --config=configs/deit_s.py --torch=deit_small.pth --out=DIR
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import zipfile
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from mctf_jax import models
+from mctf_jax.config import model_config
+from mctf_jax.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("model", "state_dict", "module")
+EMA_WRAPPER_KEYS = ("model_ema", "state_dict_ema", "ema")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _to_numpy(value) -> np.ndarray:
+  if isinstance(value, np.ndarray):
+    return value
+  if hasattr(value, "detach"):  # torch.Tensor
+    value = value.detach().cpu()
+    if str(value.dtype) == "torch.bfloat16":
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[str, Any]:
+  """The weights inside a checkpoint dict ({'model': ...} like DeiT/MCTF, or plain)."""
+  keys = EMA_WRAPPER_KEYS if ema else WRAPPER_KEYS
+  for key in keys:
+    if key in checkpoint and isinstance(checkpoint[key], Mapping):
+      return dict(checkpoint[key])
+  if ema:
+    raise CheckpointError(f"no EMA weights in the checkpoint: expected one of "
+                          f"{EMA_WRAPPER_KEYS}, found keys {sorted(checkpoint)[:20]}")
+  return dict(checkpoint)
+
+
+# The files load_state_dict reads (torch's own, and numpy/safetensors in the same naming).
+TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+STATE_DICT_EXTENSIONS = TORCH_FILE_EXTENSIONS + (".npz", ".safetensors")
+
+
+def _read_checkpoint_file(path: str, ext: str):
+  if ext == ".npz":
+    with np.load(path, allow_pickle=False) as data:
+      raw = {k: data[k] for k in data.files}
+    # Accept the golden-file layout ('param/<name>') and a 'model/' prefix too.
+    for prefix in ("param/", "model/"):
+      if raw and all(k.startswith(prefix) for k in raw):
+        raw = {k[len(prefix):]: v for k, v in raw.items()}
+    return raw
+  if ext == ".safetensors":
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+      return load_file(path)
+    except SafetensorError as e:
+      raise CheckpointError(f"cannot read {path!r}: {e}") from e
+  from mctf_jax import torch_pickle
+  return torch_pickle.load(path)  # no torch needed, and no code from the file is run
+
+
+def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
+  """Reads a PyTorch-style state dict from .pth/.pt/.bin (torch), .npz or .safetensors.
+
+  Raises CheckpointNotFoundError (a FileNotFoundError) for a missing file and
+  CheckpointError for one it cannot read.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise CheckpointNotFoundError(f"no checkpoint file at {path!r}")
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in STATE_DICT_EXTENSIONS:
+    raise CheckpointError(f"unknown checkpoint format {ext!r} for {path!r}: expected one of "
+                          f"{', '.join(STATE_DICT_EXTENSIONS)}")
+  try:
+    raw = _read_checkpoint_file(path, ext)
+  except CheckpointError:
+    raise
+  except (ValueError, KeyError, EOFError, OSError, RuntimeError, pickle.UnpicklingError,
+          zipfile.BadZipFile) as e:
+    raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
+  if not isinstance(raw, Mapping):
+    from mctf_jax import torch_pickle
+    raise CheckpointError(f"{path!r} holds {torch_pickle.describe(raw)}, not a state dict "
+                          f"(parameter names to tensors): save model.state_dict()")
+  state = unwrap_state_dict(raw, ema=ema)
+  return {k: _to_numpy(v) for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- resizing
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys cubic convolution weights (PyTorch's a=-0.75) for offsets t in [0, 1)."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  def far(x):   # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _resize_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
+  n = x.shape[axis]
+  scale = n / out
+  src = (np.arange(out) + 0.5) * scale - 0.5
+  base = np.floor(src).astype(np.int64)
+  weights = _cubic_weights(src - base)                       # (out, 4)
+  idx = np.clip(base[:, None] + np.arange(-1, 3)[None], 0, n - 1)  # (out, 4)
+  x = np.moveaxis(x, axis, 0)
+  y = np.einsum("ok,ok...->o...", weights, x[idx])
+  return np.moveaxis(y, 0, axis)
+
+
+def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix: int = 1) -> np.ndarray:
+  """Bicubic resize of a (1, prefix + g*g, C) position embedding to num_tokens tokens.
+
+  Matches torch.nn.functional.interpolate(mode='bicubic', align_corners=False), as DeiT's
+  fine-tuning code does; the class token's embedding is kept.
+  """
+  prefix, grid = pos_embed[:, :num_prefix], pos_embed[0, num_prefix:]
+  old = int(round(math.sqrt(grid.shape[0])))
+  new = int(round(math.sqrt(num_tokens - num_prefix)))
+  if old * old != grid.shape[0] or new * new != num_tokens - num_prefix:
+    raise CheckpointError(f"cannot resize a position embedding of {pos_embed.shape[1]} tokens "
+                          f"to {num_tokens}: both grids must be square")
+  grid = grid.reshape(old, old, -1).astype(np.float64)
+  grid = _resize_axis(_resize_axis(grid, 0, new), 1, new)
+  grid = grid.reshape(1, new * new, -1).astype(pos_embed.dtype)
+  return np.concatenate([prefix, grid], axis=1)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _backbone(cfg):
+  return models.get(cfg.arch)
+
+
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+  """PyTorch names and shapes of every parameter (and state buffer) of the config's model."""
+  cfg = model_config(config)
+  return _backbone(cfg).torch_shapes(cfg)
+
+
+def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None, seed: int = 0,
+                       adapt: bool = True, allow_unexpected: bool = False,
+                       source: str = "checkpoint") -> dict:
+  """Flax variables ({'params': ..., and state collections such as 'batch_stats'}, nested
+  dicts of numpy arrays) from a PyTorch state dict.
+
+  config: the full config (with .model) or a backbone config. dtype: of the params (default
+  model.param_dtype). With adapt (the default), differences in image size (position
+  embedding, resized) and class count (head, re-initialised) are adapted with a warning;
+  any other mismatch, and those too without adapt, raises CheckpointMismatchError listing
+  them all.
+  """
+  cfg = model_config(config)
+  backbone = _backbone(cfg)
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  state = unwrap_state_dict(state_dict) if any(
+      k in state_dict and isinstance(state_dict[k], Mapping) for k in WRAPPER_KEYS) else state_dict
+  state = {k: _to_numpy(v) for k, v in state.items()}
+  # BatchNorm's counter of batches has no use here.
+  state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+  want = backbone.torch_shapes(cfg)
+  rng = np.random.default_rng(seed)
+
+  # Old timm checkpoints store patch-embedding convolutions as linear layers.
+  for name, shape in want.items():
+    value = state.get(name)
+    if value is not None and len(shape) == 4 and value.ndim == 2 and \
+        value.size == math.prod(shape):
+      state[name] = value.reshape(shape)
+
+  pos_name = backbone.POS_EMBED
+  pos = state.get(pos_name) if pos_name else None
+  if adapt and pos is not None and pos.ndim == 3 and pos.shape[1] != want[pos_name][1] \
+      and pos.shape[2] == want[pos_name][2]:
+    logger.warning("resizing %s from %d to %d tokens (bicubic)", pos_name, pos.shape[1],
+                   want[pos_name][1])
+    state[pos_name] = resize_pos_embed(pos, want[pos_name][1], backbone.pos_embed_prefix(cfg))
+
+  head = backbone.HEAD
+  head_w = state.get(f"{head}.weight") if head else None
+  if adapt and head_w is not None and tuple(head_w.shape) != want[f"{head}.weight"] \
+      and head_w.ndim == 2 and head_w.shape[1] == want[f"{head}.weight"][1]:
+    logger.warning("dropping the checkpoint's head (%d classes): the config has %d classes; "
+                   "the head is initialised afresh", head_w.shape[0], cfg.num_classes)
+    state[f"{head}.weight"] = (rng.standard_normal(want[f"{head}.weight"]) * 0.02).clip(-0.04,
+                                                                                      0.04)
+    state[f"{head}.bias"] = np.zeros(want[f"{head}.bias"])
+
+  missing = [name for name in want if name not in state]
+  unexpected = [name for name in state if name not in want]
+  wrong = [(name, state[name].shape, shape) for name, shape in want.items()
+           if name in state and tuple(state[name].shape) != shape]
+  if unexpected and allow_unexpected and not (missing or wrong):
+    logger.warning("ignoring %d unexpected weights: %s", len(unexpected), ", ".join(unexpected))
+    unexpected = []
+  if missing or unexpected or wrong:
+    raise CheckpointMismatchError(missing, unexpected, wrong, source)
+
+  flat = {}
+  for name in want:
+    collection, path = backbone.flax_path(name)
+    flat[(collection,) + path] = np.asarray(backbone.to_flax_layout(name, state[name]), dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], config: Any, **kwargs) -> dict:
+  """The params of ``torch_to_variables`` (a model with state: use that function)."""
+  return torch_to_variables(state_dict, config, **kwargs)["params"]
+
+
+def flax_to_torch(params: Mapping, config: Any = None, *,
+                  model_state: Mapping | None = None) -> dict[str, np.ndarray]:
+  """A PyTorch-layout state dict (numpy arrays) from Flax params (and the model's state
+  collections); inverse of ``torch_to_variables``. config: names the backbone (default DeiT)."""
+  backbone = _backbone(model_config(config)) if config is not None else models.DeiT
+  out = {}
+  trees = {"params": params, **(model_state or {})}
+  for path, value in traverse_util.flatten_dict(trees).items():
+    name = backbone.torch_name(path[0], path[1:])
+    out[name] = np.ascontiguousarray(backbone.to_torch_layout(name, np.asarray(value)))
+  return out

@@ -1,0 +1,53 @@
+"""``python -m mctf_jax.convert``: a PyTorch checkpoint to an Orbax parameter checkpoint.
+
+    python -m mctf_jax.convert --config=configs/deit_s.py --torch=deit_small.pth --out=DIR
+
+The result loads in train.py (``--config.init.checkpoint=DIR``), eval.py
+(``--checkpoint=DIR``) and ``mctf_jax.checkpoint.load_variables``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from flax import traverse_util
+from ml_collections import config_flags
+
+from mctf_jax import checkpoint, convert
+from mctf_jax.errors import MctfError
+
+
+def main(argv=None):
+  flags_ = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Model config file (e.g. configs/deit_s.py).")
+  flags.DEFINE_string("torch", None, "PyTorch checkpoint: .pth, .npz or .safetensors, "
+                      "timm/DeiT/MCTF naming.")
+  flags.DEFINE_string("out", None, "Output directory for the Orbax checkpoint.")
+  flags.DEFINE_bool("ema", False, "Take the EMA weights ('model_ema') of the checkpoint.")
+  flags.DEFINE_bool("allow_unexpected", False, "Ignore weights the model does not have.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
+  flags.mark_flags_as_required(["config", "torch", "out"])
+
+  def run(_):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    config = flags_.config
+    try:
+      checkpoint.check_save_target(flags_.out, overwrite=flags_.overwrite)  # before reading
+      state = convert.load_state_dict(flags_.torch, ema=flags_.ema)
+      variables = convert.torch_to_variables(state, config,
+                                             allow_unexpected=flags_.allow_unexpected,
+                                             source=flags_.torch)
+      params = variables.pop("params")
+      n = sum(v.size for v in traverse_util.flatten_dict(params).values())
+      path = checkpoint.save_params(flags_.out, params, config, overwrite=flags_.overwrite,
+                                    model_state=variables)
+    except (MctfError, OSError) as e:   # OSError: a path that cannot be written
+      raise app.UsageError(str(e))
+    print(f"converted {flags_.torch} ({n:,} parameters) -> {path}")
+
+  app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+  main()

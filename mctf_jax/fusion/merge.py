@@ -1,0 +1,150 @@
+"""Merging along a ``Matching``: tokens, sizes, the one-step-ahead attention, source maps.
+
+Shapes are in the names: B batch, T tokens in, O tokens out, R moved tokens, C channels,
+H heads, d head width, N initial tokens. Pure functions of arrays; nothing here knows a
+model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mctf_jax.fusion.matching import Matching
+from mctf_jax.fusion.scopes import fusion_scope, part_scope, scoped
+
+
+def _take_tokens(x_BxTxF, idx_BxK):
+  """x[b, idx[b, k]] for token-major arrays of any trailing shape."""
+  idx = idx_BxK.reshape(idx_BxK.shape + (1,) * (x_BxTxF.ndim - 2))
+  return jnp.take_along_axis(x_BxTxF, idx, axis=1)
+
+
+def merge_sum(x_BxTxF, match: Matching, impl: str = "scatter"):
+  """Sum of the tokens fused into each output token: (B, T, ...) -> (B, O, ...).
+
+  impl 'scatter' adds the r moved rows with a scatter-add; 'matmul' with a one-hot (O, r)
+  matrix product (MXU-friendly on TPU). Both gather the O anchor rows.
+  """
+  out = _take_tokens(x_BxTxF, match.anchor_BxO)
+  if match.moved_BxR.shape[1] == 0:
+    return out
+  moved = _take_tokens(x_BxTxF, match.moved_BxR)
+  if impl == "matmul":
+    onehot_BxOxR = (match.moved_dest_BxR[:, None, :] ==
+                    jnp.arange(match.num_out)[None, :, None]).astype(x_BxTxF.dtype)
+    flat = moved.reshape(moved.shape[:2] + (-1,))
+    added = jnp.einsum("bor,brf->bof", onehot_BxOxR, flat,
+                       precision=jax.lax.Precision.HIGHEST)
+    return out + added.reshape(out.shape)
+  rows = jnp.arange(out.shape[0])[:, None]
+  return out.at[rows, match.moved_dest_BxR].add(moved)
+
+
+def merge_max(x_BxTxF, match: Matching):
+  """Element-wise max of the tokens fused into each output token."""
+  out = _take_tokens(x_BxTxF, match.anchor_BxO)
+  rows = jnp.arange(out.shape[0])[:, None]
+  return out.at[rows, match.moved_dest_BxR].max(_take_tokens(x_BxTxF, match.moved_BxR))
+
+
+def pooling_weights(pooling: str, size_BxT: jax.Array,
+                    attn_received_BxT: jax.Array | None) -> jax.Array | None:
+  """Weight of each token in the average that fuses it (None for max pooling).
+
+  'size': the token size (a fused token stands for size patches); 'attn': attention
+  received times size / max(size); 'mean': one; 'max': no average.
+  """
+  if pooling == "size":
+    return size_BxT
+  if pooling == "mean":
+    return jnp.ones_like(size_BxT)
+  if pooling == "attn":
+    if attn_received_BxT is None:
+      raise ValueError("pooling='attn' needs the attention map of the block")
+    size_max = jnp.max(size_BxT, axis=-1, keepdims=True)
+    return jax.lax.stop_gradient(attn_received_BxT.astype(size_BxT.dtype)) * (size_BxT / size_max)
+  if pooling == "max":
+    return None
+  raise ValueError(f"unknown pooling {pooling!r}")
+
+
+@scoped("merge")
+def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, match: Matching, *,
+                pooling: str = "size", attn_received_BxT: jax.Array | None = None,
+                impl: str = "scatter"):
+  """Fuses tokens as `match` says.
+
+  Returns (x_BxOxC, size_BxO, weights_BxT, norm_BxO): the fused tokens, their sizes (sum
+  of the sizes fused), and the weights and normalisers of the average (None for max
+  pooling), which ``merged_attention_output`` reuses for the query rows of the attention.
+  """
+  size_BxT = jax.lax.stop_gradient(size_BxT)
+  size_BxO = merge_sum(size_BxT, match, impl)
+  weights_BxT = pooling_weights(pooling, size_BxT, attn_received_BxT)
+  if weights_BxT is None:
+    return merge_max(x_BxTxC, match), size_BxO, None, None
+  weights_BxT = jax.lax.stop_gradient(weights_BxT)
+  norm_BxO = size_BxO if pooling == "size" else merge_sum(weights_BxT, match, impl)
+  # Accumulate in float32 at least, whatever the compute dtype.
+  acc = jnp.promote_types(x_BxTxC.dtype, jnp.float32)
+  weighted = x_BxTxC.astype(acc) * weights_BxT[..., None].astype(acc)
+  x_BxOxC = merge_sum(weighted, match, impl) / norm_BxO[..., None].astype(acc)
+  return x_BxOxC.astype(x_BxTxC.dtype), size_BxO, weights_BxT, norm_BxO
+
+
+def attend(probs_BxHxTxT: jax.Array, v_BxHxTxd: jax.Array) -> jax.Array:
+  """probs @ v per head, returned token-major (B, T, H, d) for the output projection."""
+  with part_scope("probs_v"):
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxTxT.astype(v_BxHxTxd.dtype), v_BxHxTxd,
+                     preferred_element_type=jnp.promote_types(v_BxHxTxd.dtype, jnp.float32))
+    return out.transpose(0, 2, 1, 3)
+
+
+def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxHxOxd: jax.Array, match: Matching,
+                            weights_BxT: jax.Array | None, norm_BxO: jax.Array | None, *,
+                            impl: str = "scatter") -> jax.Array:
+  """One-step-ahead attention: the fused tokens attend with the merged attention map.
+
+  The reference merges the map itself: it sums the key columns of each group, then pools
+  the query rows of each group as the tokens were pooled, and multiplies the (O, O) result
+  by the values of the fused tokens. For the averaging poolings that product equals
+    pool_rows(probs @ v[dest]),
+  since summing key columns against v equals gathering v back to the unfused keys. This
+  form never builds the merged map (no (T, T) scatter) and costs one ordinary attention
+  product. Max pooling is not linear in the rows, so it merges the map explicitly.
+
+  v_BxHxOxd: the values of the fused tokens, head-major.
+  Returns the attention output of the fused tokens, token-major (B, O, H, d).
+  """
+  dtype = v_BxHxOxd.dtype
+  if weights_BxT is None:  # max pooling: merge the map, then attend
+    with fusion_scope("attn_merge"):
+      return _merged_map_output(probs_BxHxTxT.astype(dtype), v_BxHxOxd, match, impl)
+  acc = jnp.promote_types(dtype, jnp.float32)
+  with fusion_scope("attn_merge"):
+    v_back_BxHxTxd = jnp.take_along_axis(v_BxHxOxd, match.dest_BxT[:, None, :, None], axis=2)
+  out_BxTxHxd = attend(probs_BxHxTxT, v_back_BxHxTxd)
+  with fusion_scope("attn_merge"):
+    weighted = out_BxTxHxd * weights_BxT[:, :, None, None].astype(acc)
+    out = merge_sum(weighted, match, impl) / norm_BxO[:, :, None, None].astype(acc)
+  return out.astype(dtype)
+
+
+def _merged_map_output(probs_BxHxTxT, v_BxHxOxd, match: Matching, impl: str):
+  """Max pooling: sum the key columns per group, take the max over the query rows per
+  group, then attend with the (O, O) map."""
+  cols_BxHxTxO = jnp.moveaxis(merge_sum(jnp.moveaxis(probs_BxHxTxT, 3, 1), match, impl), 1, 3)
+  merged_BxHxOxO = jnp.moveaxis(merge_max(jnp.moveaxis(cols_BxHxTxO, 2, 1), match), 1, 2)
+  return attend(merged_BxHxOxO, v_BxHxOxd)
+
+
+@scoped("merge")
+def update_token_map(token_map_BxN: jax.Array, dest_BxT: jax.Array) -> jax.Array:
+  """Follows each initial token to the token that now holds it."""
+  return jnp.take_along_axis(dest_BxT, token_map_BxN, axis=-1)
+
+
+def source_map(token_map_BxN: jax.Array, num_tokens: int, dtype=jnp.float32) -> jax.Array:
+  """(B, T, N) 0/1 map: source[b, t, n] = 1 when token t holds initial token n."""
+  return (token_map_BxN[:, None, :] == jnp.arange(num_tokens)[None, :, None]).astype(dtype)

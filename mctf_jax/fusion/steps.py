@@ -1,0 +1,145 @@
+"""One block's fusion step, at exact shapes or on padded arrays.
+
+A step bundles what the block driver needs to fuse one block's tokens: the additive key
+bias of its attention (proportional attention, or the mask of the padding) and the fusion
+itself, scores -> matching -> merge, returning the new ``TokenState`` and what the
+one-step-ahead attention reuses (``Merge``). ``ExactStep`` merges a static number of
+tokens (a ``LayerPlan``); ``PaddedStep`` merges runtime counts on padded arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mctf_jax.fusion.config import FusionConfig
+from mctf_jax.fusion.matching import Matching, bipartite_matching, bipartite_matching_padded
+from mctf_jax.fusion.merge import fuse_tokens, update_token_map
+from mctf_jax.fusion.padded import pad_tokens
+from mctf_jax.fusion.schedule import LayerPlan
+from mctf_jax.fusion.scores import attention_received, matching_scores
+
+
+class TokenState(NamedTuple):
+  """What flows from block to block.
+
+  x_BxTxC: the tokens.
+  size_BxT: how many initial tokens each token holds; None until the first fusion (all one).
+    On padded arrays it is never None, and 0 on the padding.
+  token_map_BxN: index of the token holding each initial token; None unless traced.
+  """
+  x_BxTxC: jax.Array
+  size_BxT: jax.Array | None = None
+  token_map_BxN: jax.Array | None = None
+
+
+class Merge(NamedTuple):
+  """What a fusion step hands to the one-step-ahead attention: the matching, the pooling
+  weights and normalisers (None for max pooling) and the merge implementation."""
+  matching: Matching
+  weights_BxT: jax.Array | None
+  norm_BxO: jax.Array | None
+  impl: str
+
+
+def resolve_merge_impl(impl: str) -> str:
+  """'auto' -> 'matmul' on TPU (one-hot products for the MXU), 'scatter' elsewhere."""
+  if impl != "auto":
+    return impl
+  return "matmul" if jax.default_backend() == "tpu" else "scatter"
+
+
+def _scores(config: FusionConfig, metric_BxTxC, received_BxT, size_BxT, num_protected: int,
+            valid_BxT=None):
+  return matching_scores(metric_BxTxC, attn_received_BxT=received_BxT, size_BxT=size_BxT,
+                         tau_sim=config.tau_sim, tau_info=config.tau_info,
+                         tau_size=config.tau_size, num_protected=num_protected,
+                         valid_BxT=valid_BxT)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactStep:
+  """The fusion of one block at exact shapes, as its LayerPlan says (r = 0: no fusion)."""
+  config: FusionConfig
+  plan: LayerPlan
+  num_protected: int = 1
+
+  @property
+  def fuses(self) -> bool:
+    return self.plan.fuses
+
+  def key_bias(self, size_BxT):
+    """Proportional attention: log(size) on the keys, once there are sizes."""
+    if self.config.prop_attn and size_BxT is not None:
+      return jnp.log(size_BxT)
+    return None
+
+  def __call__(self, state: TokenState, metric_BxTxC, probs_BxHxTxT) -> tuple[TokenState, Merge]:
+    cfg, plan = self.config, self.plan
+    impl = resolve_merge_impl(cfg.merge_impl)
+    batch, tokens = state.x_BxTxC.shape[:2]
+    received_BxT = attention_received(probs_BxHxTxT)
+    scores = _scores(cfg, metric_BxTxC, received_BxT, state.size_BxT, self.num_protected)
+    match = bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
+                               bidirectional=cfg.bidirectional,
+                               num_protected=self.num_protected)
+    size_BxT = state.size_BxT
+    if size_BxT is None:
+      size_BxT = jnp.ones((batch, tokens), jnp.promote_types(state.x_BxTxC.dtype, jnp.float32))
+    x, size, weights, norm = fuse_tokens(state.x_BxTxC, size_BxT, match, pooling=cfg.pooling,
+                                         attn_received_BxT=received_BxT, impl=impl)
+    token_map = state.token_map_BxN
+    if token_map is not None:
+      token_map = update_token_map(token_map, match.dest_BxT)
+    return TokenState(x, size, token_map), Merge(match, weights, norm, impl)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PaddedStep:
+  """The fusion of one block on padded arrays (``mctf_jax.fusion.padded``).
+
+  fuses: whether the block fuses. splits: (r_ab, r_ba) as runtime int32 scalars, shape (2,),
+  or (B, 2) for counts per example. width_out: the width of the array the fused tokens
+  leave in. fusion_width: the width every matching runs at. max_moved: a static bound on
+  r_ab + r_ba. The state's sizes are 0 on the padding. Max pooling is not supported.
+  """
+  config: FusionConfig
+  fuses: bool
+  splits: Any
+  width_out: int
+  fusion_width: int
+  max_moved: int
+  num_protected: int = 1
+
+  def __post_init__(self):
+    if self.fuses and self.config.pooling == "max":
+      raise ValueError("padded blocks do not support pooling='max'")
+
+  def key_bias(self, size_BxT):
+    """Proportional attention, or (without it) a mask: padding keys (size 0) get -inf."""
+    if self.config.prop_attn:
+      return jnp.log(size_BxT)
+    return jnp.where(size_BxT > 0, 0.0, -jnp.inf).astype(size_BxT.dtype)
+
+  def __call__(self, state: TokenState, metric_BxTxC, probs_BxHxTxT) -> tuple[TokenState, Merge]:
+    cfg, wide = self.config, self.fusion_width
+    impl = resolve_merge_impl(cfg.merge_impl)
+    width_in = state.x_BxTxC.shape[1]
+    valid_BxT = state.size_BxT > 0
+    received_BxT = attention_received(probs_BxHxTxT, valid_BxT)
+    valid_wide = pad_tokens(valid_BxT, wide, False)
+    scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), pad_tokens(received_BxT, wide, 1),
+                     pad_tokens(state.size_BxT, wide, 1), self.num_protected, valid_wide)
+    match, valid_BxO = bipartite_matching_padded(
+        scores, valid_wide, self.splits[..., 0], self.splits[..., 1], num_in=width_in,
+        num_out=self.width_out, max_moved=self.max_moved, bidirectional=cfg.bidirectional,
+        num_protected=self.num_protected)
+    x, size, weights, norm = fuse_tokens(state.x_BxTxC, state.size_BxT, match,
+                                         pooling=cfg.pooling, attn_received_BxT=received_BxT,
+                                         impl=impl)
+    x = jnp.where(valid_BxO[..., None], x, 0)
+    size = jnp.where(valid_BxO, size, 0)
+    return TokenState(x, size, None), Merge(match, weights, norm, impl)

@@ -1,0 +1,16 @@
+"""The backbones: ViTs whose blocks run on the fusion engine (mctf_jax.fusion).
+
+    base.py      BackboneConfig, Backbone: what every backbone is and gets
+    registry.py  backbones by config.model.arch ('deit', or 'module:Class' of your own)
+    layers.py    timm-style layers: the pre-norm block, attention, MLP, patch embedding
+    deit.py      DeiT / ViT (arch 'deit')
+
+A new backbone is one file: a config dataclass and a Backbone subclass, registered.
+"""
+
+from mctf_jax.models.base import Backbone, BackboneConfig, EncoderOutput, consistency
+from mctf_jax.models.deit import DeiT, DeiTConfig   # (importing deit registers it)
+from mctf_jax.models.registry import get, names, register
+
+__all__ = ["Backbone", "BackboneConfig", "EncoderOutput", "consistency", "DeiT",
+           "DeiTConfig", "get", "names", "register"]

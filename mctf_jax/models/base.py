@@ -1,0 +1,351 @@
+"""What every backbone is: ``BackboneConfig`` and the ``Backbone`` module protocol.
+
+A backbone is one file that subclasses both and registers itself
+(``mctf_jax.models.registry``). It supplies
+
+    setup()                           self.blocks: its blocks, each with the members of the
+                                      fusion's block protocol (mctf_jax.fusion.block); and
+                                      its embedding, final norm and head
+    embed(images, deterministic)      -> x_BxTxC, the tokens entering block 0, the
+                                      config.num_protected protected ones first
+    finish(x_BxTxC)                   -> tokens_BxTxC, what follows the blocks (final norm)
+    features(tokens_BxTxC, size_BxT)  -> BxF, the representation that the token reduction
+                                      consistency compares (DeiT: the class token)
+    classify(tokens_BxTxC, size_BxT)  -> logits (B, num_classes)
+
+and, as class attributes and classmethods used by the tools (checkpoint conversion, FLOP
+counting, optimizer, tests), ``config_class``, ``torch_shapes``, ``flops_embed``,
+``flops_tail``, ``describe``, ``NO_WEIGHT_DECAY``, ``POS_EMBED``, ``HEAD`` and ``TINY``; the
+naming of parameters in PyTorch checkpoints defaults to timm's (see ``flax_path``). The
+sizes on padded arrays are 0 on the padding rows: ``classify`` and ``features`` must give
+those rows no weight.
+
+On that, this base class builds what the rest of the package uses (the train step, the
+evaluation, the tools), through the fusion engine's drivers (mctf_jax.fusion.stack):
+``schedule``, ``with_fusion``, ``encode``, ``__call__`` (logits; or with ``train=True,
+teacher_r=r'`` the student and teacher outputs and their consistency), ``run_unfused``,
+``run_blocks``, ``run_blocks_padded`` and ``dummy_images``.
+
+Model state other than parameters (e.g. BatchNorm statistics, in a 'batch_stats'
+collection) may live in the embedding only: the train step updates it there (the
+embedding runs with the state collections mutable in training) and reads it elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mctf_jax.errors import ConfigError, is_int, is_number
+from mctf_jax.fusion import stack
+from mctf_jax.fusion.config import FusionConfig, normalize_r
+from mctf_jax.fusion.merge import source_map
+from mctf_jax.fusion.schedule import Schedule, compute_schedule
+from mctf_jax.models.layers import DTYPES
+
+DTYPE_NAMES = tuple(DTYPES)
+# FLOPs are counted as fvcore counts them (mctf_jax.tools.flops): one multiply-add is one
+# FLOP, and a LayerNorm with its affine parameters is 5 per element.
+LAYER_NORM_FLOPS_PER_ELEMENT = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """The fields every backbone's config has, checked; a backbone's config subclasses it.
+
+  A subclass defines ``num_tokens`` (tokens entering block 0), ``num_protected`` (the
+  leading tokens never merged: 1 for a class token, 2 with a distillation token, 0 for
+  models pooled by average or attention), ``embed_dim``, ``mlp_dim``, ``num_heads``, and
+  may check its own fields in ``__post_init__`` (calling this one's first).
+  """
+  arch: str = ""
+  img_size: int = 224
+  in_chans: int = 3
+  depth: int = 12
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+  dropout_rate: float = 0.0
+  dtype: str = "float32"        # compute dtype; parameters stay float32
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("img_size", "in_chans", "depth", "num_classes"):
+      check_positive_int(self, name)
+    for name in ("drop_path_rate", "dropout_rate"):
+      value = getattr(self, name)
+      if not is_number(value) or not 0 <= value < 1:
+        raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPE_NAMES:
+        raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, "
+                          f"got {getattr(self, name)!r}")
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(height, width, channels) of the images the model takes."""
+    return (self.img_size, self.img_size, self.in_chans)
+
+
+def check_positive_int(cfg, name: str) -> None:
+  value = getattr(cfg, name)
+  if not is_int(value) or value < 1:
+    raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+class EncoderOutput(NamedTuple):
+  """Result of ``Backbone.encode`` and of the block runs.
+
+  tokens_BxTxC: the final tokens after ``finish`` (protected tokens first).
+  size_BxT: their sizes (float32 at least; 0 on padding rows).
+  source_BxTxN: 0/1 map of the initial tokens each final token holds (trace_source only).
+  layer_token_maps: for every block that fused, (layer, token_map_BxN) after it
+    (trace_source only); token_map[b, n] is the token holding initial token n.
+  """
+  tokens_BxTxC: jax.Array
+  size_BxT: jax.Array
+  source_BxTxN: jax.Array | None
+  layer_token_maps: tuple[tuple[int, jax.Array], ...]
+
+
+def consistency(student_BxF, teacher_BxF):
+  """Per-example mean squared difference of the features, the teacher's held fixed."""
+  teacher = jax.lax.stop_gradient(teacher_BxF)
+  acc = jnp.promote_types(teacher.dtype, jnp.float32)
+  diff = teacher.astype(acc) - student_BxF.astype(acc)
+  return jnp.mean(jnp.square(diff), axis=-1)
+
+
+class Backbone(nn.Module):
+  """A ViT whose blocks fuse tokens; see the module docstring for what a subclass supplies.
+
+  ``model.apply({'params': p}, images, train=False)`` -> logits (B, num_classes), with
+  images NHWC floats of ``config.image_shape``. With ``train=True, teacher_r=r'`` (a static
+  Python number), it also runs the teacher path (same weights, r' tokens per fused layer)
+  and returns a dict: ``student_logits``, ``teacher_logits`` and ``consistency``, the
+  per-example mean squared difference between the features (the teacher's without
+  gradient), before the confidence mask of ``mctf_jax.training.losses``.
+  """
+  config: Any
+  fusion: FusionConfig
+
+  arch: ClassVar[str] = ""
+  config_class: ClassVar[type] = BackboneConfig
+
+  # ------------------------------------------------------------------ what a backbone supplies
+
+  def embed(self, images, deterministic: bool = True):
+    """The tokens entering block 0, (B, num_tokens, C), the protected ones first."""
+    raise NotImplementedError(f"{type(self).__name__} does not define embed()")
+
+  def finish(self, x_BxTxC):
+    """What follows the blocks (the final norm)."""
+    raise NotImplementedError(f"{type(self).__name__} does not define finish()")
+
+  def features(self, tokens_BxTxC, size_BxT):
+    """The (B, F) representation that the token reduction consistency compares."""
+    raise NotImplementedError(f"{type(self).__name__} does not define features()")
+
+  def classify(self, tokens_BxTxC, size_BxT):
+    """Logits (B, num_classes) from the final tokens (size 0 on padding rows)."""
+    raise NotImplementedError(f"{type(self).__name__} does not define classify()")
+
+  # ------------------------------------------------------------------ static helpers
+
+  def schedule(self, r=None) -> Schedule:
+    """The fusion schedule at fusion.r, or at the r given (a count or a ratio)."""
+    cfg = self.config
+    return compute_schedule(self.fusion, num_tokens=cfg.num_tokens, depth=cfg.depth,
+                            num_protected=cfg.num_protected, r=r)
+
+  def with_fusion(self, **changes) -> "Backbone":
+    """The same model (same parameters) with other fusion settings, e.g. ``r=8``."""
+    return self.clone(fusion=dataclasses.replace(self.fusion, **changes))
+
+  def dummy_images(self, batch_size: int = 1, dtype=jnp.float32) -> jax.Array:
+    """Zeros of the images' shape, e.g. for ``init``."""
+    return jnp.zeros((batch_size,) + tuple(self.config.image_shape), dtype)
+
+  def check_images(self, images) -> None:
+    """ValueError unless `images` are float NHWC of this config's image shape."""
+    cfg = self.config
+    expected = tuple(cfg.image_shape)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f"images must be NHWC of shape (batch, {', '.join(map(str, expected))}) "
+                       f"for this config (img_size={cfg.img_size}, in_chans={cfg.in_chans}), "
+                       f"got shape {tuple(images.shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f"images must be floating point (normalised pixels), got dtype "
+                       f"{images.dtype}; convert uint8 images with the input pipeline's "
+                       f"normalisation first")
+
+  # ------------------------------------------------------------------ block runs
+
+  def run_unfused(self, x_BxTxC, stop: int, *, deterministic: bool = True):
+    """Blocks 0 .. stop-1 as ordinary blocks: the tokens entering block `stop`."""
+    return stack.run_unfused(self.blocks, x_BxTxC, stop, self.fusion,
+                             deterministic=deterministic)
+
+  def run_blocks(self, x_BxTxC, schedule: Schedule, *, deterministic: bool = True,
+                 trace_source: bool | None = None, start: int = 0) -> EncoderOutput:
+    """The blocks as `schedule` says, then ``finish``.
+
+    start: the first block to run, x being the tokens that enter it (from ``run_unfused``);
+    the blocks before it must not fuse in `schedule`. The train step runs those blocks once
+    for the student and the teacher path.
+    """
+    trace = self.fusion.trace_source if trace_source is None else trace_source
+    state, layer_maps = stack.run_exact(self.blocks, x_BxTxC, schedule, self.fusion,
+                                        deterministic=deterministic, trace_source=trace,
+                                        start=start)
+    tokens_out = self.finish(state.x_BxTxC)
+    size = state.size_BxT
+    if size is None:
+      size = jnp.ones(tokens_out.shape[:2], jnp.promote_types(tokens_out.dtype, jnp.float32))
+    source = (source_map(state.token_map_BxN, tokens_out.shape[1], size.dtype)
+              if trace else None)
+    return EncoderOutput(tokens_out, size, source, layer_maps)
+
+  def run_blocks_padded(self, x_BxTxC, layout, splits_Lx2, *, max_moved: int,
+                        deterministic: bool = True, start: int = 0,
+                        first: jax.Array | None = None, scan: bool | None = None
+                        ) -> EncoderOutput:
+    """``run_blocks`` on padded arrays of the widths in `layout` (``fusion.stack.run_padded``;
+    scan defaults to fusion.train_scan_blocks). The final tokens come at the last width of
+    the layout, padding included (its sizes are 0)."""
+    scan = self.fusion.train_scan_blocks if scan is None else scan
+    cfg = self.config
+    state = stack.run_padded(self.blocks, x_BxTxC, layout, splits_Lx2, self.fusion,
+                             num_protected=cfg.num_protected, max_moved=max_moved,
+                             fusion_width=cfg.num_tokens, deterministic=deterministic,
+                             start=start, first=first,
+                             scan=scan and not self.is_initializing())
+    return EncoderOutput(self.finish(state.x_BxTxC), state.size_BxT, None, ())
+
+  # ------------------------------------------------------------------ forward
+
+  def encode(self, images, *, train: bool = False, r=None,
+             trace_source: bool | None = None) -> EncoderOutput:
+    """Final tokens, sizes and (optionally) sources of `images`, at fusion.r or r."""
+    x = self.embed(images, deterministic=not train)
+    return self.run_blocks(x, self.schedule(r), deterministic=not train,
+                           trace_source=trace_source)
+
+  def __call__(self, images, *, train: bool = False, teacher_r=None):
+    deterministic = not train
+    x = self.embed(images, deterministic)
+    student = self.run_blocks(x, self.schedule(), deterministic=deterministic)
+    student_logits = self.classify(student.tokens_BxTxC, student.size_BxT)
+    if teacher_r is None:
+      return student_logits
+    if not train:
+      raise ValueError("teacher_r is for training (train=True); evaluation runs the student "
+                       "path only")
+    teacher_r = normalize_r(teacher_r, "teacher_r")
+    teacher = self.run_blocks(x, self.schedule(teacher_r), deterministic=deterministic,
+                              trace_source=False)
+    return {
+        "student_logits": student_logits,
+        "teacher_logits": self.classify(teacher.tokens_BxTxC, teacher.size_BxT),
+        "consistency": consistency(self.features(student.tokens_BxTxC, student.size_BxT),
+                                   self.features(teacher.tokens_BxTxC, teacher.size_BxT)),
+    }
+
+  # ------------------------------------------------------------------ for the tools
+
+  @classmethod
+  def describe(cls, cfg) -> str:
+    """One line naming the architecture and its size."""
+    return f"{cls.__name__} (depth {cfg.depth}, {cfg.img_size}x{cfg.img_size})"
+
+  @classmethod
+  def torch_shapes(cls, cfg) -> dict[str, tuple[int, ...]]:
+    """PyTorch names and shapes of every parameter (and state buffer) of the model."""
+    raise NotImplementedError(f"{cls.__name__} has no PyTorch naming")
+
+  @classmethod
+  def flax_path(cls, torch_name: str) -> tuple[str, tuple[str, ...]]:
+    """(collection, path) of a PyTorch parameter or buffer, timm's naming:
+    ``blocks.3.attn.qkv.weight`` -> ('params', ('blocks_3', 'attn', 'qkv', 'kernel')),
+    a norm's ``weight`` is its 'scale', BatchNorm's ``running_mean``/``running_var`` its
+    'batch_stats' 'mean'/'var'."""
+    parts = torch_name.split(".")
+    path = []
+    i = 0
+    while i < len(parts):
+      if parts[i] == "blocks" and i + 1 < len(parts):
+        path.append(f"blocks_{parts[i + 1]}")
+        i += 2
+        continue
+      path.append(parts[i])
+      i += 1
+    collection = "params"
+    if path[-1] in ("running_mean", "running_var"):
+      collection, path[-1] = "batch_stats", path[-1][len("running_"):]
+    elif path[-1] == "weight":
+      path[-1] = "scale" if "norm" in path[-2] else "kernel"
+    return collection, tuple(path)
+
+  @classmethod
+  def torch_name(cls, collection: str, path: tuple[str, ...]) -> str:
+    """The inverse of ``flax_path``."""
+    parts = []
+    for part in path:
+      if part.startswith("blocks_"):
+        parts += ["blocks", part[len("blocks_"):]]
+      else:
+        parts.append(part)
+    if collection == "batch_stats":
+      parts[-1] = "running_" + parts[-1]
+    elif parts[-1] in ("kernel", "scale"):
+      parts[-1] = "weight"
+    return ".".join(parts)
+
+  @staticmethod
+  def to_flax_layout(torch_name: str, value):
+    """A PyTorch tensor in Flax's layout: linear (out, in) -> (in, out), conv
+    (O, I, kh, kw) -> (kh, kw, I, O)."""
+    if torch_name.endswith(".weight") and value.ndim == 4:
+      return value.transpose(2, 3, 1, 0)
+    if torch_name.endswith(".weight") and value.ndim == 2:
+      return value.T
+    return value
+
+  @staticmethod
+  def to_torch_layout(torch_name: str, value):
+    """The inverse of ``to_flax_layout``."""
+    if torch_name.endswith(".weight") and value.ndim == 4:
+      return value.transpose(3, 2, 0, 1)
+    if torch_name.endswith(".weight") and value.ndim == 2:
+      return value.T
+    return value
+
+  # A tiny size of the backbone (config.model fields): what the contract tests of every
+  # backbone run (tests/test_backbones.py), at 32x32 images and a few blocks.
+  TINY: ClassVar[dict] = {}
+  # Parameters without weight decay besides the 1-D ones, by name (timm's no_weight_decay).
+  NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()
+  # The position embedding (resized with the image size, its first `prefix` tokens kept)
+  # and the classifier (re-initialised when the class count differs), by PyTorch name.
+  POS_EMBED: ClassVar[str | None] = None
+  HEAD: ClassVar[str | None] = None
+
+  @classmethod
+  def pos_embed_prefix(cls, cfg) -> int:
+    """Tokens of the position embedding that are not on the patch grid."""
+    return cfg.num_protected
+
+  @classmethod
+  def flops_embed(cls, cfg) -> tuple:
+    """FLOPs of the embedding (fvcore convention): (stage name, tokens in, tokens out,
+    ops), ops as (op, count) pairs with op in ``mctf_jax.tools.flops.OPS``."""
+    raise NotImplementedError
+
+  @classmethod
+  def flops_tail(cls, cfg, tokens: int) -> tuple:
+    """FLOPs after the blocks, given the tokens leaving them: (stage name, tokens in,
+    tokens out, ops) for each stage."""
+    raise NotImplementedError

@@ -1,0 +1,171 @@
+"""DeiT / ViT (timm's VisionTransformer, as the official MCTF code uses it).
+
+Patch embedding by a strided convolution, a class token, a learned position embedding,
+pre-norm blocks (``layers.Block``), a final LayerNorm and a linear head on the class
+token. Parameter names mirror timm's one to one, so DeiT and MCTF checkpoints convert
+without a renaming table (``mctf_jax.convert``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mctf_jax.errors import ConfigError, is_number
+from mctf_jax.fusion.scopes import part_scope
+from mctf_jax.models import layers
+from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
+                                  check_positive_int)
+from mctf_jax.models.registry import register
+
+
+@dataclasses.dataclass(frozen=True)
+class DeiTConfig(BackboneConfig):
+  """A DeiT / ViT: patch embedding, class token, learned position embedding, pre-norm
+  blocks, final norm, head on the class token."""
+  arch: str = "deit"
+  patch_size: int = 16
+  embed_dim: int = 384
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    super().__post_init__()
+    for name in ("patch_size", "embed_dim", "num_heads"):
+      check_positive_int(self, name)
+    if self.img_size % self.patch_size:
+      raise ConfigError(f"model.img_size={self.img_size} is not divisible by "
+                        f"model.patch_size={self.patch_size}; choose sizes with "
+                        f"img_size % patch_size == 0")
+    if self.embed_dim % self.num_heads:
+      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
+                        f"model.num_heads={self.num_heads}")
+    if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
+      raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+    if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
+      raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+    if not isinstance(self.qkv_bias, bool):
+      raise ConfigError(f"model.qkv_bias must be True or False, got {self.qkv_bias!r}")
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens entering the first block: the patches and the class token."""
+    return self.num_patches + 1
+
+  @property
+  def num_protected(self) -> int:
+    return 1   # the class token
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.embed_dim * self.mlp_ratio)
+
+
+@register("deit")
+class DeiT(Backbone):
+  """DeiT / ViT with MCTF (``config``: a DeiTConfig)."""
+  config_class = DeiTConfig
+  POS_EMBED = "pos_embed"
+  HEAD = "head"
+  NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
+  TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+
+  def setup(self):
+    cfg = self.config
+    self.fusion.check_depth(cfg.depth)
+    dtype, param_dtype = layers.DTYPES[cfg.dtype], layers.DTYPES[cfg.param_dtype]
+    self.patch_embed = layers.PatchEmbed(cfg.embed_dim, cfg.patch_size, dtype, param_dtype)
+    self.cls_token = self.param("cls_token", layers.dense_init, (1, 1, cfg.embed_dim),
+                                param_dtype)
+    self.pos_embed = self.param("pos_embed", layers.dense_init,
+                                (1, cfg.num_tokens, cfg.embed_dim), param_dtype)
+    self.pos_drop = nn.Dropout(cfg.dropout_rate)
+    rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    self.blocks = [layers.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, cfg.qkv_bias,
+                                None, cfg.layer_norm_eps, cfg.dropout_rate, rate, cfg.dtype,
+                                cfg.param_dtype)
+                   for rate in rates]
+    self.norm = layers.layer_norm(cfg.layer_norm_eps, dtype, param_dtype)
+    self.head = nn.Dense(cfg.num_classes, kernel_init=layers.dense_init, dtype=dtype,
+                         param_dtype=param_dtype)
+
+  def embed(self, images, deterministic: bool = True):
+    self.check_images(images)
+    with part_scope("embed"):
+      x = self.patch_embed(images)
+      b = x.shape[0]
+      cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
+      return self.pos_drop(x, deterministic=deterministic)
+
+  def finish(self, x_BxTxC):
+    with part_scope("norm"):
+      return self.norm(x_BxTxC)
+
+  def features(self, tokens_BxTxC, size_BxT=None):
+    """The class token after the final norm."""
+    return tokens_BxTxC[:, 0]
+
+  def classify(self, tokens_BxTxC, size_BxT=None):
+    """Logits from the class token of the final (normalised) tokens."""
+    with part_scope("head"):
+      return self.head(tokens_BxTxC[:, 0])
+
+  # ------------------------------------------------------------------ for the tools
+
+  @classmethod
+  def describe(cls, cfg) -> str:
+    return (f"DeiT (width {cfg.embed_dim}, depth {cfg.depth}, {cfg.img_size}x{cfg.img_size}, "
+            f"patch {cfg.patch_size})")
+
+  @classmethod
+  def torch_shapes(cls, cfg) -> dict[str, tuple[int, ...]]:
+    """timm's names and shapes of every parameter."""
+    d, hidden, p = cfg.embed_dim, cfg.mlp_dim, cfg.patch_size
+    shapes = {
+        "cls_token": (1, 1, d),
+        "pos_embed": (1, cfg.num_tokens, d),
+        "patch_embed.proj.weight": (d, cfg.in_chans, p, p),
+        "patch_embed.proj.bias": (d,),
+    }
+    for i in range(cfg.depth):
+      b = f"blocks.{i}."
+      shapes.update({
+          b + "norm1.weight": (d,), b + "norm1.bias": (d,),
+          b + "attn.qkv.weight": (3 * d, d),
+          b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
+          b + "norm2.weight": (d,), b + "norm2.bias": (d,),
+          b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
+          b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
+      })
+      if cfg.qkv_bias:
+        shapes[b + "attn.qkv.bias"] = (3 * d,)
+    shapes.update({"norm.weight": (d,), "norm.bias": (d,),
+                   "head.weight": (cfg.num_classes, d), "head.bias": (cfg.num_classes,)})
+    return shapes
+
+  @classmethod
+  def flops_embed(cls, cfg):
+    """The patch convolution (fvcore: out positions x C_out x C_in x kh x kw)."""
+    return ("patch_embed", cfg.num_patches, cfg.num_tokens,
+            (("patch_embed", cfg.num_patches * cfg.embed_dim * cfg.in_chans
+              * cfg.patch_size ** 2),))
+
+  @classmethod
+  def flops_tail(cls, cfg, tokens: int):
+    """The final LayerNorm on every token, the head on the class token."""
+    return (("norm", tokens, tokens,
+             (("norm", LAYER_NORM_FLOPS_PER_ELEMENT * tokens * cfg.embed_dim),)),
+            ("head", 1, 1, (("head", cfg.embed_dim * cfg.num_classes),)))

@@ -1,0 +1,7 @@
+"""Tools around the model, each with a command line (``python -m mctf_jax.tools.<name>``).
+
+    flops.py      FLOPs as the paper counts them (fvcore), per block, and XLA's count
+    benchmark.py  forward throughput with and without fusion, compile time, memory
+    profiling.py  kernel and compile time by part of the model (jax.profiler traces)
+    visualize.py  which patches each fused token holds; accuracy against GFLOPs
+"""
