@@ -30,8 +30,9 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
-EVAL_CASES = ("tiny_default", "tiny_ratio", "tiny_no_osa", "tiny_tome_like")
-TRAIN_CASES = ("tiny_train",)
+EVAL_CASES = ("tiny_default", "tiny_ratio", "tiny_no_osa", "tiny_tome_like",
+              "tiny_recipe_pool_attn")
+TRAIN_CASES = ("tiny_train", "tiny_recipe_train")
 
 
 def load_golden(case: str):

@@ -20,11 +20,13 @@ def protected_split(num_protected: int) -> tuple[int, int]:
 @scoped("scores")
 def attention_received(probs_BxHxTxT: jax.Array, valid_BxT: jax.Array | None = None
                        ) -> jax.Array:
-  """Mean attention each token receives, over heads and queries: (B, T).
+  """Mean attention each token receives, over heads and queries: (B, T), in the
+  probabilities' precision (float32 at least: 'attn' pooling weighs the fused tokens by it,
+  so a float64 model must not round it to float32).
 
   valid_BxT: on padded arrays, the real tokens: the mean runs over the real queries only.
   """
-  dtype = jnp.float32
+  dtype = jnp.promote_types(probs_BxHxTxT.dtype, jnp.float32)
   if valid_BxT is None:
     return jnp.mean(probs_BxHxTxT.astype(dtype), axis=(1, 2))
   heads = probs_BxHxTxT.shape[1]
