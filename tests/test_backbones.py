@@ -1,0 +1,246 @@
+"""The contract every backbone meets, run over every registered backbone and the toy
+backbones of tests/toy_backbones.py (no class token and BatchNorm state; a distillation
+token), at their TINY sizes. A new backbone gets all of it by being registered."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+import mctf_jax
+from mctf_jax import checkpoint, convert, models
+from mctf_jax.fusion import padded
+from mctf_jax.tools import flops
+from mctf_jax.training import trainer
+from mctf_jax.training.plan import teacher_plan
+from mctf_jax.training.train_step import TrainState, make_train_step
+from conftest import digits_config, run
+
+TOYS = ("toy_backbones:GapViT", "toy_backbones:DistilledViT")
+ARCHS = tuple(models.names()) + TOYS
+# train.py and eval.py end to end: the registered backbones, and the toy one with state.
+END_TO_END = tuple(models.names()) + ("toy_backbones:GapViT",)
+
+
+def config_of(arch, dtype="float32", **fusion):
+  settings = dict(r=6, layers=(1, 2, 3), trace_source=True, teacher_r_max=3,
+                  pooling="attn")
+  settings.update(fusion)
+  return {"model": dict(models.get(arch).TINY, arch=arch, dtype=dtype, param_dtype=dtype),
+          "fusion": settings}
+
+
+def _setup(arch, dtype="float32", batch=2, **fusion):
+  model = mctf_jax.create_model(config_of(arch, dtype, **fusion))
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  images = jax.random.normal(jax.random.key(1), (batch,) + model.config.image_shape,
+                             jnp.dtype(dtype))
+  return model, variables, images
+
+
+def test_the_toys_are_what_they_test():
+  assert [models.get(a).config_class().num_protected for a in TOYS] == [0, 2]
+  gap = mctf_jax.create_model(config_of(TOYS[0]))
+  shapes = jax.eval_shape(gap.init, jax.random.key(0), gap.dummy_images())
+  assert "batch_stats" in shapes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_schedule_and_the_tokens_it_promises(arch):
+  model, variables, images = _setup(arch)
+  cfg, schedule = model.config, model.schedule()
+  assert schedule.tokens_in == cfg.num_tokens and schedule.num_protected == cfg.num_protected
+  for plan in schedule.layers:
+    assert plan.tokens_out == plan.tokens_in - plan.r and plan.r == plan.r_ab + plan.r_ba
+  assert schedule.fuses
+  out = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))(variables, images)
+  size, source = np.asarray(out.size_BxT), np.asarray(out.source_BxTxN)
+  assert out.tokens_BxTxC.shape[:2] == (2, schedule.tokens_out)
+  np.testing.assert_array_equal(size.sum(-1), cfg.num_tokens)
+  np.testing.assert_array_equal(source.sum(1), 1)                  # each initial token once
+  np.testing.assert_array_equal(source.sum(-1), size)
+  p = cfg.num_protected
+  np.testing.assert_array_equal(size[:, :p], 1)                    # protected: alone, first
+  np.testing.assert_array_equal(source[:, :p, :p], np.broadcast_to(np.eye(p), (2, p, p)))
+  assert [layer for layer, _ in out.layer_token_maps] == [p.layer for p in schedule.layers
+                                                           if p.fuses]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_jit_vmap_grad(arch):
+  model, variables, images = _setup(arch, batch=4)
+  fwd = jax.jit(lambda v, x: model.apply(v, x))
+  logits = fwd(variables, images)
+  assert logits.shape == (4, model.config.num_classes)
+  batched = jax.vmap(fwd, in_axes=(None, 0))(variables, images.reshape((2, 2) + images.shape[1:]))
+  np.testing.assert_allclose(batched.reshape(4, -1), logits, rtol=2e-5, atol=2e-5)
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+
+  def loss(p):
+    out = model.apply({"params": p, **state}, images, train=True, teacher_r=2,
+                      rngs={"dropout": jax.random.key(2)}, mutable=list(state) or False)
+    out = out[0] if state else out
+    return jnp.sum(out["student_logits"] ** 2) + jnp.sum(out["consistency"])
+  grads = jax.jit(jax.grad(loss))(params)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert np.any(np.asarray(jax.tree.leaves(grads["blocks_2"])[0]) != 0)
+
+
+# The padded path (the train step's) supports every one-step-ahead mode and the averaging
+# poolings; its real tokens must be the exact path's.
+@pytest.mark.parametrize("mode", ["approx", "precise", "off"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_equals_exact(arch, mode, x64):
+  for pooling in ("size", "attn", "mean"):
+    model, variables, images = _setup(arch, "float64", one_step_ahead=mode, pooling=pooling,
+                                      prop_attn=pooling != "mean", trace_source=False)
+    schedule = model.schedule()
+    step = None if pooling != "size" else 5   # full width, and one grid of widths
+    layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, step))
+
+    def both(v, x):
+      exact = model.apply(v, x, method=model.encode)
+      h = model.apply(v, x, method=model.embed)
+      pad = model.apply(v, h, layout, padded.splits_of(schedule),
+                        max_moved=padded.max_moved([schedule]), method=model.run_blocks_padded)
+      logits = [model.apply(v, o.tokens_BxTxC, o.size_BxT, method=model.classify)
+                for o in (exact, pad)]
+      return exact, pad, logits
+    exact, pad, (want, got) = jax.jit(both)(variables, images)
+    out = schedule.tokens_out
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=pooling)
+    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, :out], exact.size_BxT)
+    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, out:], 0)
+    np.testing.assert_allclose(np.asarray(pad.tokens_BxTxC)[:, :out], exact.tokens_BxTxC,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scanned_blocks_equal_unrolled(arch, x64):
+  """The padded teacher's alike blocks as one lax.scan, built from the backbone's own
+  block: the same tokens and gradients, stochastic depth included."""
+  config = config_of(arch, "float64")
+  config["model"]["drop_path_rate"] = 0.5
+  model = mctf_jax.create_model(config)
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  schedule = model.schedule()
+  layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, None))
+  assert padded.alike_runs(layout, 1) == [(1, 4)]
+  x = jax.random.normal(jax.random.key(1), (4, model.config.num_tokens, model.config.embed_dim),
+                        jnp.float64)
+
+  def run_blocks(p, scan):
+    out = model.apply({"params": p, **state}, x, layout, padded.splits_of(schedule),
+                      max_moved=6, start=1, scan=scan, deterministic=False,
+                      method=model.run_blocks_padded, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out.tokens_BxTxC ** 2), out.tokens_BxTxC
+
+  def both(p):
+    return [jax.value_and_grad(lambda q: run_blocks(q, s), has_aux=True)(p)
+            for s in (True, False)]
+  ((_, scanned), g_scanned), ((_, unrolled), g_unrolled) = jax.jit(both)(params)
+  np.testing.assert_allclose(scanned, unrolled, rtol=1e-12, atol=1e-12)
+  for a, b in zip(jax.tree.leaves(g_scanned), jax.tree.leaves(g_unrolled)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_converter_round_trip(arch):
+  model, variables, _ = _setup(arch)
+  config = config_of(arch)
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  torch_state = convert.flax_to_torch(params, config, model_state=state)
+  assert {k: v.shape for k, v in torch_state.items()} == convert.expected_shapes(config)
+  back = convert.torch_to_variables(torch_state, config)
+  assert jax.tree.structure(back) == jax.tree.structure(jax.tree.map(np.asarray, variables))
+  jax.tree.map(np.testing.assert_array_equal, back, variables)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flops_against_the_traced_program_and_xla(arch):
+  """The FLOP counter's matrix products are exactly the traced program's; XLA counts 2 per
+  multiply-add plus elementwise work (see mctf_jax.tools.flops)."""
+  config = config_of(arch, merge_impl="scatter", trace_source=False)
+  model = mctf_jax.create_model(config)
+  for r in (None, 0):
+    traced = flops.traced_matmul_flops(model, 2, r)
+    report = flops.count_flops(config, r=r, implementation="mctf_jax")
+    assert traced == 2 * report.matmul
+    xla = flops.xla_cost(model, 2, r)["flops"]
+    # Elementwise work weighs more at these tiny widths (16-32) than at DeiT-S's (3%).
+    assert 2 * traced <= xla <= 2 * 2 * traced, (r, xla / (2 * traced))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_step_updates_parameters_and_state(arch):
+  """The train step through the backbone protocol: finite losses, every parameter trained,
+  the model's state (BatchNorm statistics) updated by the embedding."""
+  config = config_of(arch)
+  model = mctf_jax.create_model(config)
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+
+  recipe = ConfigDict(dict(ema_decay=0.5, seed=0, batch_size=8, loss=dict(
+      label_smoothing=0.1, consistency_threshold=0.0, weight_student=1.0, weight_teacher=1.0,
+      weight_consistency=3.0)))
+  tx = optax.sgd(0.1)
+  plan = teacher_plan(model, 8)
+  step = jax.jit(make_train_step(model, tx, recipe, plan=plan))
+  batch = {"image": np.random.default_rng(0).standard_normal(
+               (8,) + model.config.image_shape).astype(np.float32),
+           "label": np.arange(8, dtype=np.int32) % 10}
+  new, metrics = step(TrainState(jnp.asarray(1, jnp.int32), params, tx.init(params),
+                                 jax.tree.map(jnp.copy, params), state), batch)
+  assert bool(metrics["finite"]) and float(metrics["loss_consistency"]) >= 0
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         new.params, params)
+  assert all(jax.tree.leaves(changed)), changed
+  assert jax.tree.structure(new.model_state) == jax.tree.structure(state)
+  if state:
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                            new.model_state, state)))
+
+
+def test_model_state_goes_through_checkpoints(tmp_path):
+  """The model's state is saved and restored with the train state, and by save_params."""
+  arch = "toy_backbones:GapViT"
+  config = config_of(arch)
+  model = mctf_jax.create_model(config)
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  state = jax.tree.map(lambda x: x + 1.5, {k: v for k, v in variables.items()
+                                           if k != "params"})
+  params = variables["params"]
+  path = checkpoint.save_params(str(tmp_path / "converted"), params, config, model_state=state)
+  loaded = checkpoint.load_variables(path, config)
+  jax.tree.map(np.testing.assert_array_equal, loaded, {"params": params, **state})
+
+  recipe = ConfigDict(dict(keep_checkpoints=2, ema_decay=0.0))
+  manager = trainer._checkpoint_manager(str(tmp_path / "run"), recipe, model_state=True)
+  tx = optax.sgd(0.1)
+  train_state = TrainState(jnp.asarray(3, jnp.int32), params, tx.init(params), None, state)
+  trainer.save_checkpoint(manager, train_state, 0.5)
+  manager.wait_until_finished()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_state)
+  restored = trainer.restore_checkpoint(manager, abstract, 3)
+  manager.close()
+  jax.tree.map(np.testing.assert_array_equal, restored.model_state, state)
+  jax.tree.map(np.testing.assert_array_equal, restored.params, params)
+
+
+@pytest.mark.parametrize("arch", END_TO_END)
+def test_train_py_and_eval_py_end_to_end(arch, trained, tmp_path, env):
+  workdir, out = trained(None if arch == "deit" else arch)
+  assert "done:" in out and "epoch 1 eval" in out
+  done = run(["eval.py", digits_config(None if arch == "deit" else arch),
+              f"--checkpoint={workdir}", f"--output_dir={tmp_path}",
+              "--config.eval.r_values=(0, 8)", "--throughput_batch=4"], env)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "r=8: top-1" in done.stdout and "(360 images" in done.stdout

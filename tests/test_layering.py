@@ -1,0 +1,78 @@
+"""The package's layers, as docs/design.md draws them: no import cycles, and each layer
+imports only from the layers below it (imports inside functions included)."""
+
+import ast
+import os
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mctf_jax")
+
+# What each layer may import from the package, besides itself.
+ALLOWED = {
+    "mctf_jax.fusion": ("mctf_jax.errors",),
+    "mctf_jax.models": ("mctf_jax.errors", "mctf_jax.fusion"),
+}
+
+
+def _modules() -> dict[str, str]:
+  found = {}
+  for directory, _, files in os.walk(ROOT):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(directory, name)
+        module = os.path.relpath(path[:-3], os.path.dirname(ROOT)).replace(os.sep, ".")
+        found[module[:-len(".__init__")] if module.endswith(".__init__") else module] = path
+  return found
+
+
+def _imports(module: str, path: str, known) -> set[str]:
+  package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+  out = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      out |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+        base = ".".join(parts + ([base] if base else []))
+      for alias in node.names:
+        full = f"{base}.{alias.name}"
+        out.add(full if full in known else base)
+  return {m for m in out if m in known and m != module}
+
+
+def _graph():
+  modules = _modules()
+  return {m: _imports(m, p, modules) for m, p in modules.items()}
+
+
+def test_each_layer_imports_only_the_layers_below():
+  bad = []
+  for module, imported in _graph().items():
+    for layer, allowed in ALLOWED.items():
+      if module == layer or module.startswith(layer + "."):
+        bad += [f"{module} imports {m}" for m in imported
+                if not (m == layer or m.startswith(layer + ".")
+                        or any(m == a or m.startswith(a + ".") for a in allowed))]
+  assert not bad, bad
+
+
+def test_no_import_cycles():
+  graph = _graph()
+  # The package itself re-exports from its layers; importing it is not a dependency cycle.
+  graph = {m: {d for d in deps if d != "mctf_jax"} for m, deps in graph.items()}
+  cycles, state = [], {}
+
+  def visit(module, path):
+    state[module] = "open"
+    for dep in sorted(graph[module]):
+      if state.get(dep) == "open":
+        cycles.append(path[path.index(dep):] + [dep])
+      elif dep not in state:
+        visit(dep, path + [dep])
+    state[module] = "done"
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+  assert not cycles, cycles
