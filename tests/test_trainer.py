@@ -1,5 +1,6 @@
 """Pieces of the training loop: initialisation from checkpoints, workdir checks."""
 
+import json
 import logging
 import os
 
@@ -114,3 +115,44 @@ def test_workdir_config_check(tmp_path):
   config.fusion.r = 4.0
   with pytest.raises(trainer.TrainingError, match=r"fusion\.r: 8\.0 there, 4\.0 now"):
     trainer.check_workdir_config(str(tmp_path), config)
+
+
+def test_other_processes_find_the_workdir_config_whole_or_absent(tmp_path, monkeypatch):
+  """Every process of a multi-process run checks the workdir at about the time process 0
+  writes config.json there. One that looks while it is being written must find no file
+  (or all of it): an empty one, created but not yet written, failed its json.load, which
+  made test_entry_points::test_two_processes fail now and then."""
+  config = tiny_config()
+  workdir = str(tmp_path / "run")
+  looked = []
+
+  class LookFirst:
+    """Process 0's file, through which process 1 checks the workdir before each write."""
+
+    def __init__(self, f):
+      self._f = f
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return self._f.__exit__(*exc)
+
+    def write(self, text):
+      with monkeypatch.context() as m:
+        m.setattr(trainer.jax, "process_index", lambda: 1)
+        trainer.check_workdir_config(workdir, config)
+      looked.append(text)
+      return self._f.write(text)
+
+  monkeypatch.setattr(trainer, "open", lambda *a, **k: LookFirst(open(*a, **k)), raising=False)
+  trainer.check_workdir_config(workdir, config)
+  monkeypatch.undo()
+  assert looked                                        # process 1 looked mid-write
+  with open(os.path.join(workdir, trainer.CONFIG_FILE)) as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
+  assert os.listdir(workdir) == [trainer.CONFIG_FILE]  # nothing else left behind
+  trainer.check_workdir_config(workdir, config)        # and the same config resumes

@@ -115,11 +115,18 @@ def check_workdir_config(workdir: str, config) -> None:
   elif os.path.exists(workdir) and not os.path.isdir(workdir):
     raise TrainingError(f"the workdir {workdir} is a file; give a directory as --workdir")
   elif jax.process_index() == 0:
+    # Written whole, then renamed into place: the other processes of a multi-process run
+    # check this file at about the same time, and must find it absent or complete (an
+    # empty file, created but not yet written, failed their json.load).
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
       os.makedirs(workdir, exist_ok=True)
-      with open(path, "w") as f:
+      with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=1))
+      os.replace(tmp, path)
     except OSError as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
       raise TrainingError(f"cannot write to the workdir {workdir}: {e.strerror or e}; give "
                           f"a writable --workdir") from None
 
