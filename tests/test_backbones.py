@@ -25,8 +25,8 @@ END_TO_END = tuple(models.names()) + ("toy_backbones:GapViT",)
 
 
 def config_of(arch, dtype="float32", **fusion):
-  settings = dict(r=6, layers=(1, 2, 3), trace_source=True, teacher_r_max=3,
-                  pooling="attn")
+  """The backbone's TINY size, blocks 1 and 2 fusing."""
+  settings = dict(r=6, layers=(1, 2), trace_source=True, teacher_r_max=3, pooling="attn")
   settings.update(fusion)
   return {"model": dict(models.get(arch).TINY, arch=arch, dtype=dtype, param_dtype=dtype),
           "fusion": settings}
@@ -70,6 +70,7 @@ def test_schedule_and_the_tokens_it_promises(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_jit_vmap_grad(arch):
+  """(The training path's gradients: test_train_step_updates_parameters_and_state.)"""
   model, variables, images = _setup(arch, batch=4)
   fwd = jax.jit(lambda v, x: model.apply(v, x))
   logits = fwd(variables, images)
@@ -78,45 +79,42 @@ def test_jit_vmap_grad(arch):
   np.testing.assert_allclose(batched.reshape(4, -1), logits, rtol=2e-5, atol=2e-5)
   params = variables["params"]
   state = {k: v for k, v in variables.items() if k != "params"}
-
-  def loss(p):
-    out = model.apply({"params": p, **state}, images, train=True, teacher_r=2,
-                      rngs={"dropout": jax.random.key(2)}, mutable=list(state) or False)
-    out = out[0] if state else out
-    return jnp.sum(out["student_logits"] ** 2) + jnp.sum(out["consistency"])
-  grads = jax.jit(jax.grad(loss))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(fwd({"params": p, **state}, images) ** 2)))(params)
   assert jax.tree.structure(grads) == jax.tree.structure(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert np.any(np.asarray(jax.tree.leaves(grads["blocks_2"])[0]) != 0)
+  # The fused blocks' queries and keys learn through the (merged) attention.
+  assert np.any(np.asarray(grads["blocks_2"]["attn"]["qkv"]["kernel"]) != 0)
 
 
 # The padded path (the train step's) supports every one-step-ahead mode and the averaging
-# poolings; its real tokens must be the exact path's.
-@pytest.mark.parametrize("mode", ["approx", "precise", "off"])
+# poolings; its real tokens must be the exact path's. Each pooling merges the attention map
+# its own way in 'approx'; 'off' and 'precise' only pool the tokens.
+@pytest.mark.parametrize("mode,pooling", [("approx", "size"), ("approx", "attn"),
+                                          ("approx", "mean"), ("off", "attn"),
+                                          ("precise", "attn")])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_padded_equals_exact(arch, mode, x64):
-  for pooling in ("size", "attn", "mean"):
-    model, variables, images = _setup(arch, "float64", one_step_ahead=mode, pooling=pooling,
-                                      prop_attn=pooling != "mean", trace_source=False)
-    schedule = model.schedule()
-    step = None if pooling != "size" else 5   # full width, and one grid of widths
-    layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, step))
+def test_padded_equals_exact(arch, mode, pooling, x64):
+  model, variables, images = _setup(arch, "float64", one_step_ahead=mode, pooling=pooling,
+                                    prop_attn=pooling != "mean", trace_source=False)
+  schedule = model.schedule()
+  step = 5 if pooling == "size" else None   # one grid of widths, else the full width
+  layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, step))
 
-    def both(v, x):
-      exact = model.apply(v, x, method=model.encode)
-      h = model.apply(v, x, method=model.embed)
-      pad = model.apply(v, h, layout, padded.splits_of(schedule),
-                        max_moved=padded.max_moved([schedule]), method=model.run_blocks_padded)
-      logits = [model.apply(v, o.tokens_BxTxC, o.size_BxT, method=model.classify)
-                for o in (exact, pad)]
-      return exact, pad, logits
-    exact, pad, (want, got) = jax.jit(both)(variables, images)
-    out = schedule.tokens_out
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12, err_msg=pooling)
-    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, :out], exact.size_BxT)
-    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, out:], 0)
-    np.testing.assert_allclose(np.asarray(pad.tokens_BxTxC)[:, :out], exact.tokens_BxTxC,
-                               rtol=0, atol=1e-12)
+  def both(v, x):
+    exact = model.apply(v, x, method=model.encode)
+    h = model.apply(v, x, method=model.embed)
+    pad = model.apply(v, h, layout, padded.splits_of(schedule),
+                      max_moved=padded.max_moved([schedule]), method=model.run_blocks_padded)
+    logits = [model.apply(v, o.tokens_BxTxC, o.size_BxT, method=model.classify)
+              for o in (exact, pad)]
+    return exact, pad, logits
+  exact, pad, (want, got) = jax.jit(both)(variables, images)
+  out = schedule.tokens_out
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+  np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, :out], exact.size_BxT)
+  np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, out:], 0)
+  np.testing.assert_allclose(np.asarray(pad.tokens_BxTxC)[:, :out], exact.tokens_BxTxC,
+                             rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -131,7 +129,7 @@ def test_scanned_blocks_equal_unrolled(arch, x64):
   state = {k: v for k, v in variables.items() if k != "params"}
   schedule = model.schedule()
   layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, None))
-  assert padded.alike_runs(layout, 1) == [(1, 4)]
+  assert padded.alike_runs(layout, 1) == [(1, 3)]
   x = jax.random.normal(jax.random.key(1), (4, model.config.num_tokens, model.config.embed_dim),
                         jnp.float64)
 
@@ -238,9 +236,9 @@ def test_model_state_goes_through_checkpoints(tmp_path):
 @pytest.mark.parametrize("arch", END_TO_END)
 def test_train_py_and_eval_py_end_to_end(arch, trained, tmp_path, env):
   workdir, out = trained(None if arch == "deit" else arch)
-  assert "done:" in out and "epoch 1 eval" in out
+  assert "done:" in out
   done = run(["eval.py", digits_config(None if arch == "deit" else arch),
               f"--checkpoint={workdir}", f"--output_dir={tmp_path}",
-              "--config.eval.r_values=(0, 8)", "--throughput_batch=4"], env)
+              "--config.eval.r_values=(0, 8)", "--throughput_batch=0"], env)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "r=8: top-1" in done.stdout and "(360 images" in done.stdout

@@ -71,7 +71,7 @@ class GapViT(Backbone):
   config_class = GapViTConfig
   HEAD = "head"
   NO_WEIGHT_DECAY = ("pos_embed",)
-  TINY = dict(img_size=32, patch_size=4, embed_dim=16, num_heads=2, depth=4, num_classes=10)
+  TINY = dict(img_size=32, patch_size=4, embed_dim=16, num_heads=2, depth=3, num_classes=10)
 
   def setup(self):
     cfg = self.config
@@ -161,7 +161,7 @@ class DistilledViTConfig(DeiTConfig):
 class DistilledViT(DeiT):
   config_class = DistilledViTConfig
   NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token")
-  TINY = dict(img_size=32, patch_size=4, embed_dim=16, num_heads=2, depth=4, num_classes=10)
+  TINY = dict(img_size=32, patch_size=4, embed_dim=16, num_heads=2, depth=3, num_classes=10)
 
   def setup(self):
     super().setup()

@@ -324,7 +324,7 @@ class Backbone(nn.Module):
     return value
 
   # A tiny size of the backbone (config.model fields): what the contract tests of every
-  # backbone run (tests/test_backbones.py), at 32x32 images and a few blocks.
+  # backbone run (tests/test_backbones.py), at 32x32 images and 3 blocks.
   TINY: ClassVar[dict] = {}
   # Parameters without weight decay besides the 1-D ones, by name (timm's no_weight_decay).
   NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()

@@ -80,7 +80,7 @@ class DeiT(Backbone):
   POS_EMBED = "pos_embed"
   HEAD = "head"
   NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
-  TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+  TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=10)
 
   def setup(self):
     cfg = self.config

@@ -16,6 +16,7 @@ def get_config(arch=None):
     fields = dict(backbone.TINY, arch=arch, img_size=32, num_classes=10, drop_path_rate=0.0)
     config.model = type(config.model)(fields)
     config.num_epochs = 1
+    config.eval_every_epochs = 2   # (eval.py evaluates it)
   config.fusion.update(dict(r=8.0, layers=(1, 2), teacher_r_max=2.0))
   config.batch_size = 64            # 22 steps per epoch
   config.eval_batch_size = 120
