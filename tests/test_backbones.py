@@ -2,6 +2,9 @@
 backbones of tests/toy_backbones.py (no class token and BatchNorm state; a distillation
 token), at their TINY sizes. A new backbone gets all of it by being registered."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +19,7 @@ from mctf_jax.tools import flops
 from mctf_jax.training import trainer
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
-from conftest import digits_config, run
+from conftest import ROOT, digits_config, run
 
 TOYS = ("toy_backbones:GapViT", "toy_backbones:DistilledViT")
 ARCHS = tuple(models.names()) + TOYS
@@ -235,10 +238,23 @@ def test_model_state_goes_through_checkpoints(tmp_path):
 
 @pytest.mark.parametrize("arch", END_TO_END)
 def test_train_py_and_eval_py_end_to_end(arch, trained, tmp_path, env):
-  workdir, out = trained(None if arch == "deit" else arch)
+  """A train.py run on the digits (DeiT's: the run tests/test_entry_points.py shares), then
+  eval.py on it: the table, results.json and results.csv."""
+  arch = None if arch == "deit" else arch
+  workdir, out = trained(arch)
   assert "done:" in out
-  done = run(["eval.py", digits_config(None if arch == "deit" else arch),
-              f"--checkpoint={workdir}", f"--output_dir={tmp_path}",
-              "--config.eval.r_values=(0, 8)", "--throughput_batch=0"], env)
+  relative = os.path.relpath(workdir, ROOT)   # as `make demo` passes it
+  done = run(["eval.py", digits_config(arch), f"--checkpoint={relative}",
+              f"--output_dir={tmp_path}", "--config.eval.r_values=(0, 4, 8)",
+              "--throughput_batch=16"], env)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "r=8: top-1" in done.stdout and "(360 images" in done.stdout
+  result = json.loads((tmp_path / "results.json").read_text())
+  assert [row["r"] for row in result["results"]] == [0, 4, 8]
+  for row in result["results"]:
+    assert row["images"] == 360 and 0 <= row["top1"] <= row["top5"] <= 100
+    assert row["img_per_s"] > 0
+  gflops = [row["gflops"] for row in result["results"]]
+  assert gflops[0] > gflops[1] > gflops[2]
+  assert (tmp_path / "results.csv").read_text().splitlines()[0] == \
+      "r,tokens_out,gflops,img_per_s,top1,top5,images"
+  assert "GFLOPs" in done.stdout and "top-1" in done.stdout
