@@ -6,7 +6,7 @@ token reduction consistency (teacher r' drawn from [0, 8)). Launch::
   python train.py --config=configs/deit_s.py --workdir=/tmp/mctf_deit_s \
       --config.data.data_dir=/path/to/tfds --config.init.checkpoint=deit_small.pth
 
-Variants (deit_t.py, deit_b.py, *_fast.py, tome.py, digits.py) edit this config.
+Variants (deit_t.py, deit_b.py, *_fast.py, tome.py, tome_like.py, digits.py) edit this config.
 """
 
 import ml_collections
@@ -25,8 +25,10 @@ def deit_model(size: str) -> ml_collections.ConfigDict:
 def mctf_fusion(**changes) -> ml_collections.ConfigDict:
   """MCTF as the official scripts run it (mctf_type [16,8,0,1,1,1,20,40,1,1,0])."""
   fusion = ml_collections.ConfigDict(dict(
+      method="mctf",              # 'mctf' | 'tome' (ToMe itself; see configs/tome.py)
       r=16.0,                     # tokens removed per fused block (or a ratio < 1); a
                                   # float so that overrides may give either
+      inflection=0.0,             # ToMe's decreasing schedule (r, inflection); 0: constant
       layers=tuple(range(1, 12)),  # fused blocks, 0-based
       prop_attn=True,             # proportional attention: + log(size) on the keys
       one_step_ahead="approx",    # 'off' | 'approx' | 'precise'

@@ -1,18 +1,24 @@
-r"""ToMe-style fusion on DeiT-S: similarity only, one-directional matching, no
-one-step-ahead attention (tokens are fused after each block), size-weighted averages and
-proportional attention; r=13 on every block, as ToMe's DeiT-S setting. (ToMe itself fuses
-between the attention and the MLP, with the keys as the metric; this is the MCTF code path
-with its other criteria switched off, the paper's ToMe comparison.)
+r"""ToMe itself (Bolya et al., ICLR 2023) on DeiT-S: r=13 in every block, as ToMe's DeiT-S
+setting (2.71 GFLOPs).
+
+Every block merges between its attention and its MLP, by the cosine similarity of the
+attention's keys averaged over heads, one-directional bipartite matching with the class
+token protected, size-weighted averages, proportional attention; what
+facebookresearch/ToMe's timm patch computes (tests/golden/tome). ToMe's other r forms:
+``--config.fusion.inflection=-1`` for its decreasing schedule ``(r, -1)``; a per-block list
+in a config file (``with config.ignore_type(): config.fusion.r = (12, 8, 4)``). For the
+paper's "ToMe-like" ablation (MCTF's code path with similarity only) see tome_like.py.
 
   python eval.py --config=configs/tome.py --checkpoint=deit_small_patch16_224-cd65a155.pth
 """
 
 from configs import default
-from mctf_jax.fusion.config import TOME_PRESET
+from mctf_jax.fusion.config import TOME_FIXED
 
 
 def tome_fusion(r=13, layers=tuple(range(12))):
-  return default.mctf_fusion(r=r, layers=layers, **TOME_PRESET)
+  return default.mctf_fusion(method="tome", r=r, layers=layers, prop_attn=True,
+                             teacher_r_max=0.0, **TOME_FIXED)
 
 
 def get_config():

@@ -15,6 +15,7 @@ from ml_collections import ConfigDict
 import mctf_jax
 from mctf_jax import checkpoint, convert, models
 from mctf_jax.fusion import padded
+from mctf_jax.fusion.config import TOME_FIXED
 from mctf_jax.tools import flops
 from mctf_jax.training import trainer
 from mctf_jax.training.plan import teacher_plan
@@ -89,16 +90,18 @@ def test_jit_vmap_grad(arch):
   assert np.any(np.asarray(grads["blocks_2"]["attn"]["qkv"]["kernel"]) != 0)
 
 
-# The padded path (the train step's) supports every one-step-ahead mode and the averaging
-# poolings; its real tokens must be the exact path's. Each pooling merges the attention map
-# its own way in 'approx'; 'off' and 'precise' only pool the tokens.
+# The padded path (the train step's) supports every one-step-ahead mode, the averaging
+# poolings and ToMe; its real tokens must be the exact path's. Each pooling merges the
+# attention map its own way in 'approx'; 'off' and 'precise' only pool the tokens.
 @pytest.mark.parametrize("mode,pooling", [("approx", "size"), ("approx", "attn"),
                                           ("approx", "mean"), ("off", "attn"),
-                                          ("precise", "attn")])
+                                          ("precise", "attn"), ("tome", "size")])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padded_equals_exact(arch, mode, pooling, x64):
-  model, variables, images = _setup(arch, "float64", one_step_ahead=mode, pooling=pooling,
-                                    prop_attn=pooling != "mean", trace_source=False)
+  fusion = (dict(method="tome", **TOME_FIXED) if mode == "tome"
+            else dict(one_step_ahead=mode, pooling=pooling))
+  model, variables, images = _setup(arch, "float64", prop_attn=pooling != "mean",
+                                    trace_source=False, **fusion)
   schedule = model.schedule()
   step = 5 if pooling == "size" else None   # one grid of widths, else the full width
   layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, step))

@@ -200,11 +200,11 @@ def test_two_processes(tmp_path, env):
 
 def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env):
   """A pretrained (not MCTF-fine-tuned) PyTorch checkpoint, evaluated as it is under any
-  fusion config: here the ToMe preset, as in the paper's comparison without training."""
+  fusion config: here ToMe itself, as in the paper's comparison without training."""
   out_dir = tmp_path / "eval"
   done = run(["eval.py", "--config=tests/configs/tiny.py", "--checkpoint=tests/data/tiny_deit.pth",
               f"--output_dir={out_dir}", "--config.data.dataset=digits",
-              "--split=train", "--config.fusion.one_step_ahead=off",
+              "--split=train", "--config.fusion.method=tome", "--config.fusion.one_step_ahead=off",
               "--config.fusion.tau_info=0", "--config.fusion.tau_size=0",
               "--config.fusion.bidirectional=False", "--config.fusion.layers=(0, 1, 2, 3)",
               "--config.eval.r_values=(0, 4)", "--throughput_batch=0"], env)

@@ -22,6 +22,7 @@ def schedule_of(model, fusion):
     ("deit_t", DEIT_MCTF_TOKENS), ("deit_s", DEIT_MCTF_TOKENS), ("deit_b", DEIT_MCTF_TOKENS),
     ("deit_t_fast", DEIT_FAST_TOKENS), ("deit_s_fast", DEIT_FAST_TOKENS),
     ("tome", tuple(197 - 13 * i for i in range(13))),
+    ("tome_like", tuple(197 - 13 * i for i in range(13))),
 ])
 def test_every_config_schedule(name, tokens):
   config = importlib.import_module(f"configs.{name}").get_config()
@@ -114,7 +115,7 @@ def test_unknown_config_field():
     mctf_jax.create_model({"model": {}, "fusion": {"rr": 3}})
 
 
-def test_tome_preset():
-  tome = FusionConfig.tome(r=13, layers=tuple(range(12)))
-  assert (tome.tau_info, tome.tau_size, tome.bidirectional, tome.one_step_ahead) == (
-      0.0, 0.0, False, "off")
+def test_tome_like_preset():
+  tome = FusionConfig.tome_like(r=13, layers=tuple(range(12)))
+  assert (tome.method, tome.tau_info, tome.tau_size, tome.bidirectional,
+          tome.one_step_ahead) == ("mctf", 0.0, 0.0, False, "off")

@@ -115,6 +115,17 @@ def test_workdir_config_check(tmp_path):
   config.fusion.r = 4.0
   with pytest.raises(trainer.TrainingError, match=r"fusion\.r: 8\.0 there, 4\.0 now"):
     trainer.check_workdir_config(str(tmp_path), config)
+  # A run made before fields were added resumes with their values of that time.
+  path = tmp_path / trainer.CONFIG_FILE
+  stored = json.loads(path.read_text())
+  for section, field in [("model", "arch"), ("fusion", "method"), ("fusion", "inflection")]:
+    del stored[section][field]
+  path.write_text(json.dumps(stored))
+  config.fusion.r = 8.0
+  trainer.check_workdir_config(str(tmp_path), config)
+  config.fusion.method = "tome"
+  with pytest.raises(trainer.TrainingError, match=r"fusion\.method: 'mctf' there, 'tome' now"):
+    trainer.check_workdir_config(str(tmp_path), config)
 
 
 def test_other_processes_find_the_workdir_config_whole_or_absent(tmp_path, monkeypatch):

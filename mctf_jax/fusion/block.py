@@ -9,6 +9,9 @@ module of the backbone's own; the driver only calls these members:
         softmax(q k^T * scale + bias on the keys), float32 at least; bias is None or an
         additive key bias (log size for proportional attention, -inf on padding)
     block.attention_values(h_BxTxC) -> v_BxHxTxd    the values, head-major
+    block.attention_probs_and_keys(h_BxTxC, bias_BxT) -> (probs_BxHxTxT, k_BxHxTxd)
+        the probabilities and the keys they came from, head-major (only
+        fusion.method='tome' calls it, instead of attention_probs: ToMe's metric)
     block.attention_output(out_BxTxHxd, deterministic) -> y_BxTxC
         the heads joined and projected (and the projection's dropout)
     block.norm2(x_BxTxC) -> h_BxTxC                  the MLP branch's norm
@@ -30,6 +33,10 @@ The three modes (``fusion.one_step_ahead``) on a block that fuses:
   afresh on the fused tokens;
 * 'off': an ordinary block, then its output is fused with that block's attention.
 
+With ``fusion.method='tome'`` a fusing block is ToMe's: the attention on the unfused
+tokens, then the fusion with the attention's keys averaged over heads as the metric, then
+the MLP on the fused tokens.
+
 Every protocol call runs in a ``vit_<part>`` named scope (``scopes.PARTS``), so profiles
 split any backbone's time by part.
 """
@@ -41,7 +48,7 @@ from typing import Callable
 import jax
 
 from mctf_jax.fusion.merge import attend, merged_attention_output
-from mctf_jax.fusion.scopes import part_scope
+from mctf_jax.fusion.scopes import fusion_scope, part_scope
 from mctf_jax.fusion.steps import TokenState
 
 
@@ -52,7 +59,9 @@ def run_block(block, state: TokenState, step, deterministic: bool = True,
   drop_path(y, branch): stochastic depth of the branch's output instead of the block's
   own ``block.drop_path`` (``stack.scan_blocks`` gives one with a run-time rate).
   """
-  mode = step.config.one_step_ahead if step.fuses else None
+  mode = None
+  if step.fuses:
+    mode = "tome" if step.config.method == "tome" else step.config.one_step_ahead
   x = state.x_BxTxC
 
   def probs_of(h, size):
@@ -68,7 +77,11 @@ def run_block(block, state: TokenState, step, deterministic: bool = True,
       return block.norm1(x)
 
   h = norm1(x)
-  probs = probs_of(h, state.size_BxT)
+  if mode == "tome":
+    with part_scope("qk_softmax"):
+      probs, keys = _probs_and_keys(block)(h, step.key_bias(state.size_BxT))
+  else:
+    probs = probs_of(h, state.size_BxT)
   if mode == "approx":
     # Fuse with this block's attention, then reuse that attention, merged.
     state, merge = step(state, x, probs)
@@ -87,6 +100,12 @@ def run_block(block, state: TokenState, step, deterministic: bool = True,
   with part_scope("proj"):
     y = block.attention_output(out, deterministic)
   x = block.residual(state.x_BxTxC, drop(y, 0), 0)
+  if mode == "tome":
+    # ToMe: fuse between the attention and the MLP, by the keys' similarity.
+    with fusion_scope("scores"):
+      metric = keys.mean(axis=1)
+    state, _ = step(state._replace(x_BxTxC=x), metric, None)
+    x = state.x_BxTxC
   with part_scope("norm"):
     h = block.norm2(x)
   with part_scope("mlp"):
@@ -98,3 +117,11 @@ def run_block(block, state: TokenState, step, deterministic: bool = True,
     # An ordinary block; its output is fused with its attention map.
     state, _ = step(state, x, probs)
   return state
+
+
+def _probs_and_keys(block):
+  method = getattr(block, "attention_probs_and_keys", None)
+  if method is None:
+    raise TypeError(f"{type(block).__name__} has no attention_probs_and_keys(h, bias), which "
+                    f"fusion.method='tome' needs (ToMe's metric is the attention's keys)")
+  return method

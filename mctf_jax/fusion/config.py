@@ -12,22 +12,38 @@ import math
 
 from mctf_jax.errors import ConfigError, is_int, is_number
 
+METHODS = ("mctf", "tome")
 ONE_STEP_AHEAD_MODES = ("off", "approx", "precise")
 POOLING_MODES = ("size", "attn", "max", "mean")
 MERGE_IMPLS = ("auto", "scatter", "matmul")
 
-# ToMe (Bolya et al. 2023) as MCTF with the informativeness and size criteria, the
-# bidirectional matching and the one-step-ahead attention switched off.
-TOME_PRESET = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
-                   bidirectional=False, pooling="size", prop_attn=True, teacher_r_max=0.0)
+# The paper's "ToMe-like" ablation: MCTF's code path with the informativeness and size
+# criteria, the bidirectional matching and the one-step-ahead attention switched off.
+TOME_LIKE_PRESET = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
+                        bidirectional=False, pooling="size", prop_attn=True, teacher_r_max=0.0)
+
+# method='tome' merges as ToMe (Bolya et al. 2023) does; these MCTF fields then have no
+# effect and must keep the values that describe what ToMe does.
+TOME_FIXED = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
+                  bidirectional=False, pooling="size")
 
 
-def normalize_r(r, name: str = "fusion.r") -> int | float:
-  """Checks an r and returns it as an int count or a float ratio in (0, 1).
+def normalize_r(r, name: str = "fusion.r") -> int | float | tuple[int, ...]:
+  """Checks an r and returns it as an int count, a float ratio in (0, 1) or a tuple of
+  per-block counts.
 
   r >= 1 is a number of tokens removed per fused layer and must be a whole number
   (16 or 16.0); 0 < r < 1 is a ratio of the tokens (MCTF-Fast's 0.35); 0 disables fusion.
+  A list or tuple gives each block its own count (ToMe's list form: entry l for block l,
+  the blocks beyond its end remove none).
   """
+  if isinstance(r, (list, tuple)):
+    counts = tuple(normalize_r(v, f"{name}[{i}]") for i, v in enumerate(r))
+    ratios = [v for v in counts if isinstance(v, float)]
+    if ratios:
+      raise ConfigError(f"{name}={list(r)!r}: a per-block list holds token counts (whole "
+                        f"numbers >= 0), not ratios such as {ratios[0]!r}")
+    return counts
   if not is_number(r):
     raise ConfigError(f"{name} must be a number (a token count >= 0 or a ratio in (0, 1)), "
                       f"got {r!r} of type {type(r).__name__}")
@@ -49,7 +65,16 @@ def normalize_r(r, name: str = "fusion.r") -> int | float:
 class FusionConfig:
   """Multi-criteria token fusion (MCTF); see REFERENCE.md for what each field does.
 
-  r: tokens removed at each fused layer (int) or a ratio of the tokens (0 < r < 1).
+  method: 'mctf' (multi-criteria fusion, the one-step-ahead modes below) or 'tome' (ToMe
+    itself: every fusing block merges between its attention and its MLP, by the
+    similarity of the attention's keys averaged over heads, one-directional, size-weighted;
+    the fields in ``TOME_FIXED`` then keep ToMe's values).
+  r: tokens removed at each fused layer (int), a ratio of the tokens (0 < r < 1), or a
+    per-block list of counts (ToMe's list form; a positive entry needs its block in
+    `layers`).
+  inflection: ToMe's decreasing schedule, its ``(r, inflection)`` form: block l of D removes
+    int(a + (b - a) * l / (D - 1)) with a = int(r * (1 - inflection)), b = 2 r - a, so
+    that the counts still total about D * r; 0 is a constant r (needs an int r).
   layers: 0-based indices of the blocks that fuse.
   one_step_ahead: 'approx' (merge the attention map and reuse it), 'precise' (recompute the
     attention on the fused tokens) or 'off' (fuse the block's output).
@@ -75,8 +100,10 @@ class FusionConfig:
     schedules one block instead of each. The results are the same (stochastic depth too;
     dropout, if on, draws other keys). False unrolls them.
   """
-  r: int | float = 16
+  r: int | float | tuple[int, ...] = 16
   layers: tuple[int, ...] = ()
+  method: str = "mctf"
+  inflection: float = 0.0
   prop_attn: bool = True
   one_step_ahead: str = "approx"
   tau_sim: float = 1.0
@@ -110,6 +137,23 @@ class FusionConfig:
     if repeated:
       raise ConfigError(f"fusion.layers lists block(s) {repeated} more than once: {layers!r}")
     object.__setattr__(self, "layers", tuple(sorted(layers)))
+    if isinstance(self.r, tuple):
+      outside = [l for l, n in enumerate(self.r) if n and l not in layers]
+      if outside:
+        raise ConfigError(f"fusion.r={list(self.r)!r} removes tokens at block(s) {outside}, "
+                          f"which fusion.layers={list(self.layers)!r} does not list")
+    if isinstance(self.teacher_r_max, tuple):
+      raise ConfigError(f"fusion.teacher_r_max must be a count or a ratio, got "
+                        f"{list(self.teacher_r_max)!r}")
+    inflection = self.inflection
+    if not is_number(inflection) or not math.isfinite(inflection):
+      raise ConfigError(f"fusion.inflection must be a finite number (0: constant r), "
+                        f"got {inflection!r}")
+    if inflection and not is_int(self.r):
+      raise ConfigError(f"fusion.inflection={inflection!r} makes a decreasing schedule from a "
+                        f"token count r; fusion.r={self.r!r} is not one")
+    if self.method not in METHODS:
+      raise ConfigError(f"fusion.method must be one of {METHODS}, got {self.method!r}")
     if self.one_step_ahead not in ONE_STEP_AHEAD_MODES:
       raise ConfigError(f"fusion.one_step_ahead must be one of {ONE_STEP_AHEAD_MODES}, "
                         f"got {self.one_step_ahead!r}")
@@ -134,11 +178,27 @@ class FusionConfig:
     for name in ("prop_attn", "bidirectional", "trace_source", "train_scan_blocks"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"fusion.{name} must be True or False, got {getattr(self, name)!r}")
+    if self.method == "tome":
+      if isinstance(self.r, float):
+        raise ConfigError(f"fusion.method='tome' takes token counts (ToMe's r), not the "
+                          f"ratio fusion.r={self.r!r}")
+      other = {k: getattr(self, k) for k, v in TOME_FIXED.items() if getattr(self, k) != v}
+      if other:
+        raise ConfigError(
+            f"fusion.method='tome' merges as ToMe does, so these MCTF fields have no effect "
+            f"and must read {TOME_FIXED}; got {other}")
 
   @classmethod
-  def tome(cls, r: int | float = 13, layers=(), **changes) -> "FusionConfig":
-    """ToMe as a special case of MCTF: similarity only, one-directional, no one-step-ahead."""
-    return cls(r=r, layers=layers, **{**TOME_PRESET, **changes})
+  def tome(cls, r: int | tuple[int, ...] = 13, layers=(), **changes) -> "FusionConfig":
+    """ToMe itself (method 'tome') at r on `layers`."""
+    return cls(r=r, layers=layers, **{**TOME_FIXED, "method": "tome", "prop_attn": True,
+                                      "teacher_r_max": 0, **changes})
+
+  @classmethod
+  def tome_like(cls, r: int | float = 13, layers=(), **changes) -> "FusionConfig":
+    """The paper's ToMe-like ablation: MCTF's code path with similarity only,
+    one-directional, no one-step-ahead attention."""
+    return cls(r=r, layers=layers, **{**TOME_LIKE_PRESET, **changes})
 
   def check_depth(self, depth: int) -> None:
     out_of_range = [l for l in self.layers if not 0 <= l < depth]

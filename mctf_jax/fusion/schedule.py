@@ -53,7 +53,7 @@ class Schedule:
   num_protected: the leading tokens that are never merged (class and distillation tokens).
   """
   layers: tuple[LayerPlan, ...]
-  r: int | float = 0
+  r: int | float | tuple[int, ...] = 0
   num_protected: int = 1
 
   @property
@@ -103,20 +103,50 @@ def effective_r(r: int | float, tokens: int, num_protected: int = 1) -> int:
   return max(r, 0)
 
 
+def tome_r(r: int, tokens: int, num_protected: int = 1) -> int:
+  """Tokens one ToMe block removes from `tokens` tokens: r, at most half of the
+  unprotected tokens (ToMe has no lower bound on the token count)."""
+  return max(min(int(r), (tokens - num_protected) // 2), 0)
+
+
+def per_block_r(r, depth: int, inflection: float = 0.0) -> list:
+  """The r of each of `depth` blocks before the token-count limits, as ToMe's ``parse_r``
+  reads its forms: a per-block list (zeros beyond its end), or a count with an inflection
+  (``fusion.inflection``), or the same r (count or ratio) everywhere."""
+  if isinstance(r, tuple):
+    if len(r) > depth:
+      raise ConfigError(f"fusion.r lists {len(r)} per-block counts {list(r)!r} for a model "
+                        f"of {depth} blocks")
+    return list(r) + [0] * (depth - len(r))
+  if not inflection:
+    return [r] * depth
+  low = int(r * (1.0 - inflection))
+  step = (2 * r - 2 * low) / max(depth - 1, 1)
+  return [int(low + step * layer) for layer in range(depth)]
+
+
 def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
                      num_protected: int = 1, r=None) -> Schedule:
   """The schedule of a stack of `depth` blocks entered by `num_tokens` tokens, the first
-  `num_protected` of which are never merged, under `fusion`, at fusion.r or at the r given."""
+  `num_protected` of which are never merged, under `fusion`, at fusion.r or at the r given
+  (``fusion.inflection`` applies to either)."""
   r = fusion.r if r is None else normalize_r(r, "r")
   if not is_int(num_protected) or not 0 <= num_protected < num_tokens:
     raise ConfigError(f"num_protected={num_protected!r}: expected an int in "
                       f"[0, {num_tokens}) (the leading tokens never merged)")
   fusion.check_depth(depth)
+  if fusion.inflection and not is_int(r):
+    raise ConfigError(f"fusion.inflection={fusion.inflection!r} needs a token count r, "
+                      f"got r={r!r}")
+  block_r = per_block_r(r, depth, fusion.inflection)
   tokens = num_tokens
   plans = []
   for layer in range(depth):
-    if layer in fusion.layers and r != 0:
-      n = effective_r(r, tokens, num_protected)
+    if layer in fusion.layers and block_r[layer] != 0:
+      if fusion.method == "tome":
+        n = tome_r(block_r[layer], tokens, num_protected)
+      else:
+        n = effective_r(block_r[layer], tokens, num_protected)
       if fusion.bidirectional:
         r_ab, r_ba = n // 2, n - n // 2
       else:

@@ -63,19 +63,11 @@ def matching_scores(metric_BxTxC: jax.Array,
   bf16 does not turn near-ties into ties.
   """
   dtype = jnp.promote_types(metric_BxTxC.dtype, jnp.float32)
-  metric = jax.lax.stop_gradient(metric_BxTxC).astype(dtype)
-  # (A zero token would give 0/0; the guard never changes a non-zero norm.)
-  norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
-  metric = metric / jnp.maximum(norm, jnp.finfo(dtype).tiny)
-  a_BxAxC, b_BxBxC = metric[:, ::2], metric[:, 1::2]
-  num_a, num_b = a_BxAxC.shape[1], b_BxBxC.shape[1]
-
   if tau_sim:
-    cos_BxAxB = jnp.einsum("bic,bjc->bij", a_BxAxC, b_BxBxC,
-                           precision=jax.lax.Precision.HIGHEST)
-    scores_BxAxB = _power((cos_BxAxB + 1) / 2, 1 / tau_sim)
+    scores_BxAxB = _power((_cosine(metric_BxTxC) + 1) / 2, 1 / tau_sim)
   else:
-    scores_BxAxB = jnp.ones((metric.shape[0], num_a, num_b), dtype)
+    batch, tokens = metric_BxTxC.shape[:2]
+    scores_BxAxB = jnp.ones((batch, (tokens + 1) // 2, tokens // 2), dtype)
 
   # (u_i u_j)^(1/tau) = u_i^(1/tau) u_j^(1/tau): both pair criteria are products of per-token
   # factors, so the powers are taken on vectors and applied as one outer product.
@@ -96,6 +88,30 @@ def matching_scores(metric_BxTxC: jax.Array,
     factor_BxT = size_factor if factor_BxT is None else factor_BxT * size_factor
   if factor_BxT is not None:
     scores_BxAxB = scores_BxAxB * (factor_BxT[:, ::2, None] * factor_BxT[:, None, 1::2])
+  return _exclude(scores_BxAxB, num_protected, valid_BxT)
+
+
+@scoped("scores")
+def similarity_scores(metric_BxTxC: jax.Array, *, num_protected: int = 1,
+                      valid_BxT: jax.Array | None = None) -> jax.Array:
+  """ToMe's scores: the cosine similarity between A = tokens 0, 2, ... and B = tokens 1,
+  3, ..., -inf for the protected tokens and the padding, as ``matching_scores``."""
+  return _exclude(_cosine(metric_BxTxC), num_protected, valid_BxT)
+
+
+def _cosine(metric_BxTxC):
+  """Cosine similarity of the A and B tokens, without gradient, in float32 at least."""
+  dtype = jnp.promote_types(metric_BxTxC.dtype, jnp.float32)
+  metric = jax.lax.stop_gradient(metric_BxTxC).astype(dtype)
+  # (A zero token would give 0/0; the guard never changes a non-zero norm.)
+  norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  metric = metric / jnp.maximum(norm, jnp.finfo(dtype).tiny)
+  return jnp.einsum("bic,bjc->bij", metric[:, ::2], metric[:, 1::2],
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _exclude(scores_BxAxB, num_protected: int, valid_BxT):
+  """-inf in the rows and columns of the protected tokens and the padding."""
   if valid_BxT is not None:
     scores_BxAxB = jnp.where(valid_BxT[:, ::2, None] & valid_BxT[:, None, 1::2], scores_BxAxB,
                              -jnp.inf)

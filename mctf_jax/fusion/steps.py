@@ -20,7 +20,7 @@ from mctf_jax.fusion.matching import Matching, bipartite_matching, bipartite_mat
 from mctf_jax.fusion.merge import fuse_tokens, update_token_map
 from mctf_jax.fusion.padded import pad_tokens
 from mctf_jax.fusion.schedule import LayerPlan
-from mctf_jax.fusion.scores import attention_received, matching_scores
+from mctf_jax.fusion.scores import attention_received, matching_scores, similarity_scores
 
 
 class TokenState(NamedTuple):
@@ -54,6 +54,8 @@ def resolve_merge_impl(impl: str) -> str:
 
 def _scores(config: FusionConfig, metric_BxTxC, received_BxT, size_BxT, num_protected: int,
             valid_BxT=None):
+  if config.method == "tome":
+    return similarity_scores(metric_BxTxC, num_protected=num_protected, valid_BxT=valid_BxT)
   return matching_scores(metric_BxTxC, attn_received_BxT=received_BxT, size_BxT=size_BxT,
                          tau_sim=config.tau_sim, tau_info=config.tau_info,
                          tau_size=config.tau_size, num_protected=num_protected,
@@ -81,7 +83,7 @@ class ExactStep:
     cfg, plan = self.config, self.plan
     impl = resolve_merge_impl(cfg.merge_impl)
     batch, tokens = state.x_BxTxC.shape[:2]
-    received_BxT = attention_received(probs_BxHxTxT)
+    received_BxT = None if probs_BxHxTxT is None else attention_received(probs_BxHxTxT)
     scores = _scores(cfg, metric_BxTxC, received_BxT, state.size_BxT, self.num_protected)
     match = bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
                                bidirectional=cfg.bidirectional,
@@ -129,9 +131,12 @@ class PaddedStep:
     impl = resolve_merge_impl(cfg.merge_impl)
     width_in = state.x_BxTxC.shape[1]
     valid_BxT = state.size_BxT > 0
-    received_BxT = attention_received(probs_BxHxTxT, valid_BxT)
+    received_BxT = None
+    if probs_BxHxTxT is not None:
+      received_BxT = attention_received(probs_BxHxTxT, valid_BxT)
     valid_wide = pad_tokens(valid_BxT, wide, False)
-    scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), pad_tokens(received_BxT, wide, 1),
+    received_wide = None if received_BxT is None else pad_tokens(received_BxT, wide, 1)
+    scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), received_wide,
                      pad_tokens(state.size_BxT, wide, 1), self.num_protected, valid_wide)
     match, valid_BxO = bipartite_matching_padded(
         scores, valid_wide, self.splits[..., 0], self.splits[..., 1], num_in=width_in,

@@ -94,17 +94,22 @@ class Attention(nn.Module):
 
     bias_BxT: an additive bias on the keys' logits (log size: proportional attention).
     """
+    return self.probs_and_keys(h_BxTxC, bias_BxT)[0]
+
+  def probs_and_keys(self, h_BxTxC, bias_BxT=None):
+    """``probs``, and the keys (B, H, T, d) they were computed from."""
     q, k = self.qkv.qk(h_BxTxC)
+    k = self._heads(k)
     # The scale multiplies the queries (T x d values) rather than the (T x T) logits: a
     # scalar times the logits makes XLA:CPU materialise the scalar broadcast to the
     # logits' shape when blocks share that shape. Exact where d is a power of 4.
     scale = (self.dim // self.num_heads) ** -0.5 if self.scale is None else self.scale
     acc = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("bhqd,bhkd->bhqk", self._heads(q * jnp.asarray(scale, q.dtype)),
-                        self._heads(k), preferred_element_type=acc)
+                        k, preferred_element_type=acc)
     if bias_BxT is not None:
       logits = logits + bias_BxT[:, None, None, :].astype(logits.dtype)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1), k
 
   def values(self, h_BxTxC):
     """Values split into heads: (B, H, T, d)."""
@@ -166,6 +171,9 @@ class Block(nn.Module):
 
   def attention_values(self, h_BxTxC):
     return self.attn.values(h_BxTxC)
+
+  def attention_probs_and_keys(self, h_BxTxC, bias_BxT=None):
+    return self.attn.probs_and_keys(h_BxTxC, bias_BxT)
 
   def attention_output(self, out_BxTxHxd, deterministic: bool):
     return self.attn.output(out_BxTxHxd, deterministic)

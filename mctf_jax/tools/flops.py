@@ -29,6 +29,9 @@ models/modules/blocks.py, utils/mctf.py):
   attn @ v, proj) and the MLP on the fused tokens;
 * 'off' (ToMe-like): an ordinary block on T tokens, then the matching matmul on its output;
 * the similarity matmul is absent when tau_sim = 0 (the official code then uses ones);
+* ``fusion.method='tome'``, as fvcore counts ToMe's own code (facebookresearch/ToMe's timm
+  patch): an ordinary attention on the T tokens, the matching ``a @ b^T`` on the keys
+  averaged over heads (C / heads wide), then norm2 and the MLP on the O fused tokens;
 * a block that fuses no token (fusion off, or too few tokens left for r) is an ordinary
   block. The official code does execute more in a listed block whose r comes out 0: the q, k
   attention for the matching, before ``mctf`` returns unmerged tokens; but that attention
@@ -189,7 +192,10 @@ def _norm(m, tokens: int) -> int:
 
 
 def _matching(m, fusion: FusionConfig, tokens: int) -> int:
-  """The similarity a @ b^T between the even and the odd tokens (C-wide metric)."""
+  """The similarity a @ b^T between the even and the odd tokens: a C-wide metric (the
+  block's tokens), or ToMe's, the keys averaged over heads (C / heads wide)."""
+  if fusion.method == "tome":
+    return (tokens + 1) // 2 * (tokens // 2) * (m.embed_dim // m.num_heads)
   return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fusion.tau_sim else 0
 
 
@@ -224,7 +230,13 @@ def _block(m, fusion: FusionConfig, plan: LayerPlan, implementation: str,
   merge = []
   if implementation == "mctf_jax" and merge_impl == "matmul":
     attend_width = c if fusion.pooling != "max" else m.num_heads * t
-    merge = [("merge", _merge_onehot(fusion, plan, c, attend_width, mode == "approx"))]
+    merge = [("merge", _merge_onehot(fusion, plan, c, attend_width,
+                                     mode == "approx" and fusion.method == "mctf"))]
+  if fusion.method == "tome":
+    # The attention on T tokens, the matching on its keys, the MLP on the O fused tokens.
+    return [("norm", _norm(m, t)), ("qkv", t * c * 3 * c), ("scores", _attention(m, t, t)),
+            ("attend", _attention(m, t, t)), ("proj", t * c * c), matching,
+            ("norm", _norm(m, o)), ("mlp", 2 * o * c * m.mlp_dim)] + merge
   if mode == "off":
     return _plain_block(m, t) + [matching] + merge
   ops = [("norm", _norm(m, t)), ("qkv", t * c * 2 * c), ("scores", _attention(m, t, t)),
@@ -418,8 +430,11 @@ def main(argv=None):
     print(f"{_describe(config)}, {FLAGS.implementation} code, fvcore convention "
           f"(1 multiply-add = 1 FLOP)")
     if report.schedule.fuses:
-      print(f"MCTF r={report.schedule.r!r} on blocks {list(fusion.layers)} "
-            f"(one-step-ahead {fusion.one_step_ahead}): {report.gflops:.3f} GFLOPs, "
+      how = ("ToMe" if fusion.method == "tome"
+             else f"MCTF (one-step-ahead {fusion.one_step_ahead})")
+      inflection = f", inflection {fusion.inflection!r}" if fusion.inflection else ""
+      print(f"{how} r={report.schedule.r!r}{inflection} on blocks {list(fusion.layers)}: "
+            f"{report.gflops:.3f} GFLOPs, per block {[p.r for p in report.schedule.layers]}, "
             f"{report.schedule.tokens_in} -> {report.schedule.tokens_out} tokens")
       print(f"without fusion: {base.gflops:.3f} GFLOPs; fused / plain = "
             f"{report.total / base.total:.3f}")

@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoi
                      "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp")
 # Fields added to the configs after runs were made without them, with the value those
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
-ADDED_FIELDS = {"model.arch": "deit"}
+ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0}
 
 
 def _log(msg: str, *args):
