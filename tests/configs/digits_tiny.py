@@ -10,13 +10,6 @@ from configs import digits
 def get_config(arch=None):
   config = digits.get_config()
   config.model.update(dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.0))
-  if arch:
-    from mctf_jax import models
-    backbone = models.get(arch)
-    fields = dict(backbone.TINY, arch=arch, img_size=32, num_classes=10, drop_path_rate=0.0)
-    config.model = type(config.model)(fields)
-    config.num_epochs = 1
-    config.eval_every_epochs = 2   # (eval.py evaluates it)
   config.fusion.update(dict(r=8.0, layers=(1, 2), teacher_r_max=2.0))
   config.batch_size = 64            # 22 steps per epoch
   config.eval_batch_size = 120
@@ -28,4 +21,11 @@ def get_config(arch=None):
   config.eval_every_epochs = 1
   config.ema_decay = 0.9
   config.eval.r_values = (0, 8)
+  if arch:
+    from mctf_jax import models
+    backbone = models.get(arch)
+    fields = dict(backbone.TINY, arch=arch, img_size=32, num_classes=10, drop_path_rate=0.0)
+    config.model = type(config.model)(fields)
+    config.num_epochs = 1
+    config.eval_every_epochs = 2   # none during training (eval.py evaluates the run)
   return config
