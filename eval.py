@@ -12,7 +12,6 @@ JSON and CSV to --output_dir (or config.eval.output_dir; default: PATH/eval, or
 
 import csv
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -150,7 +149,6 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
   parallel.setup_runtime(FLAGS)
   output_dir = (FLAGS.output_dir or FLAGS.config.eval.output_dir
                 or _default_output_dir(FLAGS.checkpoint))

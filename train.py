@@ -7,7 +7,6 @@ configs/default.py for all of them. On several hosts, the same command runs on e
 processes, or with ``--distributed=true``).
 """
 
-import logging
 import os
 import sys
 
@@ -28,7 +27,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger("absl").setLevel(logging.WARNING)
   from mctf_jax.errors import MctfError
   from mctf_jax.training import trainer
   parallel.setup_runtime(FLAGS)

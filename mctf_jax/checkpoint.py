@@ -20,8 +20,11 @@ converted on the fly), and checks every weight against the config.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -84,17 +87,123 @@ def save_params(path: str, params, config: Any, *, overwrite: bool = False,
   return path
 
 
-def _restore_item(item_path: str):
-  """A saved array tree as numpy, whatever devices or processes saved it (e.g. a pod
-  checkpoint read on one GPU): restored against a target on this process's first device."""
+def failure_reason(error: BaseException) -> str:
+  """One line on why reading or writing a checkpoint failed: the array that Orbax /
+  TensorStore could not read (named anywhere in the chain of causes) with the storage's
+  status code and message, else the first line of the innermost error."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  texts = [f"{type(e).__name__}: {e}" for e in chain]
+  for text in reversed(texts):
+    found = re.search(r'Error (reading|writing) (local file )?"([^"]+)"', text)
+    if found:
+      verb, local, name = found.groups()
+      code = re.search(r"\b([A-Z][A-Z_]{3,}): ", text)
+      line = text.strip().splitlines()[0]
+      # "...: Failed to write N bytes to file 7: <the OS's reason> [os_error_code=...]"
+      # (the bracketed details: TensorStore's status payloads)
+      detail = re.sub(r"\s*\[[\w\[\]]+=.*$", "", line).rsplit(": ", 1)[-1]
+      what = f"file {name}" if local else f"array {re.sub(r'/(.zarray|[0-9.]+)$', '', name)}"
+      return (f"{code.group(1) + ' ' if code else ''}{verb} {what}"
+              + (f": {detail[:160]}" if detail and detail != line else ""))
+  for text in texts:
+    found = re.search(r"'path': '([^'/]+)/'", text)
+    if found:
+      return f"array {found.group(1)}: {texts[-1].splitlines()[0][:200]}"
+  first = texts[-1].strip().splitlines()[0] if texts else "unknown error"
+  return first if len(first) <= 300 else first[:297] + "..."
+
+
+def quiet_abandoned_io() -> None:
+  """Drops the reports of Orbax/TensorStore work left behind by a failed read or write,
+  which would otherwise follow our one-line error as pages of tracebacks: the reads of the
+  other arrays, collected as coroutines ("Exception ignored in: <coroutine ...>"), and the
+  storage callbacks that find their event loop closed ("RuntimeError: Event loop is
+  closed", reported as unraisable or through sys.excepthook), and the futures of those
+  reads that asyncio logs as never retrieved. Any other report goes where it went before.
+  Idempotent."""
+  if not getattr(sys.unraisablehook, "_mctf_quiet", False):
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable_hook(unraisable):
+      code = getattr(unraisable.object, "cr_code", None)
+      if (code is not None and "orbax" in code.co_filename) or _closed_loop(
+          unraisable.exc_type, unraisable.exc_value):
+        return
+      previous_unraisable(unraisable)
+    unraisable_hook._mctf_quiet = True
+    sys.unraisablehook = unraisable_hook
+  if not any(getattr(f, "_mctf_quiet", False) for f in logging.getLogger("asyncio").filters):
+    logging.getLogger("asyncio").addFilter(_AbandonedStorageFutures())
+  if not getattr(sys.excepthook, "_mctf_quiet", False):
+    previous_except = sys.excepthook
+
+    def except_hook(kind, value, tb):
+      if not _closed_loop(kind, value):
+        previous_except(kind, value, tb)
+    except_hook._mctf_quiet = True
+    sys.excepthook = except_hook
+
+
+class _AbandonedStorageFutures(logging.Filter):
+  _mctf_quiet = True
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not ("never retrieved" in message and re.search(
+        r"Error (reading|writing|opening)|Event loop is closed", message))
+
+
+def _closed_loop(kind, value) -> bool:
+  return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _restore_tree(item_path: str):
   import orbax.checkpoint as ocp
+  quiet_abandoned_io()
   from etils import epath
-  item_path = os.path.abspath(item_path)
   # The item's own metadata (a directory saved by a CheckpointManager has no step metadata).
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_path))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(item_path, target))
+
+
+def _readable(item_path: str) -> bool:
+  try:
+    _restore_tree(item_path)
+    return True
+  except Exception:  # noqa: BLE001 - any failure means unreadable
+    quiet_abandoned_io()
+    return False
+
+
+def _restore_item(item_path: str):
+  """A saved array tree as numpy, whatever devices or processes saved it (e.g. a pod
+  checkpoint read on one GPU): restored against a target on this process's first device.
+  CheckpointError in one line when it cannot be read: the path, the step (train.py
+  checkpoints), the first unreadable array, and the steps beside it that do read."""
+  item_path = os.path.abspath(item_path)
+  try:
+    return _restore_tree(item_path)
+  except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+    quiet_abandoned_io()
+    reason = failure_reason(e)
+  step_dir, item = os.path.split(item_path)
+  parent, step = os.path.split(step_dir)
+  if not step.isdigit():
+    raise CheckpointError(f"cannot read the checkpoint {step_dir} ({item}: {reason})") from None
+  others = sorted((int(d) for d in os.listdir(parent)
+                   if d.isdigit() and d != step and os.path.isdir(os.path.join(parent, d, item))),
+                  reverse=True)
+  readable = [s for s in others if _readable(os.path.join(parent, str(s), item))]
+  hint = (f"; readable steps: {readable} (pass {os.path.join(parent, str(readable[0]))} to "
+          f"use one)" if readable else "; no other step reads")
+  raise CheckpointError(f"cannot read the checkpoint of step {step} in {parent} ({item}: "
+                        f"{reason}){hint}") from None
 
 
 def _latest_step_dir(path: str) -> str | None:

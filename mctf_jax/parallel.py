@@ -9,6 +9,8 @@ feeds its own slice of the global batch (``global_batch``).
 
 from __future__ import annotations
 
+import logging
+
 import os
 
 import jax
@@ -102,7 +104,15 @@ def define_runtime_flags() -> None:
 
 def setup_runtime(flag_values) -> None:
   """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'
-  flags say."""
+  flags say. The libraries' INFO logs (JAX's backend search, Orbax's saves) are shown only
+  when absl's --verbosity asks for them."""
+  if not flag_values["verbosity"].present:
+    for name in ("absl", "jax"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+    # Orbax logs a failed save or restore as errors from its threads; train.py and eval.py
+    # report it themselves, in one line.
+    logging.getLogger("absl").addFilter(
+        lambda record: record.levelno >= logging.CRITICAL or "orbax" not in record.pathname)
   maybe_initialize_distributed(flag_values.distributed, flag_values.coordinator_address,
                                flag_values.num_processes, flag_values.process_id)
   cache = flag_values.compilation_cache

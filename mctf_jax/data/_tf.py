@@ -1,10 +1,61 @@
 """TensorFlow for the input pipeline, on the CPU only: the first import of this module
 hides the GPUs/TPUs from TensorFlow so that it never takes accelerator memory. Every module
-of mctf_jax.data takes `tf` from here."""
+of mctf_jax.data takes `tf` from here.
 
+TensorFlow's C++ logging prints its start-up lines (oneDNN, CPU features) to stderr before
+it reads TF_CPP_MIN_LOG_LEVEL; the import below applies that level to them: with level 1
+its INFO lines are dropped, with 2 also its WARNING lines (train.py and eval.py default to
+2). Everything else it prints, and every line at level 0, reaches stderr as before.
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import warnings
 
-import tensorflow as tf
+_GLOG_LINE = re.compile(r"^([IWEF])\d{4} ")
+_LEVELS = {"I": 0, "W": 1, "E": 2, "F": 3}
+_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+@contextlib.contextmanager
+def _stderr_at_level(level: int):
+  """Captures what is written to file descriptor 2 and writes back only the log lines at
+  `level` or above (glog severities I=0, W=1, E=2, F=3) and the lines that are not log
+  lines."""
+  if level <= 0:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+        match = _GLOG_LINE.match(line)
+        if (match and _LEVELS[match.group(1)] < level) or line.strip() == _BANNER:
+          continue
+        sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+def _min_log_level() -> int:
+  try:
+    return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+  except ValueError:
+    return 0
+
+
+with _stderr_at_level(_min_log_level()):
+  import tensorflow as tf
 
 
 def _hide_accelerators():

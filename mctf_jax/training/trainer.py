@@ -211,6 +211,7 @@ def _checkpoint_manager(workdir: str, config, model_state: bool = False):
   """The workdir's CheckpointManager; items params, opt_state, meta, and ema and
   model_state when the run keeps them."""
   import orbax.checkpoint as ocp
+  ckpt_lib.quiet_abandoned_io()
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          enable_async_checkpointing=True)
   items = (("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
@@ -230,6 +231,92 @@ def save_checkpoint(manager, state: TrainState, epoch: float):
   if state.model_state:
     items[ckpt_lib.STATE_ITEM] = ocp.args.StandardSave(state.model_state)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+def restore_latest_readable(manager, abstract_state: TrainState, workdir: str):
+  """The newest checkpoint of `manager` that restores, as (TrainState, step), or (None,
+  None) when there is none. Newer ones that cannot be restored (missing or truncated
+  files, wrong shapes, unreadable metadata) are reported in one warning line each and moved
+  to WORKDIR/unreadable_checkpoints/, so that they are neither read again, nor counted
+  among the kept checkpoints, nor in the way of the next save. When no checkpoint
+  restores, TrainingError lists them all (a workdir that holds a run never restarts from
+  scratch silently)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  failed = []
+  for step in steps:
+    try:
+      state = restore_checkpoint(manager, abstract_state, step)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported, not raised
+      ckpt_lib.quiet_abandoned_io()
+      failed.append((step, ckpt_lib.failure_reason(e)))
+      continue
+    for bad_step, reason in failed:
+      moved = _set_aside(manager, bad_step, workdir)
+      _log("warning: the checkpoint of step %d cannot be restored (%s); moved to %s, "
+           "resuming from step %d", bad_step, reason, moved, step)
+    if failed:
+      _sync("mctf_jax unreadable checkpoints set aside")
+      manager.reload()
+    return state, step
+  if failed:
+    listing = "; ".join(f"step {s}: {reason}" for s, reason in failed)
+    raise TrainingError(f"none of the {len(failed)} checkpoint(s) in {manager.directory} can "
+                        f"be restored ({listing}); move them away to start afresh, or "
+                        f"restore a copy")
+  return None, None
+
+
+def _set_aside(manager, step: int, workdir: str) -> str:
+  """Moves checkpoint `step` out of the manager's directory (process 0 only); returns
+  where it went."""
+  source = os.path.join(str(manager.directory), str(step))
+  target = os.path.join(workdir, UNREADABLE_DIR, str(step))
+  n = 1
+  while os.path.lexists(target):
+    target = os.path.join(workdir, UNREADABLE_DIR, f"{step}.{n}")
+    n += 1
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(source, target)
+  return target
+
+
+def _save(manager, state: TrainState, epoch: float, workdir: str) -> None:
+  """save_checkpoint, with a failure (this save's, or the previous asynchronous one's) as
+  one TrainingError line."""
+  try:
+    save_checkpoint(manager, state, epoch)
+  except Exception as e:  # noqa: BLE001 - full disks and lost permissions raise many types
+    raise _save_error(manager, workdir, e) from None
+
+
+def _finish_saves(manager, workdir: str) -> None:
+  """Waits for the asynchronous saves; a failure as in ``_save``."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_error(manager, workdir, e) from None
+
+
+def _save_error(manager, workdir: str, error: BaseException) -> TrainingError:
+  directory = str(manager.directory)
+  try:
+    intact = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  except OSError:
+    intact = []
+  kept = (f"the checkpoint of step {max(intact)} is intact: rerun the same command to resume "
+          f"from it" if intact else "no checkpoint had been saved before")
+  return TrainingError(f"saving a checkpoint in {workdir} failed ({ckpt_lib.failure_reason(error)})"
+                       f"; stopping, {kept} once there is space or permission to write")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainState:
@@ -363,10 +450,9 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   _log("parameters: %s", f"{count_params(params_shape):,}")
 
   manager = _checkpoint_manager(workdir, config, model_state=bool(model_state_shape))
-  latest = manager.latest_step()
+  state, latest = restore_latest_readable(manager, abstract, workdir)
   if latest is not None:
     _log("resuming from %s at step %d", manager.directory, latest)
-    state = restore_checkpoint(manager, abstract, latest)
     state = state.replace(step=jax.device_put(state.step, parallel.replicated(mesh)))
   else:
     variables = initial_variables(model, config, jax.random.PRNGKey(config.seed), variables_sh)
@@ -454,7 +540,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           if not bool(all_finite(state.params)):
             raise TrainingError(f"non-finite parameters after step {done}; stopping, the last "
                                 f"good checkpoint (step {last_good}) is kept")
-          save_checkpoint(manager, state, done / steps_per_epoch)
+          _save(manager, state, done / steps_per_epoch, workdir)
           last_good = done
         if epoch_end and (done // steps_per_epoch) % config.eval_every_epochs == 0:
           t_eval = time.time()
@@ -471,16 +557,19 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           _write_scalars(writer, done, {f"eval/top1_r{r}": v["top1"] for r, v in results.items()}
                          | {f"eval/top5_r{r}": v["top5"] for r, v in results.items()})
         if stop:
-          manager.wait_until_finished()
+          _finish_saves(manager, workdir)
           _log("stopped at step %d on request; checkpoint saved in %s. Rerun the same command "
                "to resume.", done, manager.directory)
           return state
-      manager.wait_until_finished()
+      _finish_saves(manager, workdir)
       _log("done: %d steps in %s; checkpoints in %s", total_steps,
            _format_eta(time.time() - (t_run or time.time())), manager.directory)
       return state
     finally:
-      manager.wait_until_finished()
-      manager.close()
+      try:   # (a failed save was reported above, or an error is already on its way)
+        manager.wait_until_finished()
+        manager.close()
+      except Exception:  # noqa: BLE001
+        pass
       if writer is not None:
         writer.close()
