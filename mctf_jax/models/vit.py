@@ -125,8 +125,8 @@ class ViTConfig(BackboneConfig):
     super().__post_init__()
     for name in ("patch_size", "embed_dim", "num_heads", "mlp_dim"):
       check_positive_int(self, name)
-    if self.img_size % self.patch_size:
-      raise ConfigError(f"model.img_size={self.img_size} is not divisible by "
+    if self.img_size < self.patch_size:
+      raise ConfigError(f"model.img_size={self.img_size} is smaller than "
                         f"model.patch_size={self.patch_size}")
     if self.embed_dim % self.num_heads:
       raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
@@ -146,6 +146,8 @@ class ViTConfig(BackboneConfig):
 
   @property
   def grid_size(self) -> int:
+    """Patches per side. As big_vision's convolution ('VALID'), the pixels past the last
+    whole patch are left out (SigLIP So400m/14 at 384: 27 x 27 patches)."""
     return self.img_size // self.patch_size
 
   @property
