@@ -169,6 +169,14 @@ def test_other_image_size_class_count_and_old_position_embedding(tmp_path, caplo
   want = checkpoint.load_params(npz("bv_tiny_tok_augreg"), config)
   np.testing.assert_array_equal(got["pos_embed"], want["pos_embed"])
   np.testing.assert_allclose(got["cls_token"], want["cls_token"], rtol=0, atol=1e-6)
+  # A feature extractor (no head): a new head when adapting, else listed as missing.
+  np.savez(tmp_path / "headless.npz", **{k: v for k, v in flat.items()
+                                         if not k.startswith("head/")})
+  with caplog.at_level(logging.WARNING):
+    got = checkpoint.load_params(str(tmp_path / "headless.npz"), config, adapt=True)
+  assert "has no head" in caplog.text and got["head"]["kernel"].shape == (64, 10)
+  with pytest.raises(CheckpointMismatchError, match="missing .2.: head/kernel, head/bias"):
+    checkpoint.load_params(str(tmp_path / "headless.npz"), config)
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path):

@@ -31,7 +31,9 @@ one line naming both; every missing, unexpected or misshapen array is listed at 
 names, in PyTorch's layout (query, key and value kernels joined into ``qkv``), for
 ``mctf_jax.convert.torch_to_variables``, which resizes the position embedding to another
 image size and drops the head when the class count differs (with a warning), as for
-PyTorch checkpoints.
+PyTorch checkpoints. The resizing is bicubic, as DeiT's and timm's; big_vision's own loader
+interpolates linearly, so weights resized by the two differ slightly. A file without a head
+(a feature extractor) gets a new one when adapting.
 """
 
 from __future__ import annotations
