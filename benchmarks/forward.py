@@ -40,8 +40,9 @@ flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.",
 flags.DEFINE_bool("profile", True, "Also profile the fused forward (fusion's share of time).")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 
-# Speed-up targets (img/s fused / plain) at float32, batch 32, 2 CPU threads.
-TARGETS = {"deit_s": 1.65, "deit_s_fast": 1.70, "deit_t": 1.50}
+# Speed-up targets (img/s fused / plain) at float32, batch 32, 2 CPU threads. MCTF ViT-B/16
+# (big_vision): 90% of its FLOP ratio (17.583 / 10.408 = 1.69).
+TARGETS = {"deit_s": 1.65, "deit_s_fast": 1.70, "deit_t": 1.50, "vit_b16_augreg": 1.52}
 FUSION_SHARE_TARGET = 0.10
 
 

@@ -22,6 +22,36 @@ def deit_model(size: str) -> ml_collections.ConfigDict:
       drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))
 
 
+def vit_model(variant: str, pool_type: str, img_size: int = 224,
+              **changes) -> ml_collections.ConfigDict:
+  """big_vision's ViT (model.arch 'vit') of a big_vision variant, e.g. 'B/16'; the sizes
+  follow from the variant (or may be given in `changes`: embed_dim, depth, ...)."""
+  placeholder = ml_collections.config_dict.placeholder
+  model = ml_collections.ConfigDict(dict(
+      arch="vit", variant=variant, img_size=img_size, in_chans=3, num_classes=1000,
+      patch_size=placeholder(int), embed_dim=placeholder(int), depth=placeholder(int),
+      mlp_dim=placeholder(int), num_heads=placeholder(int),
+      pool_type=pool_type,        # 'tok' | 'gap' | 'map' | '0'
+      posemb="learn",             # 'learn' | 'sincos2d'
+      rep_size=0,                 # pre-logits Dense + tanh width (0: none)
+      layer_norm_eps=1e-6, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
+      param_dtype="float32"))
+  model.update(changes)
+  return model
+
+
+def big_vision_config(model: ml_collections.ConfigDict, r: float, crop_pct: float):
+  """The recipe of this file on a big_vision ViT: MCTF r on blocks 1..depth-1, inputs in
+  [-1, 1] as big_vision preprocesses them (mean = std = 0.5), the evaluation crop."""
+  from mctf_jax.config import model_config
+  config = get_config()
+  config.model = model
+  depth = model_config(config).depth
+  config.fusion = mctf_fusion(r=float(r), layers=tuple(range(1, depth)))
+  config.data.update(dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=crop_pct))
+  return config
+
+
 def mctf_fusion(**changes) -> ml_collections.ConfigDict:
   """MCTF as the official scripts run it (mctf_type [16,8,0,1,1,1,20,40,1,1,0])."""
   fusion = ml_collections.ConfigDict(dict(

@@ -13,8 +13,10 @@ CheckpointManager) with the items ``params``, ``ema`` (when it keeps an EMA),
 ``model_state`` (when the model has state), ``opt_state`` and ``meta``.
 
 ``load_variables`` (and ``load_params``, its params) reads a parameter checkpoint, a
-train.py work directory (its latest checkpoint), or a PyTorch file (.pth/.npz/.safetensors,
-converted on the fly), and checks every weight against the config.
+train.py work directory (its latest checkpoint), a PyTorch file (.pth/.npz/.safetensors)
+or a big_vision / vision_transformer .npz ('FILE.npz:SUBTREE' for a sub-tree of one, e.g.
+SigLIP's image encoder ':img'), the files converted on the fly, and checks every weight
+against the config.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def find_train_params(path: str, ema: bool = True) -> str | None:
 
 def load_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = False) -> dict:
   """The model's variables ({'params': ..., and its state collections}) for `config` from a
-  parameter checkpoint, a train.py workdir or a torch file.
+  parameter checkpoint, a train.py workdir, a torch file or a big_vision .npz (see the
+  module docstring).
 
   ema: for train.py checkpoints, take the EMA weights (when the run kept them).
   adapt: resize the position embedding and re-initialise the head where the image size or
@@ -253,28 +256,30 @@ def load_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = F
   holds no checkpoint, CheckpointMismatchError (listing every weight) when the shapes do
   not fit the config, and CheckpointError for a file it cannot read.
   """
+  from mctf_jax.convert import big_vision
   cfg = model_config(config)
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise CheckpointNotFoundError(f"checkpoint {path!r} does not exist")
-  if os.path.isfile(path):
-    if not path.lower().endswith(convert.STATE_DICT_EXTENSIONS):
+  file, _ = big_vision.split_path(path)   # 'FILE.npz:SUBTREE': a sub-tree of a .npz
+  if not os.path.exists(file):
+    raise CheckpointNotFoundError(f"checkpoint {file!r} does not exist")
+  if os.path.isfile(file):
+    if not file.lower().endswith(convert.STATE_DICT_EXTENSIONS):
       raise CheckpointError(
           f"{path!r} is a file but not a PyTorch checkpoint "
-          f"({', '.join(convert.STATE_DICT_EXTENSIONS)}); Orbax checkpoints are directories")
-    state = convert.load_state_dict(path)
-  else:
-    step_dir = _item_dir(path, ema)
-    if step_dir is None:
-      raise CheckpointNotFoundError(
-          f"{path!r} holds no checkpoint: expected a directory written by "
-          f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
-          f"file ({', '.join(convert.STATE_DICT_EXTENSIONS)})")
-    item = EMA_ITEM if ema and os.path.isdir(os.path.join(step_dir, EMA_ITEM)) else PARAMS_ITEM
-    model_state = (_restore_item(os.path.join(step_dir, STATE_ITEM))
-                   if os.path.isdir(os.path.join(step_dir, STATE_ITEM)) else None)
-    state = convert.flax_to_torch(_restore_item(os.path.join(step_dir, item)), cfg,
-                                  model_state=model_state)
+          f"({', '.join(convert.STATE_DICT_EXTENSIONS)}) nor a big_vision .npz; Orbax "
+          f"checkpoints are directories")
+    return convert.file_to_variables(path, cfg, adapt=adapt)
+  step_dir = _item_dir(path, ema)
+  if step_dir is None:
+    raise CheckpointNotFoundError(
+        f"{path!r} holds no checkpoint: expected a directory written by "
+        f"`python -m mctf_jax.convert` (with {METADATA}), a train.py workdir, or a PyTorch "
+        f"file ({', '.join(convert.STATE_DICT_EXTENSIONS)})")
+  item = EMA_ITEM if ema and os.path.isdir(os.path.join(step_dir, EMA_ITEM)) else PARAMS_ITEM
+  model_state = (_restore_item(os.path.join(step_dir, STATE_ITEM))
+                 if os.path.isdir(os.path.join(step_dir, STATE_ITEM)) else None)
+  state = convert.flax_to_torch(_restore_item(os.path.join(step_dir, item)), cfg,
+                                model_state=model_state)
   # One path for every format: the PyTorch-layout names checked against the config.
   return convert.torch_to_variables(state, cfg, adapt=adapt, source=path)
 

@@ -18,10 +18,16 @@ differs, the head is dropped with a warning and freshly initialised. Every other
 (missing, unexpected or wrongly shaped weights) raises ``CheckpointMismatchError`` listing
 all of them.
 
+big_vision and vision_transformer ``.npz`` checkpoints (JAX ViTs, SigLIP image encoders)
+load into the 'vit' backbone through ``mctf_jax.convert.big_vision``; ``file_to_variables``
+reads either kind of file, telling the two kinds of .npz apart by their keys.
+
 Command line (``python -m mctf_jax.convert``, see ``mctf_jax/convert/__main__.py``) writes
 an Orbax checkpoint that train.py and eval.py load::
 
     python -m mctf_jax.convert --config=configs/deit_s.py --torch=deit_small.pth --out=DIR
+    python -m mctf_jax.convert --config=configs/vit_b16_augreg.py --big_vision=ViT-B_16.npz \
+        --out=DIR
 """
 
 from __future__ import annotations
@@ -243,6 +249,42 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
     collection, path = backbone.flax_path(name)
     flat[(collection,) + path] = np.asarray(backbone.to_flax_layout(name, state[name]), dtype)
   return traverse_util.unflatten_dict(flat)
+
+
+def file_to_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = True,
+                      allow_unexpected: bool = False, kind: str = "auto") -> dict:
+  """Flax variables for `config` from a checkpoint file of any kind this package reads: a
+  PyTorch-named state dict (.pth/.pt/.bin/.ckpt, .npz, .safetensors) or a big_vision /
+  vision_transformer .npz ('FILE.npz', or 'FILE.npz:SUBTREE' for a sub-tree such as a
+  SigLIP image encoder; ``mctf_jax.convert.big_vision``).
+
+  kind: 'auto' tells the two kinds of .npz apart by their keys; 'torch' or 'big_vision'
+  insists on one. adapt and allow_unexpected as in ``torch_to_variables``. A file with no
+  parameter of the model's is a one-line CheckpointError.
+  """
+  from mctf_jax.convert import big_vision
+  if kind not in ("auto", "torch", "big_vision"):
+    raise ValueError(f"kind must be 'auto', 'torch' or 'big_vision', got {kind!r}")
+  path = os.fspath(path)
+  if kind == "big_vision" or (kind == "auto" and big_vision.is_big_vision_file(path)):
+    if ema:
+      raise CheckpointError(f"{path} is a big_vision checkpoint, which holds no EMA weights "
+                            f"to select (drop --ema)")
+    state = big_vision.load_state_dict(path, config, adapt=adapt,
+                                       allow_unexpected=allow_unexpected)
+    return torch_to_variables(state, config, adapt=adapt, source=path)
+  state = load_state_dict(path, ema=ema)
+  cfg = model_config(config)
+  want = expected_shapes(cfg)
+  if state and not any(name in want for name in state):
+    names = ", ".join(sorted(state)[:8]) + (", ..." if len(state) > 8 else "")
+    raise CheckpointError(
+        f"{path} is not a checkpoint of a {cfg.arch!r} model: none of its {len(state)} "
+        f"arrays ({names}) is one of the model's parameters, in PyTorch names "
+        f"({next(iter(want))}, ...) or, for .npz, big_vision's (embedding/kernel, "
+        f"Transformer/encoderblock_0/...)")
+  return torch_to_variables(state, config, adapt=adapt, allow_unexpected=allow_unexpected,
+                            source=path)
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], config: Any, **kwargs) -> dict:

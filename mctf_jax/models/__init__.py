@@ -4,6 +4,7 @@
     registry.py  backbones by config.model.arch ('deit', or 'module:Class' of your own)
     layers.py    timm-style layers: the pre-norm block, attention, MLP, patch embedding
     deit.py      DeiT / ViT (arch 'deit')
+    vit.py       big_vision's ViT (arch 'vit'): its checkpoints, SigLIP image encoders
 
 A new backbone is one file: a config dataclass and a Backbone subclass, registered.
 """
@@ -11,6 +12,7 @@ A new backbone is one file: a config dataclass and a Backbone subclass, register
 from mctf_jax.models.base import Backbone, BackboneConfig, EncoderOutput, consistency
 from mctf_jax.models.deit import DeiT, DeiTConfig   # (importing deit registers it)
 from mctf_jax.models.registry import get, names, register
+from mctf_jax.models.vit import ViT, ViTConfig   # (importing vit registers it)
 
 __all__ = ["Backbone", "BackboneConfig", "EncoderOutput", "consistency", "DeiT",
-           "DeiTConfig", "get", "names", "register"]
+           "DeiTConfig", "ViT", "ViTConfig", "get", "names", "register"]

@@ -123,17 +123,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """Linear, GELU, linear. approximate_gelu: GELU's tanh approximation (flax's default,
+  which big_vision's ViTs use) instead of the exact erf form (timm's)."""
   hidden: int
   dim: int
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  approximate_gelu: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = nn.gelu(x, approximate=self.approximate_gelu)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = nn.Dense(self.dim, kernel_init=dense_init, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="fc2")(x)
@@ -143,7 +146,8 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """timm's pre-norm transformer block (norm1, attn, norm2, mlp, stochastic depth), with
   the members the fusion's block driver calls (``mctf_jax.fusion.block``): norm1, norm2,
-  mlp and drop_path are its submodules, the attention steps and the residual are below."""
+  mlp and drop_path are its submodules, the attention steps and the residual are below.
+  approximate_gelu: the MLP's GELU in its tanh form (big_vision's blocks)."""
   dim: int
   num_heads: int
   mlp_dim: int
@@ -154,6 +158,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
+  approximate_gelu: bool = False
 
   def setup(self):
     dtype, param_dtype = DTYPES[self.dtype], DTYPES[self.param_dtype]
@@ -161,7 +166,8 @@ class Block(nn.Module):
     self.attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.qk_scale,
                           self.dropout_rate, dtype, param_dtype)
     self.norm2 = layer_norm(self.layer_norm_eps, dtype, param_dtype)
-    self.mlp = Mlp(self.mlp_dim, self.dim, self.dropout_rate, dtype, param_dtype)
+    self.mlp = Mlp(self.mlp_dim, self.dim, self.dropout_rate, dtype, param_dtype,
+                   self.approximate_gelu)
     # Stochastic depth: one keep/drop per example (mask broadcast over tokens, channels).
     self.drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))
 
