@@ -13,8 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+from ml_collections import ConfigDict
+
 from mctf_jax import checkpoint
-from mctf_jax.errors import CheckpointError
+from mctf_jax.errors import CheckpointError, TrainingError
+from mctf_jax.training import trainer
+from mctf_jax.training.train_step import TrainState
 from conftest import digits_config, run
 
 CONFIG = digits_config()
@@ -30,6 +34,14 @@ def _truncate(step_dir, seed=0):
   for path in files:
     with open(path, "wb") as f:
       f.write(rng.bytes(100))
+
+
+def _abstract(item_dir):
+  """The shapes and dtypes of a saved item, from its metadata."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
 
 
 def _same_parameters(a, b):
@@ -67,14 +79,20 @@ def test_unreadable_checkpoints(trained, tmp_path, env):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["40", "44"]
   assert os.listdir(workdir / "unreadable_checkpoints") == ["44"]
 
-  # None reads: one line listing them, nothing started from scratch.
+  # None reads: an error listing them, nothing started from scratch (train.py prints it in
+  # one line, as every MctfError).
+  abstract = TrainState(jax.ShapeDtypeStruct((), np.int32),
+                        *(_abstract(workdir / "checkpoints" / "40" / item)
+                          for item in ("params", "opt_state", "ema")), {})
   for step in ("40", "44"):
     _truncate(workdir / "checkpoints" / step, seed=1)
-  done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
-  assert done.returncode == 1 and "Traceback" not in done.stderr
-  assert done.stderr.strip().splitlines() == [done.stderr.strip()]
-  assert "none of the 2 checkpoint(s)" in done.stderr and "step 44: " in done.stderr \
-      and "step 40: " in done.stderr
+  config = ConfigDict(dict(keep_checkpoints=2, ema_decay=0.9))
+  manager = trainer._checkpoint_manager(str(workdir), config)
+  with pytest.raises(TrainingError, match=r"none of the 2 checkpoint\(s\) in .* can be restored "
+                     r"\(step 44: OUT_OF_RANGE reading .*; step 40: OUT_OF_RANGE reading .*\); "
+                     r"move them away to start afresh"):
+    trainer.restore_latest_readable(manager, abstract, str(workdir))
+  manager.close()
   assert sorted(os.listdir(workdir / "checkpoints")) == ["40", "44"]
 
 

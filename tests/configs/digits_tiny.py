@@ -28,4 +28,5 @@ def get_config(arch=None):
     config.model = type(config.model)(fields)
     config.num_epochs = 1
     config.eval_every_epochs = 2   # none during training (eval.py evaluates the run)
+    config.fusion.teacher_r_max = 0.0   # the student alone (the contract tests the teacher)
   return config
