@@ -24,6 +24,9 @@ from conftest import digits_config, run
 CONFIG = digits_config()
 MODEL = {"model": dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2,
                        num_classes=10, mlp_ratio=2.0)}
+# tests/data/tiny_deit.pth's model.
+TINY = {"model": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                      num_classes=10)}
 
 
 def _truncate(step_dir, seed=0):
@@ -48,6 +51,18 @@ def _same_parameters(a, b):
   for ema in (False, True):
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_params(a, MODEL, ema=ema),
                  checkpoint.load_params(b, MODEL, ema=ema))
+
+
+def test_unreadable_parameter_checkpoint(tmp_path):
+  """The converter's output (a parameter checkpoint), truncated: one line naming it and the
+  array."""
+  params = checkpoint.load_params(os.path.join(os.path.dirname(__file__), "data",
+                                               "tiny_deit.pth"), TINY)
+  path = checkpoint.save_params(str(tmp_path / "converted"), params, TINY)
+  _truncate(path)
+  with pytest.raises(CheckpointError, match=r"cannot read the checkpoint .*converted \(params: "
+                     r"OUT_OF_RANGE reading array [\w.]+: Requested byte range"):
+    checkpoint.load_params(path, TINY)
 
 
 def test_unreadable_checkpoints(trained, tmp_path, env):
@@ -111,20 +126,25 @@ def _tmpfs(path, size_kb):
 
 
 def test_full_disk_stops_the_run_and_the_rerun_resumes(trained, tmp_path, env):
+  """(One epoch, no evaluation: that the rerun ends where an uninterrupted run does is
+  test_unreadable_checkpoints' check.)"""
   reference, _ = trained()
   size = sum(os.path.getsize(f) for f in glob.glob(
       os.path.join(reference, "checkpoints", "44", "**"), recursive=True) if os.path.isfile(f))
+  args = ["train.py", CONFIG, "--config.num_epochs=1", "--config.eval_every_epochs=2"]
   # Room for one checkpoint and the run's other files, not for a second checkpoint.
   with _tmpfs(tmp_path / "disk", int(1.5 * size) // 1024) as resize:
     workdir = tmp_path / "disk" / "run"
-    done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
+    args.append(f"--workdir={workdir}")
+    done = run(args, env)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
     assert f"error: saving a checkpoint in {workdir} failed (" in done.stderr
     assert "No space left on device" in done.stderr
     assert "the checkpoint of step 10 is intact: rerun the same command" in done.stderr
+    assert sorted(os.listdir(workdir / "checkpoints"))[0] == "10"
     resize(20 * 1024)
-    done = run(["train.py", CONFIG, f"--workdir={workdir}"], env)
+    done = run(args, env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "at step 10" in done.stdout
-    _same_parameters(str(reference), str(workdir))
+    assert "resuming from" in done.stdout and "at step 10" in done.stdout
+    assert "step 22/22" in done.stdout and "done:" in done.stdout

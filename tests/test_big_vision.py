@@ -276,3 +276,25 @@ def test_convert_cli_and_eval_py_on_an_npz(tmp_path, env):
              f"--output_dir={tmp_path}"] + overrides, env)
   assert bad.returncode == 1 and "no sub-tree 'img'" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_train_py_initialises_from_an_npz(caplog):
+  """config.init.checkpoint = a big_vision .npz, as for fine-tuning with MCTF: the trainer's
+  initial parameters are the file's, the head re-initialised for another class count."""
+  import ml_collections
+  from mctf_jax import parallel
+  from mctf_jax.training import trainer
+  config = ml_collections.ConfigDict(case_config("bv_tiny_map"))
+  config.model.num_classes = 7
+  config.init = ml_collections.ConfigDict(dict(checkpoint=npz("bv_tiny_map")))
+  model = mctf_jax.create_model(config)
+  mesh = parallel.create_mesh(1, jax.devices()[:1])
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), model.dummy_images())
+  with caplog.at_level(logging.WARNING):
+    params = trainer.initial_variables(model, config, jax.random.PRNGKey(0),
+                                       parallel.tree_shardings(mesh, shapes))["params"]
+  assert "head" in caplog.text
+  assert params["head"]["kernel"].shape[-1] == 7
+  want = checkpoint.load_params(npz("bv_tiny_map"), case_config("bv_tiny_map"))
+  for name in ("patch_embed", "blocks_1", "attn_pool"):
+    jax.tree.map(np.testing.assert_array_equal, params[name], want[name])
