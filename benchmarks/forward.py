@@ -9,7 +9,8 @@ device, random weights and images, after compilation and warm-up, repetitions of
 and the plain model alternating, median) gives img/s of both, their ratio and the FLOP
 ratio; then ``mctf_jax.tools.profiling`` traces the same compiled fused forward with jax.profiler
 and splits its kernel time by part: the fusion's own steps (scores, matching, merges,
-attention merge) against the transformer's. Prints one table and the profiles, writes JSON with --json.
+attention merge) against the transformer's. Prints one table and the profiles, writes JSON
+with --json.
 
 The issue's targets (float32, batch 32, 2 CPU threads) are printed next to the figures; on
 a machine with more cores, pin two (``taskset -c 0,1 python benchmarks/forward.py``) to

@@ -161,7 +161,8 @@ def test_matmul_and_scatter_merges_agree(tiny):
 
 
 @pytest.mark.parametrize("shape,dtype,message", [
-    ((4, 3, 32, 32), jnp.float32, r"NHWC of shape \(batch, 32, 32, 3\).*got shape \(4, 3, 32, 32\)"),
+    ((4, 3, 32, 32), jnp.float32,
+     r"NHWC of shape \(batch, 32, 32, 3\).*got shape \(4, 3, 32, 32\)"),
     ((4, 28, 28, 3), jnp.float32, r"img_size=32.*got shape \(4, 28, 28, 3\)"),
     ((32, 32, 3), jnp.float32, r"got shape \(32, 32, 3\)"),
     ((4, 32, 32, 3), jnp.uint8, "must be floating point.*got dtype uint8"),

@@ -195,7 +195,8 @@ def test_train_step_benchmark_script(tmp_path):
   out = tmp_path / "train.json"
   # Two blocks, the second fused: the script's compilations are most of this test's time.
   proc = _script("benchmarks/train_step.py", "--config=tests/configs/tiny.py",
-                 "--config.model.depth=2", "--config.fusion.layers=(1,)", "--batch_size=4", "--repeats=1", "--compiles=1", "--compile_profile",
+                 "--config.model.depth=2", "--config.fusion.layers=(1,)", "--batch_size=4",
+                 "--repeats=1", "--compiles=1", "--compile_profile",
                  f"--json={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ratios MCTF / plain: time" in proc.stdout

@@ -53,6 +53,15 @@ DTYPE_NAMES = tuple(DTYPES)
 LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
 
+def patch_embed_flops(cfg) -> tuple:
+  """``Backbone.flops_embed`` of a patch embedding by a strided convolution (fvcore: out
+  positions x C_out x C_in x kh x kw), for configs with num_patches, num_tokens, embed_dim,
+  in_chans and patch_size."""
+  return ("patch_embed", cfg.num_patches, cfg.num_tokens,
+          (("patch_embed", cfg.num_patches * cfg.embed_dim * cfg.in_chans
+            * cfg.patch_size ** 2),))
+
+
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
   """The fields every backbone's config has, checked; a backbone's config subclasses it.

@@ -17,7 +17,7 @@ from mctf_jax.errors import ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
-                                  check_positive_int)
+                                  check_positive_int, patch_embed_flops)
 from mctf_jax.models.registry import register
 
 
@@ -158,10 +158,7 @@ class DeiT(Backbone):
 
   @classmethod
   def flops_embed(cls, cfg):
-    """The patch convolution (fvcore: out positions x C_out x C_in x kh x kw)."""
-    return ("patch_embed", cfg.num_patches, cfg.num_tokens,
-            (("patch_embed", cfg.num_patches * cfg.embed_dim * cfg.in_chans
-              * cfg.patch_size ** 2),))
+    return patch_embed_flops(cfg)
 
   @classmethod
   def flops_tail(cls, cfg, tokens: int):

@@ -108,7 +108,8 @@ def check_workdir_config(workdir: str, config) -> None:
                     and not any(k == c or (c.endswith(".") and k.startswith(c))
                                 for c in RESUMABLE_CHANGES))
     if differ:
-      details = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in differ[:8])
+      details = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
+                          for k in differ[:8])
       raise TrainingError(
           f"workdir {workdir} holds a run of another config ({len(differ)} field(s) differ: "
           f"{details}). Use a new --workdir, or the same config to resume that run.")
