@@ -75,6 +75,8 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines while reading the results
   from mctf_jax import checkpoint
   import jax
   import numpy as np
