@@ -66,7 +66,8 @@ def test_train_prints_what_a_user_needs(finished):
 def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env):
   reference, _ = finished
   workdir = str(tmp_path / "interrupted")
-  args = ["train.py", CONFIG, f"--workdir={workdir}"]
+  # (No evaluation: it changes no parameter, and test_train_prints_what_a_user_needs has it.)
+  args = ["train.py", CONFIG, f"--workdir={workdir}", "--config.eval_every_epochs=3"]
   code, out = run_until(args, env, "step 10/", signal.SIGTERM)
   assert code == 0, out
   assert "received SIGTERM" in out and "Rerun the same command to resume" in out

@@ -115,7 +115,9 @@ def _golden_padded(case, prec, step, merge_impl="scatter"):
   return data, schedule, layout, logits, out, want, tol
 
 
-@pytest.mark.parametrize("prec", ["f64", "f32"])
+# Float64, where the padded path is compared at rounding level (float32: the exact path's
+# golden tests, and the padded path equals the exact one).
+@pytest.mark.parametrize("prec", ["f64"])
 @pytest.mark.parametrize("case", EVAL_CASES + TRAIN_CASES)
 def test_padded_logits_equal_golden(case, prec, x64):
   """Grid step 3 pads most layers; 64 runs every block at the full 65 tokens."""
