@@ -193,10 +193,11 @@ def test_flops_against_the_traced_program_and_xla(arch):
     assert 2 * traced <= xla <= 2 * 2 * traced, (r, xla / (2 * traced))
 
 
-@pytest.mark.parametrize("arch", STATE)
+@pytest.mark.parametrize("arch", [a for a in STATE if a != "deit"])
 def test_train_step_updates_parameters_and_state(arch):
   """The train step through the backbone protocol: finite losses, every parameter trained,
-  the model's state (BatchNorm statistics) updated by the embedding."""
+  the model's state (BatchNorm statistics) updated by the embedding. (DeiT's train step:
+  tests/test_train_step.py.)"""
   config = config_of(arch)
   model = mctf_jax.create_model(config)
   variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
@@ -258,17 +259,20 @@ def test_train_py_and_eval_py_end_to_end(arch, trained, tmp_path, env):
   workdir, out = trained(arch)
   assert "done:" in out
   relative = os.path.relpath(workdir, ROOT)   # as `make demo` passes it
+  # DeiT (the README's path) at three r with throughput; the others at two r without.
+  r_values, throughput = ((0, 4, 8), 16) if arch is None else ((0, 8), 0)
   done = run(["eval.py", digits_config(arch), f"--checkpoint={relative}",
-              f"--output_dir={tmp_path}", "--config.eval.r_values=(0, 4, 8)",
-              "--throughput_batch=16"], env)
+              f"--output_dir={tmp_path}", f"--config.eval.r_values={r_values}",
+              f"--throughput_batch={throughput}"], env)
   assert done.returncode == 0, done.stdout + done.stderr
+  assert "oneDNN" not in done.stderr and "Unable to initialize backend" not in done.stderr
   result = json.loads((tmp_path / "results.json").read_text())
-  assert [row["r"] for row in result["results"]] == [0, 4, 8]
+  assert [row["r"] for row in result["results"]] == list(r_values)
   for row in result["results"]:
     assert row["images"] == 360 and 0 <= row["top1"] <= row["top5"] <= 100
-    assert row["img_per_s"] > 0
+    assert (row["img_per_s"] > 0) if throughput else row["img_per_s"] is None
   gflops = [row["gflops"] for row in result["results"]]
-  assert gflops[0] > gflops[1] > gflops[2]
+  assert gflops == sorted(gflops, reverse=True) and gflops[0] > gflops[-1]
   assert (tmp_path / "results.csv").read_text().splitlines()[0] == \
       "r,tokens_out,gflops,img_per_s,top1,top5,images"
   assert "GFLOPs" in done.stdout and "top-1" in done.stdout

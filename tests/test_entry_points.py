@@ -1,7 +1,8 @@
 """train.py and eval.py as users run them, on the embedded digits data (shrunk model).
 
-A run interrupted by SIGTERM (preemption) and then by SIGKILL, and resumed each time, ends
-with exactly the parameters of an uninterrupted run.
+A run interrupted by SIGTERM (preemption) and resumed ends with exactly the parameters of an
+uninterrupted run (under SIGKILL at random moments, too: benchmarks/chaos_resume.py; resuming
+from an earlier checkpoint: tests/test_bad_storage.py).
 """
 
 import json
@@ -73,12 +74,10 @@ def test_interrupted_runs_resume_to_the_same_parameters(finished, tmp_path, env)
   assert "received SIGTERM" in out and "Rerun the same command to resume" in out
   stopped = int(out.split("stopped at step ")[1].split()[0])
   assert 10 <= stopped < TOTAL
-  code, out = run_until(args, env, "step 30/", signal.SIGKILL)
-  assert code == -signal.SIGKILL
-  assert "resuming from" in out and f"at step {stopped}" in out
   done = run(args, env)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "resuming from" in done.stdout and f"step {TOTAL}/{TOTAL}" in done.stdout
+  assert "resuming from" in done.stdout and f"at step {stopped}" in done.stdout
+  assert f"step {TOTAL}/{TOTAL}" in done.stdout
   for ema in (False, True):
     jax.tree.map(np.testing.assert_array_equal, _params(reference, ema), _params(workdir, ema))
   events = sorted(os.listdir(os.path.join(workdir, "tensorboard")))
