@@ -86,6 +86,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
     config = config.copy_and_resolve_references()
     config.data.eval_split = split
   model = mctf_jax.create_model(config)
+  budget = flops.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
   r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)
   if not model.fusion.layers and any(r for r in r_values):
@@ -102,6 +103,8 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
     raise mctf_jax.ConfigError(f"dataset {info.name} has {info.num_classes} classes but "
                                f"model.num_classes={config.model.num_classes}")
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  if budget:
+    say(budget)
   say(f"evaluating {checkpoint} on {info.name} ({config.data.eval_split}, "
       f"{info.num_eval} images) at r = {list(r_values)} on {mesh.devices.size} device(s)")
 

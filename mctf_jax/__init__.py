@@ -26,14 +26,21 @@ def create_model(config: Any, **fusion_changes) -> Backbone:
   """The Flax module for `config` (a ConfigDict or mapping with .model and .fusion sections).
 
   ``config.model.arch`` picks the backbone (default 'deit'). Keyword arguments override
-  fusion fields, e.g. ``create_model(config, r=8)``. Every field is validated here, before
-  any tracing, and the module's ``schedule()`` shows the per-layer token counts.
+  fusion fields, e.g. ``create_model(config, r=8)`` (an r given so replaces a FLOP budget).
+  A FLOP budget (fusion.target_gflops / target_fraction) sets r here. Every field is
+  validated here, before any tracing, and the module's ``schedule()`` shows the per-layer
+  token counts.
   """
   model_cfg = model_config(config)
   fusion_cfg = fusion_config(config)
   if fusion_changes:
+    if "r" in fusion_changes:
+      fusion_changes = {"target_gflops": 0.0, "target_fraction": 0.0, **fusion_changes}
     fusion_cfg = dataclasses.replace(fusion_cfg, **fusion_changes)
   fusion_cfg.check_depth(model_cfg.depth)
+  if fusion_cfg.has_budget:
+    from mctf_jax.tools import flops
+    fusion_cfg = flops.apply_budget(model_cfg, fusion_cfg)
   if "float64" in (model_cfg.dtype, model_cfg.param_dtype):
     import jax
     if not jax.config.jax_enable_x64:

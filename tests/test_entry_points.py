@@ -200,20 +200,23 @@ def test_two_processes(tmp_path, env):
 
 def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env):
   """A pretrained (not MCTF-fine-tuned) PyTorch checkpoint, evaluated as it is under any
-  fusion config: here ToMe itself, as in the paper's comparison without training."""
+  fusion config: here ToMe itself, as in the paper's comparison without training, at the r
+  of a FLOP budget (and at r=0, eval.py's default pair)."""
   out_dir = tmp_path / "eval"
   done = run(["eval.py", "--config=tests/configs/tiny.py", "--checkpoint=tests/data/tiny_deit.pth",
               f"--output_dir={out_dir}", "--config.data.dataset=digits",
               "--split=train", "--config.fusion.method=tome", "--config.fusion.one_step_ahead=off",
               "--config.fusion.tau_info=0", "--config.fusion.tau_size=0",
               "--config.fusion.bidirectional=False", "--config.fusion.layers=(0, 1, 2, 3)",
-              "--config.eval.r_values=(0, 4)", "--throughput_batch=0"], env)
+              "--config.fusion.target_fraction=0.88", "--throughput_batch=0"], env)
   assert done.returncode == 0, done.stdout + done.stderr
   # --split: that split's size in the log and the results (it said the eval split's).
   assert "on digits (train, 1437 images)" in done.stdout
   result = json.loads((out_dir / "results.json").read_text())
   rows = result["results"]
   assert result["split"] == "train"
-  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(0, 65, 1437),
-                                                                              (4, 49, 1437)]
-  assert rows[1]["gflops"] < rows[0]["gflops"]
+  assert "FLOP budget 0.013 GFLOPs (88.0% of the unfused 0.015): r=4, 0.013 GFLOPs (87.0%)" \
+      in done.stdout
+  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(4, 49, 1437),
+                                                                              (0, 65, 1437)]
+  assert rows[0]["gflops"] < rows[1]["gflops"]

@@ -178,3 +178,79 @@ def test_cli_bad_values():
   run = _cli("--config=configs/deit_s.py", "--config.fusion.pooling=median")
   assert run.returncode == 1
   assert "fusion.pooling must be one of" in run.stderr and "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------- FLOP budget
+
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and f not in ("__init__.py", "default.py"))
+
+
+def _less_fused(r):
+  """The candidate next to r with less fusion (None at no fusion)."""
+  if r == 0:
+    return None
+  return r - 1 if isinstance(r, int) else round(r - flops.RATIO_STEP, 6) or 0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flop_budget_met_from_below_for_every_config(name):
+  config = _config(name)
+  unfused = flops.count_flops(config, r=0).total
+  for budget in (dict(target_fraction=0.7), dict(target_fraction=0.5),
+                 dict(target_gflops=0.6 * unfused / 1e9)):
+    config.fusion.update({"target_gflops": 0.0, "target_fraction": 0.0, **budget})
+    choice = flops.budget_choice(config)
+    target = budget.get("target_gflops", 0) * 1e9 or budget.get("target_fraction", 0) * unfused
+    assert choice.budget == pytest.approx(target) and choice.unfused == unfused
+    assert type(choice.r) is (float if 0 < config.fusion.r < 1 else int)   # fusion.r's kind
+    model = mctf_jax.create_model(config)
+    assert model.fusion.r == choice.r and not model.fusion.has_budget
+    # The model's FLOPs are the choice's, within the budget; the next r with less fusion
+    # exceeds it (so no r comes closer from below, FLOPs falling as r grows).
+    assert flops.model_flops(model).total == choice.flops <= target
+    assert flops.count_flops(config).total == choice.flops
+    less = _less_fused(choice.r)
+    assert less is None or flops.count_flops(config, r=less).total > target
+
+
+def test_flop_budget_of_the_paper_setting_and_overrides():
+  config = _config("deit_s")
+  config.fusion.target_gflops = 2.61        # the paper's 2.60 (r=16: 2.602 GFLOPs)
+  model = mctf_jax.create_model(config)
+  assert model.fusion.r == 16 and model.schedule() == mctf_jax.create_model(_config("deit_s")).schedule()
+  assert "r=16, 2.602 GFLOPs" in str(flops.budget_choice(config))
+  config.fusion.target_gflops = 2.6         # from below: 2.602 is over, so r=17
+  assert mctf_jax.create_model(config).fusion.r == 17
+  # An r given in code, or a later r change, replaces the budget.
+  assert mctf_jax.create_model(config, r=8).fusion.r == 8
+  assert mctf_jax.create_model(config).with_fusion(r=8).schedule().r == 8
+  assert flops.count_flops(config, r=4).schedule.r == 4
+  # A budget above the unfused FLOPs is met without fusion.
+  config.fusion.target_gflops = 5.0
+  assert mctf_jax.create_model(config).fusion.r == 0
+
+
+def test_flop_budget_bad_values():
+  config = _config("deit_s")
+  config.fusion.target_fraction = 0.1
+  with pytest.raises(mctf_jax.ConfigError, match=r"target_fraction=0.1 \(0.4608 GFLOPs\) cannot "
+                     r"be met: .* runs at 0.983 GFLOPs \(r=98\) to 4.608 GFLOPs"):
+    mctf_jax.create_model(config)
+  config.fusion.update(dict(target_fraction=0.9, layers=(11,)))
+  with pytest.raises(mctf_jax.ConfigError, match=r"fuse more blocks"):
+    mctf_jax.create_model(config)
+  for fields, message in [(dict(target_fraction=1.5), r"expected a value in \(0, 1\]"),
+                          (dict(target_gflops=-1.0), r"target_gflops must be a finite number"),
+                          (dict(target_gflops=2.0, target_fraction=0.5), "set one of them"),
+                          (dict(target_gflops=2.0, r=(0, 8, 8)), "per-block list")]:
+    with pytest.raises(mctf_jax.ConfigError, match=message):
+      FusionConfig(**{"r": 16, "layers": ALL, **fields})
+
+
+def test_cli_flop_budget():
+  run = _cli("--config=configs/deit_s_fast.py", "--config.fusion.target_fraction=0.5")
+  assert run.returncode == 0, run.stderr
+  assert "FLOP budget 2.304 GFLOPs (50.0% of the unfused 4.608): r=0.48, 2.299" in run.stdout
+  run = _cli("--config=configs/deit_s.py", "--config.fusion.target_gflops=0.1")
+  assert run.returncode == 1 and "cannot be met" in run.stderr and "Traceback" not in run.stderr

@@ -94,6 +94,12 @@ class FusionConfig:
     recipe: 8 GPUs x 128 images, so 128 reproduces it). 0, or a batch no larger than it:
     one r' for the whole batch. Several groups need the padded teacher
     (train_token_step None or > 0).
+  target_gflops: a FLOP budget (GFLOPs per image, counted as fvcore counts the official
+    code: ``mctf_jax.tools.flops``) that picks r instead of the r given: the r, of the
+    kind fusion.r is (a count; a ratio if fusion.r is one), whose FLOPs come closest to
+    the budget from below (``mctf_jax.tools.flops.apply_budget``; ``create_model`` applies
+    it). 0: no budget.
+  target_fraction: the same budget as a fraction in (0, 1] of the unfused model's FLOPs.
   train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks
     (same array width in and out, all fusing or none: at full width, the teacher's fused
     blocks) as one ``lax.scan`` over stacked parameters, so that XLA compiles and
@@ -117,6 +123,8 @@ class FusionConfig:
   train_token_step: int | None = None
   teacher_group_size: int = 0
   train_scan_blocks: bool = True
+  target_gflops: float = 0.0
+  target_fraction: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "r", normalize_r(self.r, "fusion.r"))
@@ -178,6 +186,22 @@ class FusionConfig:
     for name in ("prop_attn", "bidirectional", "trace_source", "train_scan_blocks"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"fusion.{name} must be True or False, got {getattr(self, name)!r}")
+    for name in ("target_gflops", "target_fraction"):
+      value = getattr(self, name)
+      if not is_number(value) or value < 0 or not math.isfinite(value):
+        raise ConfigError(f"fusion.{name} must be a finite number >= 0 (0: no FLOP budget), "
+                          f"got {value!r}")
+    if self.target_fraction > 1:
+      raise ConfigError(f"fusion.target_fraction={self.target_fraction!r} is a fraction of the "
+                        f"unfused model's FLOPs: expected a value in (0, 1]")
+    if self.target_gflops and self.target_fraction:
+      raise ConfigError(f"fusion.target_gflops={self.target_gflops!r} and "
+                        f"fusion.target_fraction={self.target_fraction!r} both set a FLOP "
+                        f"budget; set one of them (the other 0)")
+    if self.has_budget and isinstance(self.r, tuple):
+      raise ConfigError(f"a FLOP budget (fusion.target_gflops / target_fraction) chooses one "
+                        f"r for every fused block; fusion.r={list(self.r)!r} is a per-block "
+                        f"list: give a count or a ratio")
     if self.method == "tome":
       if isinstance(self.r, float):
         raise ConfigError(f"fusion.method='tome' takes token counts (ToMe's r), not the "
@@ -199,6 +223,11 @@ class FusionConfig:
     """The paper's ToMe-like ablation: MCTF's code path with similarity only,
     one-directional, no one-step-ahead attention."""
     return cls(r=r, layers=layers, **{**TOME_LIKE_PRESET, **changes})
+
+  @property
+  def has_budget(self) -> bool:
+    """Whether a FLOP budget (target_gflops or target_fraction) picks r."""
+    return bool(self.target_gflops or self.target_fraction)
 
   def check_depth(self, depth: int) -> None:
     out_of_range = [l for l in self.layers if not 0 <= l < depth]

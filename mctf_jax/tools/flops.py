@@ -74,6 +74,7 @@ follows the blocks (``Backbone.flops_embed``, ``flops_tail``) and the sizes of i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -81,6 +82,7 @@ from typing import Any
 
 from mctf_jax import models
 from mctf_jax.config import fusion_config, model_config
+from mctf_jax.errors import ConfigError
 from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.schedule import LayerPlan, Schedule, compute_schedule
 from mctf_jax.fusion.steps import resolve_merge_impl
@@ -282,6 +284,8 @@ def count_flops(model_cfg: Any, fusion_cfg: Any = None, r: int | float | None = 
     merge_impl = fusion.merge_impl
     if implementation == "mctf_jax" and merge_impl == "auto":
       merge_impl = resolve_merge_impl(merge_impl)
+  if r is None and fusion.has_budget:
+    fusion = apply_budget(m, fusion)
   backbone = models.get(m.arch)
   schedule = compute_schedule(fusion, num_tokens=m.num_tokens, depth=m.depth,
                               num_protected=m.num_protected, r=r)
@@ -299,6 +303,93 @@ def count_flops(model_cfg: Any, fusion_cfg: Any = None, r: int | float | None = 
 def model_flops(model, r: int | float | None = None, **kwargs) -> FlopReport:
   """count_flops for a backbone module (its model and fusion settings)."""
   return count_flops(model.config, model.fusion, r, **kwargs)
+
+
+# ----------------------------------------------------------------------------- budget
+
+# A budget over ratios searches r on this grid.
+RATIO_STEP = 0.001
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetChoice:
+  """The r a FLOP budget picks: the largest FLOPs at or below the budget (the least fusion
+  among equals), with FLOPs per image as fvcore counts the official code."""
+  r: int | float
+  flops: int
+  unfused: int
+  budget: float
+
+  def __str__(self) -> str:
+    return (f"FLOP budget {self.budget / 1e9:.3f} GFLOPs ({self.budget / self.unfused:.1%} "
+            f"of the unfused {self.unfused / 1e9:.3f}): r={self.r!r}, "
+            f"{self.flops / 1e9:.3f} GFLOPs ({self.flops / self.unfused:.1%})")
+
+
+def _kind(r):
+  """A representative of r's kind (count or ratio), so that the cache holds one entry."""
+  return 0.5 if isinstance(r, float) else 0
+
+
+def _budget_candidates(m, fusion: FusionConfig) -> list:
+  """The r values a budget chooses among, in increasing order: counts 0..tokens (no count
+  above removes more), or ratios on the RATIO_STEP grid when fusion.r is a ratio."""
+  if isinstance(fusion.r, float):
+    steps = round(1 / RATIO_STEP)
+    return [0] + [round(i * RATIO_STEP, 6) for i in range(1, steps)]
+  return list(range(m.num_tokens + 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _costs(m, fusion: FusionConfig) -> tuple[int, tuple[tuple[int | float, int], ...]]:
+  """The unfused FLOPs and (r, FLOPs) of every candidate r (cached: configs are hashable)."""
+  unfused = count_flops(m, fusion, r=0).total
+  return unfused, tuple((r, count_flops(m, fusion, r=r).total)
+                        for r in _budget_candidates(m, fusion))
+
+
+def budget_choice(model_cfg: Any, fusion_cfg: Any = None) -> BudgetChoice:
+  """The r that meets the config's FLOP budget (fusion.target_gflops or target_fraction)
+  as closely as possible from below; ConfigError naming the reachable range if no r does.
+
+  Computed from the static schedule (analytic, no tracing). The r is of fusion.r's kind:
+  a token count (ToMe's inflection applies to it), or a ratio if fusion.r is one
+  (MCTF-Fast), on a grid of RATIO_STEP.
+  """
+  m = model_config(model_cfg)
+  fusion = fusion_config(model_cfg if fusion_cfg is None else fusion_cfg)
+  if not fusion.has_budget:
+    raise ConfigError("no FLOP budget: set fusion.target_gflops or fusion.target_fraction")
+  fusion.check_depth(m.depth)
+  unfused, costs = _costs(m, dataclasses.replace(fusion, target_gflops=0.0,
+                                                  target_fraction=0.0, r=_kind(fusion.r)))
+  if fusion.target_gflops:
+    budget, asked = fusion.target_gflops * 1e9, f"fusion.target_gflops={fusion.target_gflops!r}"
+  else:
+    budget = fusion.target_fraction * unfused
+    asked = (f"fusion.target_fraction={fusion.target_fraction!r} "
+             f"({budget / 1e9:.4g} GFLOPs)")
+  best = None
+  for r, flops in costs:
+    if flops <= budget and (best is None or flops > best[1]):
+      best = (r, flops)
+  if best is None:
+    r_min, least = min(costs, key=lambda c: (c[1], c[0]))
+    raise ConfigError(
+        f"{asked} cannot be met: {models.get(m.arch).describe(m)} with fusion on blocks "
+        f"{list(fusion.layers)} runs at {least / 1e9:.4g} GFLOPs (r={r_min!r}) to "
+        f"{unfused / 1e9:.4g} GFLOPs (no fusion); set a budget in that range"
+        + (", or fuse more blocks (fusion.layers)" if len(fusion.layers) < m.depth else ""))
+  return BudgetChoice(best[0], best[1], unfused, budget)
+
+
+def apply_budget(model_cfg: Any, fusion_cfg: FusionConfig) -> FusionConfig:
+  """fusion_cfg with r chosen by its FLOP budget and the budget cleared (unchanged
+  without one), so that the model's later r changes (``Backbone.with_fusion``) hold."""
+  if not fusion_cfg.has_budget:
+    return fusion_cfg
+  return dataclasses.replace(fusion_cfg, r=budget_choice(model_cfg, fusion_cfg).r,
+                             target_gflops=0.0, target_fraction=0.0)
 
 
 # ----------------------------------------------------------------------------- XLA
@@ -429,6 +520,8 @@ def main(argv=None):
     fusion = fusion_config(config)
     print(f"{_describe(config)}, {FLAGS.implementation} code, fvcore convention "
           f"(1 multiply-add = 1 FLOP)")
+    if fusion.has_budget and r is None:
+      print(budget_choice(config))
     if report.schedule.fuses:
       how = ("ToMe" if fusion.method == "tome"
              else f"MCTF (one-step-ahead {fusion.one_step_ahead})")

@@ -26,6 +26,7 @@ import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import parallel
 from mctf_jax.errors import ConfigError, TrainingError, is_number
+from mctf_jax.tools import flops
 from mctf_jax.training import evaluation, optim
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import (TrainState, count_params, make_train_step,
@@ -40,7 +41,8 @@ RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoi
                      "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp")
 # Fields added to the configs after runs were made without them, with the value those
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
-ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0}
+ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
+                "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0}
 
 
 def _log(msg: str, *args):
@@ -407,6 +409,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
        config.batch_size // mesh.devices.size)
   _log("config:\n%s", config)
   _log("model: %s", model.describe(model.config))
+  if mctf_jax.fusion_config(config).has_budget:
+    _log("%s", flops.budget_choice(config))
   _log("student %s", plan.student)
   if plan.values:
     _log("%s", plan)
