@@ -6,143 +6,17 @@ token reduction consistency (teacher r' drawn from [0, 8)). Launch::
   python train.py --config=configs/deit_s.py --workdir=/tmp/mctf_deit_s \
       --config.data.data_dir=/path/to/tfds --config.init.checkpoint=deit_small.pth
 
-Variants (deit_t.py, deit_b.py, *_fast.py, tome.py, tome_like.py, digits.py) edit this config.
+Variants (deit_t.py, deit_b.py, *_fast.py, tome.py, tome_like.py, digits.py, ...) edit this
+recipe (``mctf_jax.recipes.base_config``).
 """
 
-import ml_collections
+from mctf_jax import recipes
+from mctf_jax.recipes import big_vision_config, deit_model, mctf_fusion, tome_fusion, vit_model
 
-
-def deit_model(size: str) -> ml_collections.ConfigDict:
-  """DeiT-Ti/S/B at 224x224, patch 16."""
-  width, heads = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
-  return ml_collections.ConfigDict(dict(
-      arch="deit",                # the backbone (mctf_jax.models): 'deit' or 'module:Class'
-      img_size=224, patch_size=16, in_chans=3, embed_dim=width, depth=12, num_heads=heads,
-      num_classes=1000, mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6,
-      drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))
-
-
-def vit_model(variant: str, pool_type: str, img_size: int = 224,
-              **changes) -> ml_collections.ConfigDict:
-  """big_vision's ViT (model.arch 'vit') of a big_vision variant, e.g. 'B/16'; the sizes
-  follow from the variant (or may be given in `changes`: embed_dim, depth, ...)."""
-  placeholder = ml_collections.config_dict.placeholder
-  model = ml_collections.ConfigDict(dict(
-      arch="vit", variant=variant, img_size=img_size, in_chans=3, num_classes=1000,
-      patch_size=placeholder(int), embed_dim=placeholder(int), depth=placeholder(int),
-      mlp_dim=placeholder(int), num_heads=placeholder(int),
-      pool_type=pool_type,        # 'tok' | 'gap' | 'map' | '0'
-      posemb="learn",             # 'learn' | 'sincos2d'
-      rep_size=0,                 # pre-logits Dense + tanh width (0: none)
-      layer_norm_eps=1e-6, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
-      param_dtype="float32"))
-  model.update(changes)
-  return model
-
-
-def big_vision_config(model: ml_collections.ConfigDict, r: float, crop_pct: float):
-  """The recipe of this file on a big_vision ViT: MCTF r on blocks 1..depth-1, inputs in
-  [-1, 1] as big_vision preprocesses them (mean = std = 0.5), the evaluation crop."""
-  from mctf_jax.config import model_config
-  config = get_config()
-  config.model = model
-  depth = model_config(config).depth
-  config.fusion = mctf_fusion(r=float(r), layers=tuple(range(1, depth)))
-  config.data.update(dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=crop_pct))
-  return config
-
-
-def mctf_fusion(**changes) -> ml_collections.ConfigDict:
-  """MCTF as the official scripts run it (mctf_type [16,8,0,1,1,1,20,40,1,1,0])."""
-  fusion = ml_collections.ConfigDict(dict(
-      method="mctf",              # 'mctf' | 'tome' (ToMe itself; see configs/tome.py)
-      r=16.0,                     # tokens removed per fused block (or a ratio < 1); a
-                                  # float so that overrides may give either
-      inflection=0.0,             # ToMe's decreasing schedule (r, inflection); 0: constant
-      layers=tuple(range(1, 12)),  # fused blocks, 0-based
-      prop_attn=True,             # proportional attention: + log(size) on the keys
-      one_step_ahead="approx",    # 'off' | 'approx' | 'precise'
-      tau_sim=1.0, tau_info=20.0, tau_size=40.0,  # temperatures (0 = criterion off)
-      bidirectional=True,
-      pooling="attn",             # 'size' | 'attn' | 'max' | 'mean'; official scripts: attn
-      trace_source=False,
-      teacher_r_max=8.0,          # teacher r' ~ U{0, ..., teacher_r_max - 1} (or a ratio)
-      merge_impl="auto",          # 'auto' | 'scatter' | 'matmul'
-      # Train step: the teacher's token arrays at the full width for every r' (None), on
-      # a grid of widths of this step, or at exact counts (0); see mctf_jax/config.py.
-      train_token_step=ml_collections.config_dict.placeholder(int),
-      # Train step: one r' per this many examples of the global batch, as the official
-      # code draws one per GPU of its 8 x 128 images (0: one r' per batch).
-      teacher_group_size=128,
-      train_scan_blocks=True,     # train step: alike padded blocks as one lax.scan
-      # A FLOP budget that picks r (of fusion.r's kind) instead: GFLOPs per image, or a
-      # fraction of the unfused model's FLOPs (0: none; see mctf_jax/tools/flops.py).
-      target_gflops=0.0,
-      target_fraction=0.0,
-  ))
-  fusion.update(changes)
-  return fusion
+# The recipe's parts too, for configs of your own that build on this file.
+__all__ = ["get_config", "big_vision_config", "deit_model", "mctf_fusion", "tome_fusion",
+           "vit_model"]
 
 
 def get_config():
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = deit_model("small")
-  config.fusion = mctf_fusion()
-
-  # Data: any tfds image classification dataset, a folder of class folders, or 'digits'.
-  # (Fields of this section are read by mctf_jax.data.)
-  config.data = ml_collections.ConfigDict(dict(
-      dataset="imagenet2012",     # tfds name, "folder:/path/to/root", or "digits"
-      data_dir=ml_collections.config_dict.placeholder(str),  # tfds data_dir (see README)
-      train_split="train",
-      eval_split="validation",
-      # Training augmentation (the DeiT recipe).
-      crop_scale=(0.08, 1.0),     # random resized crop (bicubic)
-      crop_ratio=(3 / 4, 4 / 3),
-      hflip=True,
-      randaugment="rand-m9-mstd0.5-inc1",  # timm notation; "" to disable
-      reprob=0.25,                # random erasing probability (timm 'pixel' mode)
-      mixup=0.0, cutmix=0.0,      # alphas; 0 = off
-      mixup_prob=1.0,             # probability that a batch is mixed (timm mixup_prob)
-      mixup_switch_prob=0.5,      # both on: probability of cutmix rather than mixup
-      repeated_aug=3,             # repeated augmentation (1 = off)
-      shuffle_buffer=16_384,
-      # Evaluation: resize shorter side to img_size / crop_pct (bicubic, antialiased), crop.
-      crop_pct=0.875,
-      mean=(0.485, 0.456, 0.406),
-      std=(0.229, 0.224, 0.225),
-      prefetch=2,                 # batches prefetched to the devices
-  ))
-
-  config.batch_size = 1024        # global
-  config.eval_batch_size = 1024
-  config.num_epochs = 30
-  config.cooldown_epochs = 10     # at min_lr after the cosine
-  config.warmup_epochs = 0
-  config.base_lr = 5e-4 * 0.03    # per 512 images; scaled by batch_size / 512
-  config.min_lr = 1e-6
-  config.warmup_lr = 1e-7
-  config.weight_decay = 0.05
-  config.grad_clip = 0.0          # global norm; 0 = off
-  config.ema_decay = 0.99996      # 0 = no EMA
-
-  config.loss = ml_collections.ConfigDict(dict(
-      label_smoothing=0.1, consistency_threshold=0.4,
-      weight_student=1.0, weight_teacher=1.0, weight_consistency=3.0))
-
-  config.init = ml_collections.ConfigDict(dict(
-      checkpoint="",              # pretrained DeiT: Orbax dir from mctf_jax.convert or .pth
-  ))
-  config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices that shard parameters
-
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3
-  config.eval_every_epochs = 1
-
-  config.eval = ml_collections.ConfigDict(dict(
-      r_values=(),                # r to evaluate at (empty: fusion.r and 0)
-      output_dir="",              # eval.py's results (empty: CHECKPOINT/eval); --output_dir wins
-  ))
-  return config
+  return recipes.base_config()

@@ -5,10 +5,10 @@ recipe (drop path 0.1 as in DeiT-S fine-tuning; DeiT-B itself was trained with 0
       --config.init.checkpoint=deit_base_patch16_224-b5f2ef4d.pth
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  config = default.get_config()
-  config.model = default.deit_model("base")
+  config = recipes.base_config()
+  config.model = recipes.deit_model("base")
   return config

@@ -5,8 +5,8 @@ r"""MCTF DeiT-S (r=16 on blocks 1..11): 80.1% top-1 at 2.60 GFLOPs in the paper.
   python eval.py --config=configs/deit_s.py --checkpoint=/tmp/mctf_deit_s
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  return default.get_config()
+  return recipes.base_config()

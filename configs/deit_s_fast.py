@@ -3,10 +3,10 @@ r"""MCTF-Fast DeiT-S: r=0.35 (a ratio of the tokens) on blocks 3, 6, 9; 2.76 GFL
   python eval.py --config=configs/deit_s_fast.py --checkpoint=/path/to/checkpoint
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  config = default.get_config()
-  config.fusion = default.mctf_fusion(r=0.35, layers=(3, 6, 9), teacher_r_max=0.15)
+  config = recipes.base_config()
+  config.fusion = recipes.mctf_fusion(r=0.35, layers=(3, 6, 9), teacher_r_max=0.15)
   return config

@@ -4,10 +4,10 @@ r"""MCTF DeiT-T (r=16 on blocks 1..11): 72.7% top-1 at 0.71 GFLOPs in the paper.
       --config.init.checkpoint=deit_tiny_patch16_224-a1311bcf.pth
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  config = default.get_config()
-  config.model = default.deit_model("tiny")
+  config = recipes.base_config()
+  config.model = recipes.deit_model("tiny")
   return config

@@ -10,11 +10,11 @@ in about ten minutes (``make demo``)::
       --config.eval.r_values='(0, 4, 8, 10, 12)'
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  config = default.get_config()
+  config = recipes.base_config()
   config.model.update(dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
                            num_classes=10, mlp_ratio=2.0, drop_path_rate=0.1))
   # MCTF on blocks 1..5: 65 -> 55 -> 45 -> 35 -> 25 -> 15 tokens (35% fewer FLOPs).

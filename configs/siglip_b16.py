@@ -12,10 +12,10 @@ projection to the shared image-text space (768 wide), is dropped for a 1000-clas
       --config.init.checkpoint=/tmp/siglip_b16
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
   # SigLIP resizes the whole image to 224 x 224 (crop_pct 1: no border cut).
-  return default.big_vision_config(default.vit_model("B/16", pool_type="map"), r=15,
+  return recipes.big_vision_config(recipes.vit_model("B/16", pool_type="map"), r=15,
                                    crop_pct=1.0)

@@ -14,9 +14,9 @@ The 384 px encoder (27 x 27 patches; big_vision leaves out the last 6 pixels as 
 ``--config.model.img_size=384 --config.fusion.r=22`` (201 against 335 GFLOPs).
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  return default.big_vision_config(default.vit_model("So400m/14", pool_type="map"), r=8,
+  return recipes.big_vision_config(recipes.vit_model("So400m/14", pool_type="map"), r=8,
                                    crop_pct=1.0)

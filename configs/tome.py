@@ -12,16 +12,10 @@ paper's "ToMe-like" ablation (MCTF's code path with similarity only) see tome_li
   python eval.py --config=configs/tome.py --checkpoint=deit_small_patch16_224-cd65a155.pth
 """
 
-from configs import default
-from mctf_jax.fusion.config import TOME_FIXED
-
-
-def tome_fusion(r=13, layers=tuple(range(12))):
-  return default.mctf_fusion(method="tome", r=r, layers=layers, prop_attn=True,
-                             teacher_r_max=0.0, **TOME_FIXED)
+from mctf_jax import recipes
 
 
 def get_config():
-  config = default.get_config()
-  config.fusion = tome_fusion()
+  config = recipes.base_config()
+  config.fusion = recipes.tome_fusion()
   return config

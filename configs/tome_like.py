@@ -6,15 +6,15 @@ r=13 on every block. ToMe itself is configs/tome.py.
   python eval.py --config=configs/tome_like.py --checkpoint=deit_small_patch16_224-cd65a155.pth
 """
 
-from configs import default
+from mctf_jax import recipes
 from mctf_jax.fusion.config import TOME_LIKE_PRESET
 
 
 def tome_like_fusion(r=13, layers=tuple(range(12))):
-  return default.mctf_fusion(r=r, layers=layers, **TOME_LIKE_PRESET)
+  return recipes.mctf_fusion(r=r, layers=layers, **TOME_LIKE_PRESET)
 
 
 def get_config():
-  config = default.get_config()
+  config = recipes.base_config()
   config.fusion = tome_like_fusion()
   return config

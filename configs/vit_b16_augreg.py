@@ -18,9 +18,9 @@ or converted once, then fine-tuned with token reduction consistency::
 A 384 px checkpoint (e.g. the original ViT-B_16.npz): ``--config.model.img_size=384``.
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
-  return default.big_vision_config(default.vit_model("B/16", pool_type="tok"), r=15,
+  return recipes.big_vision_config(recipes.vit_model("B/16", pool_type="tok"), r=15,
                                    crop_pct=0.9)

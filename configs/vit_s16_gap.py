@@ -8,10 +8,10 @@ global average pooling, no class token): r=15 on blocks 1..11, 2.70 GFLOPs again
       --config.init.checkpoint=vit_s16_i1k_300ep.npz
 """
 
-from configs import default
+from mctf_jax import recipes
 
 
 def get_config():
   # big_vision evaluates these at resize_small(256) + central_crop(224).
-  return default.big_vision_config(default.vit_model("S/16", pool_type="gap"), r=15,
+  return recipes.big_vision_config(recipes.vit_model("S/16", pool_type="gap"), r=15,
                                    crop_pct=0.875)

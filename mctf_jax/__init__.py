@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mctf_jax.config import fusion_config, model_config
+from mctf_jax.config import fusion_config, load_config, model_config
 from mctf_jax.errors import ConfigError, MctfError
 from mctf_jax.fusion import FusionConfig, LayerPlan, Schedule, compute_schedule
 from mctf_jax.models import Backbone, BackboneConfig, DeiT, DeiTConfig, EncoderOutput
@@ -51,4 +51,4 @@ def create_model(config: Any, **fusion_changes) -> Backbone:
 
 __all__ = ["create_model", "Backbone", "BackboneConfig", "DeiT", "DeiTConfig", "EncoderOutput",
            "FusionConfig", "ConfigError", "MctfError", "Schedule", "LayerPlan",
-           "compute_schedule", "model_config", "fusion_config"]
+           "compute_schedule", "load_config", "model_config", "fusion_config"]

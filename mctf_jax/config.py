@@ -10,6 +10,8 @@ config class holds the model section (``mctf_jax.models``); it defaults to 'deit
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Mapping
 
 from mctf_jax import models
@@ -17,7 +19,8 @@ from mctf_jax.errors import ConfigError, is_int
 from mctf_jax.fusion.config import FusionConfig, normalize_r
 from mctf_jax.models.base import BackboneConfig
 
-__all__ = ["model_config", "fusion_config", "FusionConfig", "normalize_r", "ConfigError"]
+__all__ = ["load_config", "model_config", "fusion_config", "FusionConfig", "normalize_r",
+           "ConfigError"]
 
 DEFAULT_ARCH = "deit"
 
@@ -73,3 +76,37 @@ def fusion_config(config: Any) -> FusionConfig:
   if section is None:
     return FusionConfig(r=0, layers=())
   return _build(FusionConfig, _to_dict(section), "fusion")
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None):
+  """The ml_collections ConfigDict of a config file, loaded by path from any directory, as
+  absl's ``--config=path`` flag loads it: ``'configs/deit_s.py'``, or ``'FILE.py:ARG'`` for
+  a file whose ``get_config`` takes an argument. overrides: fields by dotted name, set
+  afterwards with the command line's type checks, e.g. ``{'fusion.r': 8}``."""
+  file, _, arg = str(path).partition(":")
+  if not os.path.isfile(file):
+    raise ConfigError(f"config file {file!r} not found (from {os.getcwd()!r}): expected the "
+                      f"path of a .py file with get_config(), e.g. configs/deit_s.py")
+  name = "mctf_jax_config_" + os.path.splitext(os.path.basename(file))[0]
+  spec = importlib.util.spec_from_file_location(name, file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get = getattr(module, "get_config", None)
+  if not callable(get):
+    raise ConfigError(f"config file {file!r} has no get_config() function")
+  config = get(arg) if arg else get()
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    section = config
+    for part in parents:
+      section = section.get(part) if hasattr(section, "get") else None
+      if section is None:
+        raise ConfigError(f"override {key!r}: the config has no section {part!r}")
+    if leaf not in section:
+      raise ConfigError(f"override {key!r}: unknown field; config.{'.'.join(parents) or ''} "
+                        f"has {sorted(section.keys())}")
+    try:
+      setattr(section, leaf, value)
+    except TypeError as e:
+      raise ConfigError(f"override {key}={value!r}: {e}") from None
+  return config
