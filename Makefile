@@ -29,13 +29,15 @@ demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) eval.py --config=configs/digits.py --checkpoint=$(DEMO_DIR)
 
 # Speed benchmarks (not tests): forward speed-ups and fusion share for the four MCTF configs,
-# then the MCTF train step against a plain one (DeiT-S, batch 32). About 25 minutes on 2 CPU
+# a batch-size sweep of DeiT-S and DeiT-T, then the MCTF train step against a plain one (DeiT-S, batch 32). About 25 minutes on 2 CPU
 # cores; figures and JSON in $(BENCH_DIR).
 BENCH_DIR ?= workdirs/bench
 bench: $(STAMP)
 	mkdir -p $(BENCH_DIR)
 	set -o pipefail; TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/forward.py --json=$(BENCH_DIR)/forward.json \
 	    | tee $(BENCH_DIR)/forward.txt
+	set -o pipefail; TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/forward.py --configs=deit_s,deit_t \
+	    --batch_sizes=1,8,32,128 --json=$(BENCH_DIR)/batch_sweep.json | tee $(BENCH_DIR)/batch_sweep.txt
 	set -o pipefail; TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/train_step.py --config=configs/deit_s.py \
 	    --batch_size=32 --json=$(BENCH_DIR)/train_step.json | tee $(BENCH_DIR)/train_step.txt
 

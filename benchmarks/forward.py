@@ -3,6 +3,7 @@ fused forward's time goes.
 
     python benchmarks/forward.py                       # the four configs, batch 32, float32
     python benchmarks/forward.py --configs=deit_s --batch_size=256 --dtype=bfloat16
+    python benchmarks/forward.py --configs=deit_s,deit_t --batch_sizes=1,8,32,128   # sweep
 
 For each config (configs/<name>.py): ``mctf_jax.tools.benchmark.compare`` (jitted forward on one
 device, random weights and images, after compilation and warm-up, repetitions of the fused
@@ -12,7 +13,11 @@ and splits its kernel time by part: the fusion's own steps (scores, matching, me
 attention merge) against the transformer's. Prints one table and the profiles, writes JSON
 with --json.
 
-The issue's targets (float32, batch 32, 2 CPU threads) are printed next to the figures; on
+With --batch_sizes, each config is compared at every batch size instead (no profile): img/s
+fused and plain, the speed-up against the FLOP ratio, and the latency of one batch, which at
+batch 1 is the latency of one image.
+
+The targets (float32, batch 32 or the sweep's, 2 CPU threads) are printed next to the figures; on
 a machine with more cores, pin two (``taskset -c 0,1 python benchmarks/forward.py``) to
 compare with them.
 """
@@ -33,6 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["deit_s", "deit_s_fast", "deit_t", "deit_t_fast"],
                   "Config names under configs/, or config file paths.")
 flags.DEFINE_integer("batch_size", 32, "Images per forward call.", lower_bound=1)
+flags.DEFINE_list("batch_sizes", None, "A sweep: compare fused and plain at each of these "
+                  "batch sizes (e.g. 1,8,32,128) instead of --batch_size.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("repeats", 20, "Timed repetitions per model (median reported).",
                      lower_bound=1)
@@ -45,6 +52,9 @@ flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 # (big_vision): 90% of its FLOP ratio (17.583 / 10.408 = 1.69).
 TARGETS = {"deit_s": 1.65, "deit_s_fast": 1.70, "deit_t": 1.50, "vit_b16_augreg": 1.52}
 FUSION_SHARE_TARGET = 0.10
+# The sweep's targets: speed-up at batch 1 (float32, 2 CPU threads), and at every batch size
+# fused no slower than plain.
+BATCH1_TARGETS = {"deit_s": 1.45, "deit_t": 1.35}
 
 
 def _load_config(name: str):
@@ -63,9 +73,67 @@ def _load_config(name: str):
                          f"path ending in .py)") from None
 
 
+def _batch_sizes() -> list[int] | None:
+  if FLAGS.batch_sizes is None:
+    return None
+  try:
+    sizes = [int(b) for b in FLAGS.batch_sizes]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    raise app.UsageError(f"--batch_sizes={','.join(FLAGS.batch_sizes)}: expected positive "
+                         f"integers separated by commas, e.g. 1,8,32,128")
+  return sizes
+
+
+def sweep(configs: dict, sizes: list[int], device) -> dict:
+  """compare() of every config at every batch size; prints a table per config and the
+  targets met."""
+  from mctf_jax.tools import benchmark
+  results = {}
+  for label, config in configs.items():
+    config.model.dtype = FLAGS.dtype
+    rows = {}
+    for batch in sizes:
+      print(f"{label}, batch {batch}: compiling and timing ...", flush=True)
+      rows[batch] = benchmark.compare(config, batch_size=batch, repeats=FLAGS.repeats,
+                                      settle=FLAGS.settle)
+    results[label] = {"rows": rows}
+  print(f"\nbatch sweep ({FLAGS.dtype}, {device.device_kind}):")
+  head = (f"{'config':<12s} {'batch':>5s} {'img/s fused':>11s} {'img/s plain':>11s} "
+          f"{'speed-up':>8s} {'pairs: quartiles':>16s} {'FLOP ratio':>10s} "
+          f"{'ms/batch fused':>14s} {'plain':>7s}")
+  print(head)
+  print("-" * len(head))
+  for label, res in results.items():
+    targets = res["targets"] = {}
+    for batch, row in res["rows"].items():
+      fused, plain = row["fused"], row["plain"]
+      if fused is None:
+        print(f"{label:<12s} {batch:5d} no fusion in this config")
+        continue
+      q1, _, q3 = row["speedup_quartiles"]
+      print(f"{label:<12s} {batch:5d} {fused['img_per_s']:11.1f} {plain['img_per_s']:11.1f} "
+            f"{row['speedup']:7.2f}x {q1:7.2f}-{q3:.2f}x {row['flop_ratio']:9.2f}x "
+            f"{fused['median_s'] * 1e3:14.2f} {plain['median_s'] * 1e3:7.2f}")
+    speedups = {b: row["speedup"] for b, row in res["rows"].items() if row["fused"]}
+    if speedups:
+      targets["never_slower"] = {"min": 1.0, "met": bool(min(speedups.values()) >= 1.0)}
+    if label in BATCH1_TARGETS and 1 in speedups:
+      targets["batch_1_speedup"] = {"min": BATCH1_TARGETS[label],
+                                    "met": bool(speedups[1] >= BATCH1_TARGETS[label])}
+    verdict = ", ".join(f"{k.replace('_', ' ')} (>= {t['min']:.2f}x) "
+                        f"{'yes' if t['met'] else 'NO'}" for k, t in targets.items())
+    print(f"{'':<12s} targets: {verdict or '-'}")
+  print("targets at float32, 2 CPU threads: fused no slower than plain at any batch; at batch 1 "
+        + ", ".join(f"{k} >= {v:.2f}x" for k, v in BATCH1_TARGETS.items()))
+  return results
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  sizes = _batch_sizes()
   import jax
   from mctf_jax.tools import benchmark, profiling
 
@@ -78,6 +146,16 @@ def main(argv):
   configs = {os.path.splitext(os.path.basename(name))[0]: _load_config(name)
              for name in FLAGS.configs}
   device = jax.devices()[0]
+  if sizes:
+    print(f"{benchmark.machine_summary(device)}; batches {sizes}, dtype {FLAGS.dtype}",
+          flush=True)
+    results = sweep(configs, sizes, device)
+    if FLAGS.json:
+      with open(FLAGS.json, "w") as f:
+        json.dump({"batch_sizes": sizes, "dtype": FLAGS.dtype, "device": str(device),
+                   "device_kind": device.device_kind, "jax": jax.__version__,
+                   "results": results}, f, indent=2, default=str)
+    return
   print(f"{benchmark.machine_summary(device)}; batch {FLAGS.batch_size}, dtype {FLAGS.dtype}",
         flush=True)
   results = {}
