@@ -29,8 +29,8 @@ demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) eval.py --config=configs/digits.py --checkpoint=$(DEMO_DIR)
 
 # Speed benchmarks (not tests): forward speed-ups and fusion share for the four MCTF configs,
-# a batch-size sweep of DeiT-S and DeiT-T, then the MCTF train step against a plain one (DeiT-S, batch 32). About 25 minutes on 2 CPU
-# cores; figures and JSON in $(BENCH_DIR).
+# a batch-size sweep of DeiT-S and DeiT-T, then the MCTF train step against a plain one
+# (DeiT-S, batch 32). About 40 minutes on 2 CPU cores; figures and JSON in $(BENCH_DIR).
 BENCH_DIR ?= workdirs/bench
 bench: $(STAMP)
 	mkdir -p $(BENCH_DIR)
