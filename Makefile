@@ -23,10 +23,15 @@ test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist worksteal -q --durations=15 tests
 
 # The embedded default: a tiny DeiT with MCTF on scikit-learn's digits, then its evaluation
-# at several r (about 10 minutes on 2 CPU cores). Rerunning resumes or re-evaluates.
+# at several r (about 10 minutes on 2 CPU cores), its accuracy-vs-GFLOPs plot and the merges
+# of four test digits. Rerunning resumes or re-evaluates.
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) train.py --config=configs/digits.py --workdir=$(DEMO_DIR)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) eval.py --config=configs/digits.py --checkpoint=$(DEMO_DIR)
+	$(PY) -m mctf_jax.tools.visualize plot --results=$(DEMO_DIR)/eval/results.json \
+	    --out=$(DEMO_DIR)/acc_vs_gflops.png --title="MCTF on the digits (make demo)"
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m mctf_jax.tools.visualize --config=configs/digits.py \
+	    --checkpoint=$(DEMO_DIR) --examples=4 --panel_px=128 --out=$(DEMO_DIR)/merges.png
 
 # Speed benchmarks (not tests): forward speed-ups and fusion share for the four MCTF configs,
 # a batch-size sweep of DeiT-S and DeiT-T, then the MCTF train step against a plain one

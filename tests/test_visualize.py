@@ -144,6 +144,20 @@ def test_cli_merges(photo, tmp_path):
   assert "Traceback" not in run.stderr
 
 
+def test_cli_merges_of_the_evaluation_split(photo, tmp_path):
+  out = tmp_path / "digits.png"
+  digits = ("--config=tests/configs/tiny.py", "--config.data.dataset=digits",
+            "--config.data.crop_pct=1.0")
+  run = _cli(*digits, "--examples=2", f"--out={out}")
+  assert run.returncode == 0, run.stderr
+  assert "block 1: 57, block 2: 49, block 3: 41" in run.stdout
+  # A row per image: the input and the three fused blocks.
+  assert Image.open(out).size == (visualize.canvas_size(4, 4, 224)[0],
+                                  2 * visualize.canvas_size(4, 4, 224)[1])
+  both = _cli(*digits, "--examples=2", f"--image={photo}", f"--out={out}")
+  assert both.returncode == 1 and "not both" in both.stderr and "Traceback" not in both.stderr
+
+
 def test_cli_plot(tmp_path):
   results = []
   for name, rows in [("deit_s", [(0, 4.608, 79.8), (8, 3.603, 80.0), (16, 2.602, 80.1)]),

@@ -2,6 +2,8 @@ r"""Pictures: which patches each fused token holds, and accuracy against GFLOPs.
 
     python -m mctf_jax.tools.visualize --config=configs/deit_s.py --checkpoint=CKPT \
         --image=photo.jpg --out=merges.png [--layers=all|final]
+    python -m mctf_jax.tools.visualize --config=configs/digits.py --checkpoint=CKPT \
+        --examples=4 --out=merges.png        # the first images of the evaluation split
     python -m mctf_jax.tools.visualize plot --results=eval_results.json --out=acc_vs_flops.png
 
 Merges (the MCTF / ToMe papers' figure): the image goes through the evaluation
@@ -12,7 +14,8 @@ with their mean colour and draws each token's outline in a colour of its own, as
 ``make_visualization`` (which the official code reuses) does. The class token is not drawn,
 so a panel shows one group per token but the class token. The first panel is the input crop.
 Without ``--checkpoint`` the weights are random (fusion then follows colour and position
-only).
+only). ``--examples=N`` draws the first N images of the config's evaluation split instead of
+``--image``, as the evaluation sees them (``mctf_jax.data.eval_batches``), a row each.
 
 Plot: top-1 against GFLOPs over r from eval.py's result files (one series per file, points
 labelled with r; ``--results`` takes a comma-separated list).
@@ -230,6 +233,33 @@ def draw_merges(crop_HxWx3: np.ndarray, token_maps: Sequence[tuple[int, np.ndarr
   return compose(panels, captions, cols), info
 
 
+def split_images(config, count: int) -> np.ndarray:
+  """The first `count` images of the config's evaluation split, preprocessed as the
+  evaluation does: float32 (count, S, S, 3), normalised."""
+  from mctf_jax import data
+  from mctf_jax.errors import MctfError
+  try:
+    batch = next(data.eval_batches(config, count))
+  except MctfError as e:
+    _fail(str(e))
+  available = int(batch["mask"].sum())
+  if available < count:
+    _fail(f"--examples={count}: the evaluation split has {available} images")
+  return batch["image"][:count]
+
+
+def stack_rows(figures):
+  """PIL figures one under another (widths padded with white)."""
+  from PIL import Image
+  width = max(f.size[0] for f in figures)
+  out = Image.new("RGB", (width, sum(f.size[1] for f in figures)), "white")
+  top = 0
+  for f in figures:
+    out.paste(f, (0, top))
+    top += f.size[1]
+  return out
+
+
 # ----------------------------------------------------------------------------- plot
 
 
@@ -309,9 +339,15 @@ def _merges(FLAGS) -> None:
   from mctf_jax.fusion.config import normalize_r
 
   config = FLAGS.config
-  missing = [f"--{name}" for name in ("config", "image", "out") if not getattr(FLAGS, name)]
+  missing = [f"--{name}" for name in ("config", "out") if not getattr(FLAGS, name)]
+  if not FLAGS.image and not FLAGS.examples:
+    missing.append("--image (or --examples)")
   if missing:
     _fail(f"drawing merges needs {', '.join(missing)} (or use the 'plot' command)")
+  if FLAGS.image and FLAGS.examples:
+    _fail(f"give --image={FLAGS.image} or --examples={FLAGS.examples}, not both")
+  if FLAGS.examples is not None and FLAGS.examples < 1:
+    _fail(f"--examples={FLAGS.examples}: expected a number of images >= 1")
   if FLAGS.layers not in ("all", "final"):
     _fail(f"--layers must be 'all' or 'final', got {FLAGS.layers!r}")
   try:
@@ -328,13 +364,19 @@ def _merges(FLAGS) -> None:
     _fail(f"the model fuses no tokens at r={model.fusion.r!r} on blocks "
           f"{list(model.fusion.layers)}; nothing to draw")
   data = config.get("data") or {}
-  try:
-    crop, normalised = eval_preprocess(FLAGS.image, m.img_size,
-                                       data.get("crop_pct", 0.875),
-                                       data.get("mean", (0.485, 0.456, 0.406)),
-                                       data.get("std", (0.229, 0.224, 0.225)))
-  except (OSError, ValueError) as e:
-    _fail(f"cannot read image {FLAGS.image!r}: {e}")
+  mean = data.get("mean", (0.485, 0.456, 0.406))
+  std = data.get("std", (0.229, 0.224, 0.225))
+  if FLAGS.examples:
+    images = split_images(config, FLAGS.examples)
+    crops = [np.clip(np.round((x * np.asarray(std) + np.asarray(mean)) * 255), 0, 255)
+             .astype(np.uint8) for x in images]
+  else:
+    try:
+      crop, normalised = eval_preprocess(FLAGS.image, m.img_size, data.get("crop_pct", 0.875),
+                                         mean, std)
+    except (OSError, ValueError) as e:
+      _fail(f"cannot read image {FLAGS.image!r}: {e}")
+    images, crops = [normalised], [crop]
   if FLAGS.checkpoint:
     from mctf_jax import checkpoint
     try:
@@ -345,12 +387,17 @@ def _merges(FLAGS) -> None:
     from mctf_jax.tools.benchmark import random_variables
     print("no --checkpoint: random weights (tokens then fuse by colour and position only)")
     variables = random_variables(model, FLAGS.seed)
-  maps = trace_token_maps(model, variables, normalised)
-  if FLAGS.layers == "final":
-    maps = maps[-1:]
-  picture, info = draw_merges(crop, maps, m.patch_size, panel_px=FLAGS.panel_px,
-                              border=FLAGS.border, cols=FLAGS.cols, seed=FLAGS.seed,
-                              num_prefix=m.num_protected)
+  figures = []
+  for crop, normalised in zip(crops, images):
+    maps = trace_token_maps(model, variables, normalised)
+    if FLAGS.layers == "final":
+      maps = maps[-1:]
+    cols = len(maps) + 1 if FLAGS.examples else FLAGS.cols
+    figures.append(draw_merges(crop, maps, m.patch_size, panel_px=FLAGS.panel_px,
+                               border=FLAGS.border, cols=cols, seed=FLAGS.seed,
+                               num_prefix=m.num_protected))
+  picture, info = figures[0] if len(figures) == 1 else (stack_rows([f for f, _ in figures]),
+                                                        figures[0][1])
   try:
     picture.save(FLAGS.out)
   except (OSError, ValueError) as e:
@@ -369,6 +416,8 @@ def main(argv=None):
   flags.DEFINE_string("checkpoint", None, "Weights (converted Orbax dir, train.py workdir or "
                       ".pth/.npz/.safetensors); random weights without it.")
   flags.DEFINE_string("image", None, "Image file (any format PIL reads).")
+  flags.DEFINE_integer("examples", None, "Draw the first N images of the config's evaluation "
+                       "split instead of --image, a row each.")
   flags.DEFINE_string("out", None, "Output PNG.")
   flags.DEFINE_string("layers", "all", "'all': a panel per fused block; 'final': the last.")
   flags.DEFINE_string("r", None, "Draw at this r instead of config.fusion.r.")
