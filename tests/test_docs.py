@@ -73,3 +73,143 @@ def test_python_blocks_run(name, monkeypatch):
   monkeypatch.chdir(ROOT)
   for block in code_blocks(_read(name), "python"):
     exec(compile(block, name, "exec"), {})
+
+
+# ----------------------------------------------------------------------------- runnable docs
+#
+# Every ```python and ```bash block of README.md and docs/*.md runs here, in order, in a
+# scratch directory that sees the repository (configs/, tests/, train.py, ...) through
+# links, so that what the commands write stays out of the checkout. A block preceded by
+# `<!-- not run: REASON -->` is skipped, with its reason in the test's output. The files a
+# user would have (a pretrained .pth, a photo, a big_vision .npz) are small files the test
+# makes under the same names; commands that would train or time a real model for minutes
+# run on a tiny config and the embedded digits (ADAPT), and a figure in a command's comment
+# (`# 2.602 GFLOPs`) must be in what it prints.
+
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                              if f.endswith(".md"))
+SKIP = re.compile(r"<!-- not run: (.*?) -->\s*$")
+
+TINY = "tests/configs/tiny.py"
+DIGITS = ["--config.data.dataset=digits", "--config.data.eval_split=test",
+          "--config.data.repeated_aug=1", "--config.data.crop_pct=1.0", "--config.num_epochs=1",
+          "--config.cooldown_epochs=0", "--config.batch_size=64", "--config.eval_batch_size=120",
+          "--config.checkpoint_every_steps=22"]
+TINY_VIT = ["--config=tests/configs/digits_tiny.py:vit", "--config.model.embed_dim=64",
+            "--config.model.mlp_dim=128", "--config.model.depth=3", "--config.model.pool_type=map"]
+# Programs whose runs on the real configs would take minutes: they get the tiny config.
+HEAVY = ("train.py", "eval.py", "mctf_jax.convert", "mctf_jax.tools.benchmark",
+         "mctf_jax.tools.visualize")
+TINY_CONFIGS = {"--config=configs/deit_s.py": [f"--config={TINY}"],
+                "--config=configs/siglip_b16.py": TINY_VIT}
+EXTRA = {"train.py": DIGITS, "eval.py": DIGITS + ["--throughput_batch=8"],
+         "mctf_jax.tools.visualize": ["--config.data.dataset=digits"],
+         "mctf_jax.tools.benchmark": ["--repeats=2", "--warmup=1"]}
+
+
+def blocks(name: str):
+  """(language, code, skip reason or None) of every python and bash block of a doc."""
+  lines = _read(name).splitlines()
+  out = []
+  for i, line in enumerate(lines):
+    if line.startswith("```python") or line.startswith("```bash"):
+      end = lines.index("```", i + 1)
+      reason = SKIP.match(lines[i - 1]) if i else None
+      out.append((line[3:].strip(), "\n".join(lines[i + 1:end]),
+                  reason.group(1) if reason else None))
+  return out
+
+
+def commands(code: str):
+  """(argv, comment) of each command of a bash block (continuations joined)."""
+  logical, current = [], ""
+  for line in code.splitlines():
+    if line.rstrip().endswith("\\"):
+      current += line.rstrip()[:-1] + " "
+      continue
+    logical.append(current + line)
+    current = ""
+  out = []
+  for line in logical:
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    start = line.find("  #")
+    out.append((shlex.split(line, comments=True), line[start:] if start >= 0 else ""))
+  return out
+
+
+def _program(argv):
+  return argv[2] if argv[1] == "-m" else argv[1]
+
+
+def adapt(argv, files):
+  """The test's version of a documented command."""
+  assert argv[0] == "python", f"documented commands start with python: {argv}"
+  program = _program(argv)
+  args = []
+  for arg in argv[1:]:
+    if program in HEAVY and arg in TINY_CONFIGS:
+      args += TINY_CONFIGS[arg]
+      continue
+    for user_file, test_file in files.items():
+      arg = arg.replace(user_file, test_file)
+    args.append(arg)
+  extra = [] if "plot" in argv else EXTRA.get(program, [])   # (visualize plot: no config)
+  return [sys.executable] + args + extra
+
+
+def _user_files(scratch):
+  """The files the docs assume a user has, made small: {name in the docs: path}."""
+  import shutil
+  from PIL import Image
+  from skimage import data as samples
+  Image.fromarray(samples.astronaut()).save(scratch / "photo.jpg")
+  flat = dict(np.load(os.path.join(ROOT, "tests", "golden", "big_vision", "bv_tiny_map.npz")))
+  np.savez(scratch / "siglip.npz", **{f"params/img/{k}": v for k, v in flat.items()},
+           **{"params/t": np.ones((1,), np.float32)})
+  shutil.copy(os.path.join(ROOT, "tests", "data", "tiny_deit.pth"), scratch / "deit.pth")
+  return {"deit_small_patch16_224-cd65a155.pth": str(scratch / "deit.pth"),
+          "webli_en_b16_224_63724782.npz": str(scratch / "siglip.npz"),
+          "/path/to/tensorflow_datasets": str(scratch / "tfds")}
+
+
+def _scratch(tmp_path):
+  for name in ("configs", "tests", "train.py", "eval.py", "benchmarks"):
+    os.symlink(os.path.join(ROOT, name), tmp_path / name)
+  return tmp_path
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_doc_code_runs(name, tmp_path, monkeypatch, env):
+  scratch = _scratch(tmp_path)
+  monkeypatch.chdir(scratch)
+  files = _user_files(scratch)
+  namespace = {}
+  ran, skipped = 0, []
+  for language, code, reason in blocks(name):
+    if reason:
+      skipped.append(reason)
+      continue
+    ran += 1
+    if language == "python":
+      for user_file, test_file in files.items():
+        code = code.replace(user_file, test_file)
+      code = code.replace('"configs/deit_s.py"', f'"{TINY}"')
+      exec(compile(code, name, "exec"), namespace)
+      continue
+    for argv, comment in commands(code):
+      cmd = adapt(argv, files)
+      done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True,
+                            timeout=600)
+      assert done.returncode == 0, f"{name}: {shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
+      if _program(argv) not in HEAVY:
+        for figure in re.findall(r"\d+\.\d+|r=\d+", comment):
+          assert figure in done.stdout, f"{name}: {shlex.join(argv)} does not print {figure}"
+  print(f"{name}: {ran} blocks run, skipped: {skipped}")
+  assert ran or skipped or not blocks(name)
