@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from mctf_jax.errors import ConfigError, is_number
+from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
@@ -407,6 +407,36 @@ class T2TViT(Backbone):
     shapes.update({"norm.weight": (c,), "norm.bias": (c,),
                    "head.weight": (cfg.num_classes, c), "head.bias": (cfg.num_classes,)})
     return shapes
+
+  @classmethod
+  def check_state_dict(cls, cfg, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """One line instead of the list of every mismatch when `source` is plainly another
+    model: another backbone (no Tokens-to-Token weights), the other T2T module, or another
+    width, depth or token_dim."""
+    if not any(name.startswith("tokens_to_token.") for name in shapes):
+      names = ", ".join(sorted(shapes)[:6]) + (", ..." if len(shapes) > 6 else "")
+      raise CheckpointError(f"{source} is not a T2T-ViT checkpoint: none of its "
+                            f"{len(shapes)} arrays ({names}) is a weight of the "
+                            f"Tokens-to-Token module (tokens_to_token.*)")
+    kinds = {"performer": "tokens_to_token.attention1.kqv.weight",
+             "transformer": "tokens_to_token.attention1.attn.qkv.weight"}
+    for kind, name in kinds.items():
+      if name in shapes and kind != cfg.tokens_type:
+        raise CheckpointError(f"{source} is a T2T-ViT with the {kind} Tokens-to-Token "
+                              f"module ({name}), the config's is {cfg.tokens_type!r}: set "
+                              f"model.tokens_type={kind!r}")
+    width = shapes.get("cls_token", (None,))[-1]
+    depth = len({name.split(".")[1] for name in shapes if name.startswith("blocks.")})
+    project = shapes.get("tokens_to_token.project.weight")
+    token_dim = project[1] // 9 if project and len(project) == 2 else None
+    got = dict(embed_dim=width, depth=depth, token_dim=token_dim)
+    differ = {k: v for k, v in got.items() if v and v != getattr(cfg, k)}
+    if differ:
+      have = ", ".join(f"{k} {v}" for k, v in got.items() if v)
+      raise CheckpointError(f"{source} is a T2T-ViT of {have}; the config differs in "
+                            f"{', '.join(f'model.{k}={getattr(cfg, k)}' for k in differ)}: "
+                            f"choose its variant (configs/t2t_vit.py:14, :19, :24, :t_14, "
+                            f"...) or set those fields")
 
   @staticmethod
   def _is_constant(torch_name: str) -> bool:
