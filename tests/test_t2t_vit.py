@@ -315,6 +315,11 @@ def test_timm_pth_tar_checkpoints(tmp_path):
   ema = convert.file_to_variables(path, config, ema=True)
   np.testing.assert_allclose(ema[CONSTANTS]["pos_embed"], want[CONSTANTS]["pos_embed"] * 0.5,
                              rtol=1e-6)
+  # Another image size: pos_embed resized (bicubic) as the official transfer code does.
+  config96 = case_config(meta, img_size=96)
+  resized = convert.file_to_variables(path, config96)[CONSTANTS]["pos_embed"]
+  np.testing.assert_allclose(resized, convert.resize_pos_embed(state["pos_embed"], 37),
+                             rtol=1e-6)
 
 
 def one_line_error(fn, *args, match, **kwargs):
