@@ -336,7 +336,8 @@ class Backbone(nn.Module):
     return value
 
   # A tiny size of the backbone (config.model fields): what the contract tests of every
-  # backbone run (tests/test_backbones.py), at 32x32 images and 3 blocks.
+  # backbone run (tests/test_backbones.py), with 3 blocks, at 32x32 images unless it gives
+  # another img_size (T2T-ViT: 64, for 16 patches).
   TINY: ClassVar[dict] = {}
   # Parameters without weight decay besides the 1-D ones, by name (timm's no_weight_decay).
   NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()

@@ -117,7 +117,7 @@ class T2TViTConfig(BackboneConfig):
     rate = self.performer_dropout_rate
     if not is_number(rate) or not 0 <= rate < 1:
       raise ConfigError(f"model.performer_dropout_rate must be in [0, 1), got {rate!r}")
-    self.attn_scale   # checks qk_scale
+    _ = self.attn_scale   # raises for a bad qk_scale
 
   @property
   def attn_scale(self) -> float:
