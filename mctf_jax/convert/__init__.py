@@ -79,8 +79,20 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[
 
 
 # The files load_state_dict reads (torch's own, and numpy/safetensors in the same naming).
-TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+# '.pth.tar': timm's training script's checkpoints (the released T2T-ViT and LV-ViT ones),
+# torch.save files despite the name.
+TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 STATE_DICT_EXTENSIONS = TORCH_FILE_EXTENSIONS + (".npz", ".safetensors")
+
+
+def file_extension(path: str) -> str:
+  """The extension of a checkpoint file, lower case: one of STATE_DICT_EXTENSIONS (the
+  double '.pth.tar' included), else the last one (os.path.splitext's)."""
+  lower = os.fspath(path).lower()
+  for ext in sorted(STATE_DICT_EXTENSIONS, key=len, reverse=True):
+    if lower.endswith(ext):
+      return ext
+  return os.path.splitext(lower)[1]
 
 
 def _read_checkpoint_file(path: str, ext: str):
@@ -104,7 +116,8 @@ def _read_checkpoint_file(path: str, ext: str):
 
 
 def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
-  """Reads a PyTorch-style state dict from .pth/.pt/.bin (torch), .npz or .safetensors.
+  """Reads a PyTorch-style state dict from .pth/.pt/.bin/.ckpt/.pth.tar (torch), .npz or
+  .safetensors.
 
   Raises CheckpointNotFoundError (a FileNotFoundError) for a missing file and
   CheckpointError for one it cannot read.
@@ -112,7 +125,7 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f"no checkpoint file at {path!r}")
-  ext = os.path.splitext(path)[1].lower()
+  ext = file_extension(path)
   if ext not in STATE_DICT_EXTENSIONS:
     raise CheckpointError(f"unknown checkpoint format {ext!r} for {path!r}: expected one of "
                           f"{', '.join(STATE_DICT_EXTENSIONS)}")
@@ -207,6 +220,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
   # BatchNorm's counter of batches has no use here.
   state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
   want = backbone.torch_shapes(cfg)
+  backbone.check_state_dict(cfg, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
   rng = np.random.default_rng(seed)
 
   # Old timm checkpoints store patch-embedding convolutions as linear layers.

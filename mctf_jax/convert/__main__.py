@@ -26,13 +26,14 @@ from mctf_jax.errors import MctfError
 def main(argv=None):
   flags_ = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Model config file (e.g. configs/deit_s.py).")
-  flags.DEFINE_string("torch", None, "PyTorch checkpoint: .pth, .npz or .safetensors, "
-                      "timm/DeiT/MCTF naming.")
+  flags.DEFINE_string("torch", None, "PyTorch checkpoint: .pth (.pt, .bin, .ckpt, timm's "
+                      ".pth.tar), .npz or .safetensors, in the backbone's PyTorch naming.")
   flags.DEFINE_string("big_vision", None, "big_vision / vision_transformer checkpoint (.npz; "
                       "FILE.npz:SUBTREE for a sub-tree, e.g. ':img' of SigLIP), for "
                       "model.arch='vit'.")
   flags.DEFINE_string("out", None, "Output directory for the Orbax checkpoint.")
-  flags.DEFINE_bool("ema", False, "Take the EMA weights ('model_ema') of the checkpoint.")
+  flags.DEFINE_bool("ema", False, "Take the EMA weights of the checkpoint ('model_ema', "
+                    "or timm's 'state_dict_ema').")
   flags.DEFINE_bool("allow_unexpected", False, "Ignore weights the model does not have.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing output directory.")
   flags.mark_flags_as_required(["config", "out"])

@@ -15,10 +15,10 @@ A backbone is one file that subclasses both and registers itself
 
 and, as class attributes and classmethods used by the tools (checkpoint conversion, FLOP
 counting, optimizer, tests), ``config_class``, ``torch_shapes``, ``flops_embed``,
-``flops_tail``, ``describe``, ``NO_WEIGHT_DECAY``, ``POS_EMBED``, ``HEAD`` and ``TINY``; the
-naming of parameters in PyTorch checkpoints defaults to timm's (see ``flax_path``). The
-sizes on padded arrays are 0 on the padding rows: ``classify`` and ``features`` must give
-those rows no weight.
+``flops_tail``, ``describe``, ``check_state_dict``, ``NO_WEIGHT_DECAY``, ``POS_EMBED``,
+``HEAD`` and ``TINY``; the naming of parameters in PyTorch checkpoints defaults to timm's
+(see ``flax_path``). The sizes on padded arrays are 0 on the padding rows: ``classify`` and
+``features`` must give those rows no weight.
 
 On that, this base class builds what the rest of the package uses (the train step, the
 evaluation, the tools), through the fusion engine's drivers (mctf_jax.fusion.stack):
@@ -29,6 +29,9 @@ teacher_r=r'`` the student and teacher outputs and their consistency), ``run_unf
 Model state other than parameters (e.g. BatchNorm statistics, in a 'batch_stats'
 collection) may live in the embedding only: the train step updates it there (the
 embedding runs with the state collections mutable in training) and reads it elsewhere.
+Fixed tensors that checkpoints hold but training must not change (T2T-ViT's sinusoid
+position embedding and Performer matrices, its 'constants' collection) are model state
+too: the embedding reads them and never writes them, and the optimizer never sees them.
 """
 
 from __future__ import annotations
@@ -333,7 +336,8 @@ class Backbone(nn.Module):
     return value
 
   # A tiny size of the backbone (config.model fields): what the contract tests of every
-  # backbone run (tests/test_backbones.py), at 32x32 images and 3 blocks.
+  # backbone run (tests/test_backbones.py), with 3 blocks, at 32x32 images unless it gives
+  # another img_size (T2T-ViT: 64, for 16 patches).
   TINY: ClassVar[dict] = {}
   # Parameters without weight decay besides the 1-D ones, by name (timm's no_weight_decay).
   NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()
@@ -341,6 +345,13 @@ class Backbone(nn.Module):
   # and the classifier (re-initialised when the class count differs), by PyTorch name.
   POS_EMBED: ClassVar[str | None] = None
   HEAD: ClassVar[str | None] = None
+
+  @classmethod
+  def check_state_dict(cls, cfg, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Called by the converter with the PyTorch names and shapes of a checkpoint, before it
+    lists every mismatch: a backbone may raise a one-line CheckpointError here for a
+    checkpoint that is plainly of another model (another backbone, another variant), naming
+    what to change. The default checks nothing."""
 
   @classmethod
   def pos_embed_prefix(cls, cfg) -> int:

@@ -1,7 +1,8 @@
 """configs/digits.py shrunk for the end-to-end tests of train.py and eval.py.
 
 ``--config=tests/configs/digits_tiny.py:ARCH`` runs the TINY size of another backbone
-(``Backbone.TINY``, e.g. ``toy_backbones:GapViT`` with tests/ on the path) the same way.
+(``Backbone.TINY``, e.g. ``toy_backbones:GapViT`` with tests/ on the path) the same way,
+at the image size TINY gives (else 32).
 """
 
 from configs import digits
@@ -24,7 +25,9 @@ def get_config(arch=None):
   if arch:
     from mctf_jax import models
     backbone = models.get(arch)
-    fields = dict(backbone.TINY, arch=arch, img_size=32, num_classes=10, drop_path_rate=0.0)
+    # At TINY's image size when it states one (T2T-ViT: 64, 16 patches), else 32.
+    fields = {"img_size": 32, **backbone.TINY, "arch": arch, "num_classes": 10,
+              "drop_path_rate": 0.0}
     config.model = type(config.model)(fields)
     config.num_epochs = 1
     config.eval_every_epochs = 2   # none during training (eval.py evaluates the run)
