@@ -5,14 +5,16 @@
     layers.py    timm-style layers: the pre-norm block, attention, MLP, patch embedding
     deit.py      DeiT / ViT (arch 'deit')
     vit.py       big_vision's ViT (arch 'vit'): its checkpoints, SigLIP image encoders
+    lvvit.py     LV-ViT (arch 'lvvit'): convolutional stem, token-labeling head
 
 A new backbone is one file: a config dataclass and a Backbone subclass, registered.
 """
 
 from mctf_jax.models.base import Backbone, BackboneConfig, EncoderOutput, consistency
 from mctf_jax.models.deit import DeiT, DeiTConfig   # (importing deit registers it)
+from mctf_jax.models.lvvit import LVViT, LVViTConfig   # (importing lvvit registers it)
 from mctf_jax.models.registry import get, names, register
 from mctf_jax.models.vit import ViT, ViTConfig   # (importing vit registers it)
 
 __all__ = ["Backbone", "BackboneConfig", "EncoderOutput", "consistency", "DeiT",
-           "DeiTConfig", "ViT", "ViTConfig", "get", "names", "register"]
+           "DeiTConfig", "LVViT", "LVViTConfig", "ViT", "ViTConfig", "get", "names", "register"]
