@@ -3,8 +3,9 @@
     params = mctf_jax.convert.torch_to_flax(state_dict, config)
     state_dict = mctf_jax.convert.flax_to_torch(params, config)
 
-A state dict may be plain or wrapped like the official checkpoints ({'model': ...}), hold
-torch tensors or numpy arrays, and come from a ``.pth``, ``.npz`` or ``.safetensors`` file
+A state dict may be plain or wrapped like the official checkpoints ({'model': ...}, timm's
+{'state_dict': ..., 'state_dict_ema': ...}), hold torch tensors or numpy arrays, and come
+from a ``.pth`` (or timm's ``.pth.tar``), ``.npz`` or ``.safetensors`` file
 (``load_state_dict``). ``.pth`` files, in the zip format and the legacy pre-1.6 one, are read
 without PyTorch (``mctf_jax.torch_pickle``). The backbone of ``config.model.arch`` names its
 parameters (``Backbone.torch_shapes``, ``flax_path``): for DeiT, timm's names map one to one,
@@ -79,8 +80,18 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], ema: bool = False) -> dict[
 
 
 # The files load_state_dict reads (torch's own, and numpy/safetensors in the same naming).
-TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
+# '.pth.tar': timm's training scripts name their checkpoints so (LV-ViT's releases too).
+TORCH_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
 STATE_DICT_EXTENSIONS = TORCH_FILE_EXTENSIONS + (".npz", ".safetensors")
+
+
+def file_extension(path: str) -> str:
+  """The extension that says a file's format, lower case: '.pth.tar' for timm's
+  'model_best.pth.tar' (``os.path.splitext`` gives '.tar'), else the last one."""
+  lower = os.fspath(path).lower()
+  if lower.endswith(".pth.tar"):
+    return ".pth.tar"
+  return os.path.splitext(lower)[1]
 
 
 def _read_checkpoint_file(path: str, ext: str):
@@ -112,7 +123,7 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise CheckpointNotFoundError(f"no checkpoint file at {path!r}")
-  ext = os.path.splitext(path)[1].lower()
+  ext = file_extension(path)
   if ext not in STATE_DICT_EXTENSIONS:
     raise CheckpointError(f"unknown checkpoint format {ext!r} for {path!r}: expected one of "
                           f"{', '.join(STATE_DICT_EXTENSIONS)}")
@@ -206,6 +217,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
   state = {k: _to_numpy(v) for k, v in state.items()}
   # BatchNorm's counter of batches has no use here.
   state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+  backbone.check_state_dict(state, cfg, source)
   want = backbone.torch_shapes(cfg)
   rng = np.random.default_rng(seed)
 
