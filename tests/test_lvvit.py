@@ -404,10 +404,26 @@ def test_other_checkpoints_are_one_line_errors(golden, tmp_path):
   bookkeeping = {"epoch": 3, "arch": "lvvit_s", "optimizer": {"state": {}}}
   write_torch_file(tmp_path / "no_weights.pth.tar", bookkeeping)
   for name, needle in (("no_aux.pth.tar", "has no aux_head"),
-                       ("no_weights.pth.tar", "is not a checkpoint of a 'lvvit' model")):
+                       ("no_weights.pth.tar", r"holds no weights: no tensor under its keys "
+                                              r"\(arch, epoch, optimizer\)")):
     with pytest.raises(convert.CheckpointError, match=needle) as err:
       convert.file_to_variables(str(tmp_path / name), {"model": model})
     assert "\n" not in str(err.value) and name in str(err.value)
   with pytest.raises(convert.CheckpointError, match="no EMA weights") as err:
     convert.file_to_variables(str(tmp_path / "no_aux.pth.tar"), {"model": model}, ema=True)
   assert "\n" not in str(err.value)
+
+
+def test_another_class_count(golden, caplog):
+  """Fine-tuning for other classes: head initialised afresh, aux_head (which training does
+  not train) set to zero, so that the evaluation logits are the class token's."""
+  meta, _, state = golden
+  config = golden_config(meta)
+  config["model"]["num_classes"] = 5
+  with caplog.at_level("WARNING"):
+    variables = convert.torch_to_variables(state, config)
+  assert "dropping the checkpoint's head (10 classes)" in caplog.text
+  assert "dropping the checkpoint's aux_head (10 classes)" in caplog.text
+  aux = variables["params"]["aux_head"]
+  assert aux["kernel"].shape == (64, 5) and not np.any(aux["kernel"]) and not np.any(aux["bias"])
+  assert np.any(variables["params"]["head"]["kernel"])

@@ -352,9 +352,10 @@ class Backbone(nn.Module):
   # loaded, as PyTorch's AdamW leaves a parameter without gradient).
   EVAL_ONLY: ClassVar[tuple[str, ...]] = ()
   # The position embedding (resized with the image size, its first `prefix` tokens kept)
-  # and the classifier (re-initialised when the class count differs), by PyTorch name.
+  # and the classifier (re-initialised when the class count differs; zeros if EVAL_ONLY),
+  # or a tuple of classifiers, by PyTorch name.
   POS_EMBED: ClassVar[str | None] = None
-  HEAD: ClassVar[str | None] = None
+  HEAD: ClassVar[str | tuple[str, ...] | None] = None
 
   @classmethod
   def check_state_dict(cls, state: dict, cfg, source: str) -> None:

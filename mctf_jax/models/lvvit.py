@@ -25,7 +25,9 @@ With token fusion:
   padding rows (size 0, the padded teacher of ``fusion.padded``) never win it;
 * training uses the class-token logits ``head(cls)`` (``train_logits``), as the official
   model trains without token labeling; ``aux_head`` then gets no gradient, so it is in
-  ``EVAL_ONLY`` and the optimizer leaves it as loaded (no weight decay either);
+  ``EVAL_ONLY`` and the optimizer leaves it as loaded (no weight decay either); for
+  another class count the converter sets it to zero, so that the evaluation logits are
+  then the class token's;
 * ``dense_aux_logits`` gives aux_head's logits at patch resolution, every patch taking the
   logits of the token that holds it (what a token-labeling loss over fused tokens needs).
 
@@ -189,7 +191,7 @@ class LVViT(Backbone):
   """LV-ViT with MCTF (``config``: an LVViTConfig)."""
   config_class = LVViTConfig
   POS_EMBED = "pos_embed"
-  HEAD = "head"
+  HEAD = ("head", "aux_head")
   NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
   EVAL_ONLY = ("aux_head",)
   # 32x32 images, patches of 8: 16 patches and the class token. The contract tests train
