@@ -31,49 +31,8 @@ Sizes and settings may be overridden as any field (``--config.model.token_dim=..
 constructor's default (head_dim ** -0.5), for models trained that way.
 """
 
-import ml_collections
-
-from configs import default
-
-# variant: (embed_dim, depth, num_heads, mlp_ratio, tokens_type, MCTF r on blocks 1..depth-1)
-VARIANTS = {
-    "7": (256, 7, 4, 2.0, "performer", 29),
-    "10": (256, 10, 4, 2.0, "performer", 17),
-    "12": (256, 12, 4, 2.0, "performer", 13),
-    "14": (384, 14, 6, 3.0, "performer", 10),
-    "19": (448, 19, 7, 3.0, "performer", 7),
-    "24": (512, 24, 8, 3.0, "performer", 5),
-    "t_14": (384, 14, 6, 3.0, "transformer", 13),
-    "t_19": (448, 19, 7, 3.0, "transformer", 8),
-    "t_24": (512, 24, 8, 3.0, "transformer", 6),
-}
-
-
-def _variant(variant: str) -> tuple:
-  variant = str(variant)
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown T2T-ViT variant {variant!r}: expected one of "
-                     f"{', '.join(VARIANTS)} (configs/t2t_vit.py:VARIANT)")
-  return VARIANTS[variant]
-
-
-def t2t_vit_model(variant: str = "14") -> ml_collections.ConfigDict:
-  """T2T-ViT-<variant> at 224x224 with the released checkpoints' attention scale."""
-  width, depth, heads, mlp_ratio, tokens_type, _ = _variant(variant)
-  return ml_collections.ConfigDict(dict(
-      arch="t2t_vit", img_size=224, in_chans=3, num_classes=1000,
-      tokens_type=tokens_type,    # 'performer' | 'transformer' (the T2T module)
-      token_dim=64, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
-      qkv_bias=False,
-      qk_scale="embed_dim",       # 'embed_dim' | 'head_dim' | a number
-      performer_dropout_rate=0.1, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
-      param_dtype="float32"))
+from mctf_jax import recipes
 
 
 def get_config(variant: str = "14"):
-  config = default.get_config()
-  config.model = t2t_vit_model(variant)
-  depth, r = _variant(variant)[1], _variant(variant)[5]
-  config.fusion = default.mctf_fusion(r=float(r), layers=tuple(range(1, depth)))
-  config.data.crop_pct = 0.9      # the official default_cfg's evaluation crop
-  return config
+  return recipes.t2t_vit_config(variant)

@@ -10,8 +10,8 @@ configs/t2t_vit.py:VARIANT (19, 24, t_14, ...).
       --config.init.checkpoint=/tmp/t2t_vit_14
 """
 
-from configs import t2t_vit
+from mctf_jax import recipes
 
 
 def get_config():
-  return t2t_vit.get_config("14")
+  return recipes.t2t_vit_config("14")

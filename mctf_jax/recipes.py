@@ -10,6 +10,8 @@ path from anywhere the package is installed (``mctf_jax.load_config(path)``, or 
     mctf_fusion(**changes) the official scripts' fusion section, with changes
     tome_fusion(r, layers) ToMe itself
     big_vision_config(model, r, crop_pct)  the recipe on a big_vision ViT
+    lvvit_model(size), lvvit_config(size, r)         LV-ViT-T/S/M/L and the recipe on it
+    t2t_vit_model(variant), t2t_vit_config(variant)  T2T-ViT variants and the recipe on them
 """
 
 from __future__ import annotations
@@ -160,3 +162,82 @@ def tome_fusion(r=13, layers=tuple(range(12))) -> ml_collections.ConfigDict:
   from mctf_jax.fusion.config import TOME_FIXED
   return mctf_fusion(method="tome", r=r, layers=layers, prop_attn=True, teacher_r_max=0.0,
                      **TOME_FIXED)
+
+
+# ----------------------------------------------------------------------------- LV-ViT
+
+# Per size: the official model's drop-path rate and evaluation crop (TokenLabeling's
+# README and default_cfgs).
+LVVIT_RECIPE = {"tiny": dict(drop_path_rate=0.1, crop_pct=0.9),
+                "small": dict(drop_path_rate=0.1, crop_pct=0.9),
+                "medium": dict(drop_path_rate=0.2, crop_pct=1.0)}
+
+
+def lvvit_model(size: str, img_size: int = 224) -> ml_collections.ConfigDict:
+  """LV-ViT-T/S/M/L (mctf_jax.models.lvvit.SIZES), patch 16."""
+  from mctf_jax.models.lvvit import SIZES
+  width, depth, heads, skip_lam, stem = SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      arch="lvvit", img_size=img_size, patch_size=16, in_chans=3, embed_dim=width,
+      depth=depth, num_heads=heads, mlp_ratio=3.0, qkv_bias=False, skip_lam=skip_lam,
+      stem_channels=stem, num_classes=1000, layer_norm_eps=1e-5, batch_norm_eps=1e-5,
+      train_batch_norm=False,     # the stem's BatchNorm: running statistics, kept as loaded
+      drop_path_rate=LVVIT_RECIPE.get(size, LVVIT_RECIPE["medium"])["drop_path_rate"],
+      dropout_rate=0.0, dtype="float32", param_dtype="float32"))
+
+
+def lvvit_config(size: str, r: float = 8.0) -> ml_collections.ConfigDict:
+  """The MCTF recipe on LV-ViT of `size`: r on blocks 1..depth-1."""
+  config = base_config()
+  config.model = lvvit_model(size)
+  config.fusion = mctf_fusion(r=float(r), layers=tuple(range(1, config.model.depth)))
+  config.data.crop_pct = LVVIT_RECIPE[size]["crop_pct"]
+  return config
+
+
+# ----------------------------------------------------------------------------- T2T-ViT
+
+# variant: (embed_dim, depth, num_heads, mlp_ratio, tokens_type, MCTF r on blocks 1..depth-1,
+# the r whose FLOPs fall closest to 31% under the unfused model's)
+T2T_VARIANTS = {
+    "7": (256, 7, 4, 2.0, "performer", 29),
+    "10": (256, 10, 4, 2.0, "performer", 17),
+    "12": (256, 12, 4, 2.0, "performer", 13),
+    "14": (384, 14, 6, 3.0, "performer", 10),
+    "19": (448, 19, 7, 3.0, "performer", 7),
+    "24": (512, 24, 8, 3.0, "performer", 5),
+    "t_14": (384, 14, 6, 3.0, "transformer", 13),
+    "t_19": (448, 19, 7, 3.0, "transformer", 8),
+    "t_24": (512, 24, 8, 3.0, "transformer", 6),
+}
+
+
+def _t2t_variant(variant: str) -> tuple:
+  variant = str(variant)
+  if variant not in T2T_VARIANTS:
+    raise ValueError(f"unknown T2T-ViT variant {variant!r}: expected one of "
+                     f"{', '.join(T2T_VARIANTS)} (configs/t2t_vit.py:VARIANT)")
+  return T2T_VARIANTS[variant]
+
+
+def t2t_vit_model(variant: str = "14") -> ml_collections.ConfigDict:
+  """T2T-ViT-<variant> at 224x224 with the released checkpoints' attention scale."""
+  width, depth, heads, mlp_ratio, tokens_type, _ = _t2t_variant(variant)
+  return ml_collections.ConfigDict(dict(
+      arch="t2t_vit", img_size=224, in_chans=3, num_classes=1000,
+      tokens_type=tokens_type,    # 'performer' | 'transformer' (the T2T module)
+      token_dim=64, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+      qkv_bias=False,
+      qk_scale="embed_dim",       # 'embed_dim' | 'head_dim' | a number
+      performer_dropout_rate=0.1, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
+      param_dtype="float32"))
+
+
+def t2t_vit_config(variant: str = "14") -> ml_collections.ConfigDict:
+  """The MCTF recipe on T2T-ViT-<variant>: its r (T2T_VARIANTS) on blocks 1..depth-1."""
+  config = base_config()
+  config.model = t2t_vit_model(variant)
+  depth, r = _t2t_variant(variant)[1], _t2t_variant(variant)[5]
+  config.fusion = mctf_fusion(r=float(r), layers=tuple(range(1, depth)))
+  config.data.crop_pct = 0.9      # the official default_cfg's evaluation crop
+  return config

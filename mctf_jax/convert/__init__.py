@@ -3,8 +3,9 @@
     params = mctf_jax.convert.torch_to_flax(state_dict, config)
     state_dict = mctf_jax.convert.flax_to_torch(params, config)
 
-A state dict may be plain or wrapped like the official checkpoints ({'model': ...}), hold
-torch tensors or numpy arrays, and come from a ``.pth``, ``.npz`` or ``.safetensors`` file
+A state dict may be plain or wrapped like the official checkpoints ({'model': ...}, timm's
+{'state_dict': ..., 'state_dict_ema': ...}), hold torch tensors or numpy arrays, and come
+from a ``.pth`` (or timm's ``.pth.tar``), ``.npz`` or ``.safetensors`` file
 (``load_state_dict``). ``.pth`` files, in the zip format and the legacy pre-1.6 one, are read
 without PyTorch (``mctf_jax.torch_pickle``). The backbone of ``config.model.arch`` names its
 parameters (``Backbone.torch_shapes``, ``flax_path``): for DeiT, timm's names map one to one,
@@ -141,6 +142,11 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{path!r} holds {torch_pickle.describe(raw)}, not a state dict "
                           f"(parameter names to tensors): save model.state_dict()")
   state = unwrap_state_dict(raw, ema=ema)
+  if state and not any(isinstance(v, np.ndarray) or hasattr(v, "detach")
+                       for v in state.values()):
+    keys = ", ".join(sorted(map(str, state))[:8]) + (", ..." if len(state) > 8 else "")
+    raise CheckpointError(f"{path} holds no weights: no tensor under its keys ({keys}); "
+                          f"expected a state dict, plain or under one of {WRAPPER_KEYS}")
   return {k: _to_numpy(v) for k, v in state.items()}
 
 
@@ -238,15 +244,24 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
                    want[pos_name][1])
     state[pos_name] = resize_pos_embed(pos, want[pos_name][1], backbone.pos_embed_prefix(cfg))
 
-  head = backbone.HEAD
-  head_w = state.get(f"{head}.weight") if head else None
-  if adapt and head_w is not None and tuple(head_w.shape) != want[f"{head}.weight"] \
-      and head_w.ndim == 2 and head_w.shape[1] == want[f"{head}.weight"][1]:
-    logger.warning("dropping the checkpoint's head (%d classes): the config has %d classes; "
-                   "the head is initialised afresh", head_w.shape[0], cfg.num_classes)
-    state[f"{head}.weight"] = (rng.standard_normal(want[f"{head}.weight"]) * 0.02).clip(-0.04,
-                                                                                      0.04)
-    state[f"{head}.bias"] = np.zeros(want[f"{head}.bias"])
+  heads = backbone.HEAD if isinstance(backbone.HEAD, tuple) else (backbone.HEAD,)
+  for head in [h for h in heads if h]:
+    head_w = state.get(f"{head}.weight")
+    if adapt and head_w is not None and tuple(head_w.shape) != want[f"{head}.weight"] \
+        and head_w.ndim == 2 and head_w.shape[1] == want[f"{head}.weight"][1]:
+      shape = want[f"{head}.weight"]
+      if head in backbone.EVAL_ONLY:
+        # Training will not train it: zeros, so that it adds nothing to the logits.
+        logger.warning("dropping the checkpoint's %s (%d classes): the config has %d "
+                       "classes; it is set to zero (training does not train it)", head,
+                       head_w.shape[0], cfg.num_classes)
+        state[f"{head}.weight"] = np.zeros(shape)
+      else:
+        logger.warning("dropping the checkpoint's %s (%d classes): the config has %d "
+                       "classes; the %s is initialised afresh", head, head_w.shape[0],
+                       cfg.num_classes, head)
+        state[f"{head}.weight"] = (rng.standard_normal(shape) * 0.02).clip(-0.04, 0.04)
+      state[f"{head}.bias"] = np.zeros(want[f"{head}.bias"])
 
   missing = [name for name in want if name not in state]
   unexpected = [name for name in state if name not in want]

@@ -12,13 +12,17 @@ A backbone is one file that subclasses both and registers itself
     features(tokens_BxTxC, size_BxT)  -> BxF, the representation that the token reduction
                                       consistency compares (DeiT: the class token)
     classify(tokens_BxTxC, size_BxT)  -> logits (B, num_classes)
+    train_logits(tokens_BxTxC, size_BxT)
+                                      -> the logits training's losses read; by default
+                                      classify's (LV-ViT: the class token's head alone)
 
 and, as class attributes and classmethods used by the tools (checkpoint conversion, FLOP
 counting, optimizer, tests), ``config_class``, ``torch_shapes``, ``flops_embed``,
-``flops_tail``, ``describe``, ``check_state_dict``, ``NO_WEIGHT_DECAY``, ``POS_EMBED``,
-``HEAD`` and ``TINY``; the naming of parameters in PyTorch checkpoints defaults to timm's
-(see ``flax_path``). The sizes on padded arrays are 0 on the padding rows: ``classify`` and
-``features`` must give those rows no weight.
+``flops_tail``, ``describe``, ``NO_WEIGHT_DECAY``, ``EVAL_ONLY``, ``POS_EMBED``, ``HEAD`` and
+``TINY``; the naming of parameters in PyTorch checkpoints defaults to timm's (see
+``flax_path``), and ``check_state_dict`` may refuse another model's checkpoint. The
+sizes on padded arrays are 0 on the padding rows: ``classify`` and ``features`` must give
+those rows no weight.
 
 On that, this base class builds what the rest of the package uses (the train step, the
 evaluation, the tools), through the fusion engine's drivers (mctf_jax.fusion.stack):
@@ -165,6 +169,11 @@ class Backbone(nn.Module):
     """Logits (B, num_classes) from the final tokens (size 0 on padding rows)."""
     raise NotImplementedError(f"{type(self).__name__} does not define classify()")
 
+  def train_logits(self, tokens_BxTxC, size_BxT):
+    """The logits that training's losses read (the train step, ``__call__`` with
+    train=True); ``classify``'s unless a backbone trains on other logits than it evaluates."""
+    return self.classify(tokens_BxTxC, size_BxT)
+
   # ------------------------------------------------------------------ static helpers
 
   def schedule(self, r=None) -> Schedule:
@@ -248,9 +257,10 @@ class Backbone(nn.Module):
 
   def __call__(self, images, *, train: bool = False, teacher_r=None):
     deterministic = not train
+    logits_of = self.train_logits if train else self.classify
     x = self.embed(images, deterministic)
     student = self.run_blocks(x, self.schedule(), deterministic=deterministic)
-    student_logits = self.classify(student.tokens_BxTxC, student.size_BxT)
+    student_logits = logits_of(student.tokens_BxTxC, student.size_BxT)
     if teacher_r is None:
       return student_logits
     if not train:
@@ -261,7 +271,7 @@ class Backbone(nn.Module):
                               trace_source=False)
     return {
         "student_logits": student_logits,
-        "teacher_logits": self.classify(teacher.tokens_BxTxC, teacher.size_BxT),
+        "teacher_logits": logits_of(teacher.tokens_BxTxC, teacher.size_BxT),
         "consistency": consistency(self.features(student.tokens_BxTxC, student.size_BxT),
                                    self.features(teacher.tokens_BxTxC, teacher.size_BxT)),
     }
@@ -341,10 +351,15 @@ class Backbone(nn.Module):
   TINY: ClassVar[dict] = {}
   # Parameters without weight decay besides the 1-D ones, by name (timm's no_weight_decay).
   NO_WEIGHT_DECAY: ClassVar[tuple[str, ...]] = ()
+  # Parameters, by name, that only ``classify`` reads, not ``train_logits`` or ``features``:
+  # training gives them no gradient, and the optimizer no weight decay (they stay as
+  # loaded, as PyTorch's AdamW leaves a parameter without gradient).
+  EVAL_ONLY: ClassVar[tuple[str, ...]] = ()
   # The position embedding (resized with the image size, its first `prefix` tokens kept)
-  # and the classifier (re-initialised when the class count differs), by PyTorch name.
+  # and the classifier (re-initialised when the class count differs; zeros if EVAL_ONLY),
+  # or a tuple of classifiers, by PyTorch name.
   POS_EMBED: ClassVar[str | None] = None
-  HEAD: ClassVar[str | None] = None
+  HEAD: ClassVar[str | tuple[str, ...] | None] = None
 
   @classmethod
   def check_state_dict(cls, cfg, shapes: dict[str, tuple[int, ...]], source: str) -> None:

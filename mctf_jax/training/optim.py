@@ -3,7 +3,8 @@
 AdamW (betas 0.9/0.999, eps 1e-8) with weight decay on every parameter except 1-D ones
 (biases, LayerNorm) and those the backbone names (``NO_WEIGHT_DECAY``; DeiT: the position
 embedding and the class token, as timm's ``create_optimizer`` with its
-``no_weight_decay = {pos_embed, cls_token}``), optional global-norm
+``no_weight_decay = {pos_embed, cls_token}``; and ``EVAL_ONLY``, which get no gradient, so
+that they stay as loaded), optional global-norm
 clipping, and timm's epoch-wise cosine schedule:
 
   lr(e) = warmup_lr + e * (peak - warmup_lr) / warmup_epochs          for e < warmup_epochs
@@ -67,7 +68,8 @@ def weight_decay_mask(params, no_weight_decay=()):
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  no_decay = models.get(model_config(config).arch).NO_WEIGHT_DECAY
+  backbone = models.get(model_config(config).arch)
+  no_decay = tuple(backbone.NO_WEIGHT_DECAY) + tuple(backbone.EVAL_ONLY)
   parts = []
   if config.grad_clip and config.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(config.grad_clip))

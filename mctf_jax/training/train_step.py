@@ -10,7 +10,7 @@ function of (state, batch) and a resumed run repeats an uninterrupted one exactl
 
 The step reaches the model only through the backbone protocol of
 ``mctf_jax.models.base``: ``embed``, ``run_unfused``, ``run_blocks`` /
-``run_blocks_padded``, ``classify`` and ``features``.
+``run_blocks_padded``, ``train_logits`` and ``features``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule_fn
 
   def head(params, model_state, out):
     v = variables(params, model_state)
-    return (model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.classify),
+    return (model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.train_logits),
             model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.features))
 
   def ce(logits, batch):
