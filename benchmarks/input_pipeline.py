@@ -72,6 +72,8 @@ flags.DEFINE_integer("batches", 3, "Timed batches per turn.", lower_bound=1)
 flags.DEFINE_integer("warmup", 1, "Untimed batches at the start of each turn.", lower_bound=0)
 flags.DEFINE_bool("profile", False, "Also time each step of the pipelines in isolation.")
 flags.DEFINE_integer("profile_images", 64, "Images per step with --profile.", lower_bound=1)
+flags.DEFINE_integer("profile_repeats", 2, "Runs per step with --profile (the fastest "
+                     "counts).", lower_bound=1)
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 
 # The issue's targets: rate per core of each pipeline over the reference's.
@@ -226,7 +228,7 @@ def measure(pipelines: dict, batch_size: int, rounds: int, batches: int, warmup:
 
 # ----------------------------------------------------------------------------- profile
 
-def profile_steps(config, num_images: int) -> dict:
+def profile_steps(config, num_images: int, repeats: int = 2) -> dict:
   """CPU ms per image of each step of the pipelines, timed alone (one tf.data map per step
   on one thread over the same images; its overhead, the 'nothing' step, subtracted)."""
   import numpy as np
@@ -304,8 +306,8 @@ def profile_steps(config, num_images: int) -> dict:
       count = 1 + sum(1 for _ in it)
       return (time.process_time() - start) / max(count - 1, 1)
     if kind not in baselines:
-      baselines[kind] = min(run(lambda i, x, *rest: x) for _ in range(2))
-    seconds = min(run() for _ in range(2))
+      baselines[kind] = min(run(lambda i, x, *rest: x) for _ in range(repeats))
+    seconds = min(run() for _ in range(repeats))
     overhead = baselines["image"] if name.startswith("nothing") else baselines[kind]
     out[name] = (seconds if name.startswith("nothing") else max(seconds - overhead, 0.0)) * 1e3
     print(f"  {name:<40s} {out[name]:7.2f} ms", flush=True)
@@ -345,7 +347,8 @@ def main(argv):
   if FLAGS.profile:
     print(f"\nCPU ms per image of each step alone (one thread, {FLAGS.profile_images} "
           f"images):", flush=True)
-    result["profile_ms_per_image"] = profile_steps(config, FLAGS.profile_images)
+    result["profile_ms_per_image"] = profile_steps(config, FLAGS.profile_images,
+                                                   FLAGS.profile_repeats)
 
   print(f"\ntimed turns ({FLAGS.rounds} rounds x {FLAGS.batches} batches after "
         f"{FLAGS.warmup} warm-up):", flush=True)
