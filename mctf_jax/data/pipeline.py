@@ -124,10 +124,16 @@ def _source(s: Settings):
   return sources.get_source(s.dataset, s.data_dir, s.img_size, s.train_split, s.shuffle_buffer)
 
 
-def _options() -> tf.data.Options:
+def pipeline_options(num_threads: Optional[int] = None) -> tf.data.Options:
+  """The options of every pipeline here: ordered, one thread per op, and with num_threads
+  a private pool of that many threads (default: TensorFlow's shared pool, one per core)."""
   options = tf.data.Options()
   options.deterministic = True     # parallel maps keep their order
   options.threading.max_intra_op_parallelism = 1
+  if num_threads is not None:
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+      raise ValueError(f"num_threads={num_threads!r}: expected an int >= 1 or None")
+    options.threading.private_threadpool_size = num_threads
   return options
 
 
@@ -161,10 +167,13 @@ class TrainPipeline:
   `iterate(start_step)` yields dicts of numpy arrays with the process's share of each global
   batch: 'image' float32 (B, S, S, 3) normalised, 'label' int32 (B,), and with mixup/cutmix
   'targets' float32 (B, num_classes) (label smoothing folded in) and 'mixed_label' int32.
+  num_threads: a private tf.data thread pool of that size (default: the shared one); the
+  batches are the same with any.
   """
 
   def __init__(self, config: Any, global_batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1, label_smoothing: float = 0.0):
+               process_count: int = 1, label_smoothing: float = 0.0,
+               num_threads: Optional[int] = None):
     self.settings = s = settings(config)
     self.local_batch_size = _check_processes(global_batch_size, process_index, process_count)
     self.global_batch_size = global_batch_size
@@ -173,6 +182,7 @@ class TrainPipeline:
     if not 0 <= label_smoothing < 1:
       raise ValueError(f"label_smoothing={label_smoothing!r}: expected a number in [0, 1)")
     self.seed = seed
+    self._options = pipeline_options(num_threads)
     self.process_index, self.process_count = process_index, process_count
     self._source = _source(s)
     self.num_classes = self._source.num_classes
@@ -260,7 +270,7 @@ class TrainPipeline:
     if self._mixup is not None:
       ds = ds.enumerate(first_step).map(_plain(self._mix), num_parallel_calls=AUTOTUNE,
                                         deterministic=True)
-    return ds.prefetch(AUTOTUNE).with_options(_options()).as_numpy_iterator()
+    return ds.prefetch(AUTOTUNE).with_options(self._options).as_numpy_iterator()
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches from global step `start_step` on, forever (epoch after epoch)."""
@@ -287,13 +297,14 @@ class TrainPipeline:
 
 
 def eval_batches(config: Any, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, split: Optional[str] = None
-                 ) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, split: Optional[str] = None,
+                 num_threads: Optional[int] = None) -> Iterator[dict[str, np.ndarray]]:
   """The evaluation split (config.data.eval_split or `split`) in this process's batches.
 
   Yields dicts 'image' float32 (B, S, S, 3), 'label' int32 (B,), 'mask' bool (B,). The
   processes split the examples (each scored once in all); the last batches are padded with
   mask False, and every process yields ceil(ceil(N / process_count) / B) batches.
+  num_threads: a private tf.data thread pool of that size (default: the shared one).
   """
   s = settings(config)
   local_batch = _check_processes(global_batch_size, process_index, process_count)
@@ -314,7 +325,8 @@ def eval_batches(config: Any, global_batch_size: int, process_index: int = 0,
       "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}).repeat()
   ds = records.map(_plain(prepare), num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
-  return ds.prefetch(AUTOTUNE).with_options(_options()).as_numpy_iterator()
+  ds = ds.prefetch(AUTOTUNE).with_options(pipeline_options(num_threads))
+  return ds.as_numpy_iterator()
 
 
 @functools.lru_cache(maxsize=16)
