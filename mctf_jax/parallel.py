@@ -102,10 +102,9 @@ def define_runtime_flags() -> None:
       ["coordinator_address", "num_processes", "process_id"], check)
 
 
-def setup_runtime(flag_values) -> None:
-  """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'
-  flags say. The libraries' INFO logs (JAX's backend search, Orbax's saves) are shown only
-  when absl's --verbosity asks for them."""
+def quiet_library_logs(flag_values) -> None:
+  """The libraries' INFO logs (JAX's backend search, Orbax's saves and restores) only when
+  absl's --verbosity asks for them; for train.py, eval.py and the tools."""
   if not flag_values["verbosity"].present:
     for name in ("absl", "jax"):
       logging.getLogger(name).setLevel(logging.WARNING)
@@ -113,6 +112,12 @@ def setup_runtime(flag_values) -> None:
     # report it themselves, in one line.
     logging.getLogger("absl").addFilter(
         lambda record: record.levelno >= logging.CRITICAL or "orbax" not in record.pathname)
+
+
+def setup_runtime(flag_values) -> None:
+  """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'
+  flags say, with the libraries' logs quiet (``quiet_library_logs``)."""
+  quiet_library_logs(flag_values)
   maybe_initialize_distributed(flag_values.distributed, flag_values.coordinator_address,
                                flag_values.num_processes, flag_values.process_id)
   cache = flag_values.compilation_cache

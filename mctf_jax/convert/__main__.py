@@ -40,6 +40,8 @@ def main(argv=None):
 
   def run(_):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from mctf_jax import parallel
+    parallel.quiet_library_logs(flags_)
     config = flags_.config
     if (flags_.torch is None) == (flags_.big_vision is None):
       raise app.UsageError("give the checkpoint to convert as --torch=FILE or "

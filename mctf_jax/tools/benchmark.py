@@ -343,6 +343,8 @@ def main(argv=None):
   flags.mark_flags_as_required(["config"])
 
   def run(argv_):
+    from mctf_jax import parallel
+    parallel.quiet_library_logs(FLAGS)
     if len(argv_) > 1:
       _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
     from mctf_jax.errors import ConfigError, MctfError

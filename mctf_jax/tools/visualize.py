@@ -431,6 +431,8 @@ def main(argv=None):
 
   def run(argv_):
     command = argv_[1:]
+    from mctf_jax import parallel
+    parallel.quiet_library_logs(FLAGS)
     if command == ["plot"]:
       if not FLAGS.results or not FLAGS.out:
         _fail("plot needs --results=eval_results.json[,more.json] and --out=plot.png")
