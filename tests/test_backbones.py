@@ -22,16 +22,17 @@ from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import ROOT, digits_config, run
 
-TOYS = ("toy_backbones:GapViT", "toy_backbones:DistilledViT")
+TOYS = ("toy_backbones:DistilledViT",)
 ARCHS = tuple(models.names()) + TOYS
-# The toys stand for what no registered backbone has yet: model state (GapViT's BatchNorm)
-# and a distillation token (two protected tokens). Each runs the checks its feature bears on.
-STATE = tuple(models.names()) + ("toy_backbones:GapViT",)
-TOKENS = tuple(models.names()) + ("toy_backbones:DistilledViT",)
-# train.py and eval.py end to end: the registered backbones. (They go through the same
-# code whatever the backbone; model state through checkpoints and eval.py's loader:
-# test_model_state_goes_through_checkpoints.)
-END_TO_END = tuple(models.names())
+# The toy stands for what no registered backbone has: a distillation token (two protected
+# tokens). (Model state: LV-ViT's BatchNorm statistics, T2T-ViT's fixed tensors; no class
+# token: big_vision's ViT pooled by average or attention.)
+STATE = tuple(models.names())
+TOKENS = tuple(models.names()) + TOYS
+# train.py and eval.py end to end: the backbones whose runs differ in what goes through the
+# entry points (DeiT's shared run; LV-ViT's BatchNorm state and two kinds of logits; T2T-ViT's
+# fixed tensors). big_vision's ViT: tests/test_big_vision.py runs eval.py on its .npz.
+END_TO_END = ("deit", "lvvit", "t2t_vit")
 
 
 def config_of(arch, dtype="float32", **fusion):
@@ -50,11 +51,14 @@ def _setup(arch, dtype="float32", batch=2, **fusion):
   return model, variables, images
 
 
-def test_the_toys_are_what_they_test():
-  assert [models.get(a).config_class().num_protected for a in TOYS] == [0, 2]
-  gap = mctf_jax.create_model(config_of(TOYS[0]))
-  shapes = jax.eval_shape(gap.init, jax.random.key(0), gap.dummy_images())
-  assert "batch_stats" in shapes
+def test_the_backbones_have_what_the_contract_covers():
+  assert [models.get(a).config_class().num_protected for a in TOYS] == [2]
+  assert models.get("vit").config_class().num_protected == 0   # pool_type 'gap'
+  for arch, collections in (("lvvit", {"params", "batch_stats"}),
+                            ("t2t_vit", {"params", "constants"})):
+    model = mctf_jax.create_model(config_of(arch))
+    assert set(jax.eval_shape(model.init, jax.random.key(0), model.dummy_images())) == \
+        collections
 
 
 @pytest.mark.parametrize("arch", TOKENS)
@@ -235,7 +239,7 @@ def test_train_step_updates_parameters_and_state(arch):
 
 def test_model_state_goes_through_checkpoints(tmp_path):
   """The model's state is saved and restored with the train state, and by save_params."""
-  arch = "toy_backbones:GapViT"
+  arch = "lvvit"
   config = config_of(arch)
   model = mctf_jax.create_model(config)
   variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())

@@ -96,20 +96,19 @@ DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.pat
                               if f.endswith(".md"))
 SKIP = re.compile(r"<!-- not run: (.*?) -->\s*$")
 
-TINY = "tests/configs/tiny.py"
-DIGITS = ["--config.data.dataset=digits", "--config.data.eval_split=test",
-          "--config.data.repeated_aug=1", "--config.data.crop_pct=1.0", "--config.num_epochs=1",
-          "--config.cooldown_epochs=0", "--config.batch_size=64", "--config.eval_batch_size=120",
-          "--config.checkpoint_every_steps=22"]
-TINY_VIT = ["--config=tests/configs/digits_tiny.py:vit", "--config.model.embed_dim=64",
+# The commands that would train, evaluate or time a real model for minutes run on the
+# configuration of the end-to-end tests (tests/configs/digits_tiny.py: a DeiT of width 32 on
+# the embedded digits), whose programs the shared training run compiles too (the persistent
+# compilation cache serves both).
+TINY = "tests/configs/digits_tiny.py"
+TINY_VIT = [f"--config={TINY}:vit", "--config.model.embed_dim=64",
             "--config.model.mlp_dim=128", "--config.model.depth=3", "--config.model.pool_type=map"]
-# Programs whose runs on the real configs would take minutes: they get the tiny config.
 HEAVY = ("train.py", "eval.py", "mctf_jax.convert", "mctf_jax.tools.benchmark",
          "mctf_jax.tools.visualize")
 TINY_CONFIGS = {"--config=configs/deit_s.py": [f"--config={TINY}"],
-                "--config=configs/siglip_b16.py": TINY_VIT}
-EXTRA = {"train.py": DIGITS, "eval.py": DIGITS + ["--throughput_batch=8"],
-         "mctf_jax.tools.visualize": ["--config.data.dataset=digits"],
+                "--config=configs/siglip_b16.py": TINY_VIT,
+                "--config=configs/lvvit_s.py": [f"--config={TINY}:lvvit"]}
+EXTRA = {"eval.py": ["--throughput_batch=0"],
          "mctf_jax.tools.benchmark": ["--repeats=2", "--warmup=1"]}
 
 
@@ -166,15 +165,27 @@ def adapt(argv, files):
 
 def _user_files(scratch):
   """The files the docs assume a user has, made small: {name in the docs: path}."""
-  import shutil
   from PIL import Image
   from skimage import data as samples
   Image.fromarray(samples.astronaut()).save(scratch / "photo.jpg")
   flat = dict(np.load(os.path.join(ROOT, "tests", "golden", "big_vision", "bv_tiny_map.npz")))
   np.savez(scratch / "siglip.npz", **{f"params/img/{k}": v for k, v in flat.items()},
            **{"params/t": np.ones((1,), np.float32)})
-  shutil.copy(os.path.join(ROOT, "tests", "data", "tiny_deit.pth"), scratch / "deit.pth")
+  # DeiT's and LV-ViT's released files: the tiny models' random weights, as torch.save and
+  # timm's training script write them.
+  import jax
+  import mctf_jax
+  import torch_files
+  from mctf_jax import convert
+  for name, arch, write in (("deit.pth", None, torch_files.write_torch_file),
+                            ("lvvit.pth.tar", "lvvit", torch_files.timm_checkpoint)):
+    config = mctf_jax.load_config(os.path.join(ROOT, TINY) + (f":{arch}" if arch else ""))
+    model = mctf_jax.create_model(config)
+    variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+    state = convert.flax_to_torch(variables.pop("params"), config, model_state=variables)
+    write(scratch / name, {k: np.asarray(v, np.float32) for k, v in state.items()})
   return {"deit_small_patch16_224-cd65a155.pth": str(scratch / "deit.pth"),
+          "lvvit_s-26M-224-83.3.pth.tar": str(scratch / "lvvit.pth.tar"),
           "webli_en_b16_224_63724782.npz": str(scratch / "siglip.npz"),
           "/path/to/tensorflow_datasets": str(scratch / "tfds")}
 

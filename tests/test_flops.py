@@ -197,8 +197,13 @@ def _less_fused(r):
 def test_flop_budget_met_from_below_for_every_config(name):
   config = _config(name)
   unfused = flops.count_flops(config, r=0).total
-  for budget in (dict(target_fraction=0.7), dict(target_fraction=0.5),
-                 dict(target_gflops=0.6 * unfused / 1e9)):
+  least = min(flops.count_flops(config, r=r).total
+              for r in (config.fusion.r, 0.99 if config.fusion.r < 1 else 1000))
+  # Budgets a quarter, half and three quarters of the way from the least FLOPs any r reaches
+  # (at most the config's r's) to the unfused model's.
+  for budget in (dict(target_fraction=(least + 0.75 * (unfused - least)) / unfused),
+                 dict(target_fraction=(least + 0.5 * (unfused - least)) / unfused),
+                 dict(target_gflops=(least + 0.25 * (unfused - least)) / 1e9)):
     config.fusion.update({"target_gflops": 0.0, "target_fraction": 0.0, **budget})
     choice = flops.budget_choice(config)
     target = budget.get("target_gflops", 0) * 1e9 or budget.get("target_fraction", 0) * unfused

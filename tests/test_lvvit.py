@@ -5,10 +5,8 @@ The contract every backbone meets: tests/test_backbones.py."""
 
 import collections
 import os
-import pickle
 import subprocess
 import sys
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from mctf_jax.models.lvvit import LVViT
 from mctf_jax.tools import flops
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
+from torch_files import write_torch_file
 from conftest import ROOT, load_golden
 
 GOLDEN = os.path.join("backbones", "lvvit_tiny")
@@ -270,77 +269,6 @@ def test_bad_sizes_are_one_line_config_errors():
     with pytest.raises(mctf_jax.ConfigError, match=needle) as err:
       mctf_jax.create_model({"model": dict(arch="lvvit", **changes)})
     assert "\n" not in str(err.value)
-
-
-_STORAGES = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
-             np.dtype(np.int64): "LongStorage"}
-
-
-class _TorchGlobal:
-  """A function or class of torch's, written into the pickle by name (torch not needed)."""
-
-  def __init__(self, module, name):
-    self.module, self.name = module, name
-
-  def __call__(self, *args):
-    raise TypeError("a name for the pickle only")
-
-
-class _Storage:
-  def __init__(self, key, array):
-    self.key, self.array = key, array
-
-
-class _Tensor:
-  def __init__(self, storage):
-    self.storage = storage
-
-  def __reduce__(self):
-    a = self.storage.array
-    stride = tuple(int(np.prod(a.shape[i + 1:])) for i in range(a.ndim))
-    return (_TorchGlobal("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, 0, a.shape, stride, False, collections.OrderedDict()))
-
-
-class _TorchPickler(pickle._Pickler):
-  """Pickles as torch.save does: tensors as _rebuild_tensor_v2 of a persistent storage."""
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def _save_torch_global(self, obj):
-    self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-    self.memoize(obj)
-  dispatch[_TorchGlobal] = _save_torch_global
-
-  def persistent_id(self, obj):
-    if isinstance(obj, _Storage):
-      return ("storage", _TorchGlobal("torch", _STORAGES[obj.array.dtype]), obj.key, "cpu",
-              obj.array.size)
-    return None
-
-
-def write_torch_file(path, obj):
-  """torch.save(obj, path) in the zip format, numpy arrays standing for the tensors."""
-  storages = []
-
-  def tensors(x):
-    if isinstance(x, np.ndarray):
-      storages.append(_Storage(str(len(storages)), np.ascontiguousarray(x)))
-      return _Tensor(storages[-1])
-    if isinstance(x, dict):
-      return type(x)((k, tensors(v)) for k, v in x.items())
-    return x
-  obj = tensors(obj)
-  import io
-  body = io.BytesIO()
-  _TorchPickler(body, protocol=2).dump(obj)
-  prefix = os.path.basename(str(path)).split(".")[0]
-  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-    z.writestr(f"{prefix}/data.pkl", body.getvalue())
-    z.writestr(f"{prefix}/byteorder", "little")
-    for s in storages:
-      z.writestr(f"{prefix}/data/{s.key}", s.array.astype(s.array.dtype.newbyteorder("<"))
-                 .tobytes())
-    z.writestr(f"{prefix}/version", "3\n")
 
 
 def _timm_checkpoint(state):

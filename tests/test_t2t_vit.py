@@ -4,13 +4,9 @@ trained), fvcore's FLOPs of the official variants and of the MCTF configs, the t
 8 devices, timm's .pth.tar checkpoints and the one-line errors. (The contract every
 backbone meets: tests/test_backbones.py.)"""
 
-import collections
 import importlib
-import io
 import json
 import os
-import pickle
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +22,7 @@ from mctf_jax.models.t2t_vit import CONSTANTS, T2TViT, T2TViTConfig, soft_split
 from mctf_jax.tools import flops
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
+import torch_files
 from conftest import ROOT
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "backbones")
@@ -223,81 +220,17 @@ def test_flops_of_the_transformer_module_against_the_traced_program():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class _Global:
-  """A global the pickle names (torch's, which need not be installed here)."""
-
-  def __init__(self, module, name, *args):
-    self.module, self.name, self.args = module, name, args
-
-  def __call__(self, *args):
-    raise AssertionError("only pickled")
-
-  def __reduce__(self):   # as an object: a call of itself with its args
-    return (_Global(self.module, self.name), self.args)
-
-
-class _Storage:
-  def __init__(self, key, array):
-    self.key, self.array = key, np.ascontiguousarray(array, "<f4")
-
-
-class _Tensor:
-  def __init__(self, storage):
-    self.storage = storage
-
-  def __reduce__(self):
-    shape = self.storage.array.shape
-    strides = tuple(s // 4 for s in self.storage.array.strides)
-    return (_Global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, 0, shape, strides, False, collections.OrderedDict()))
-
-
-class _TorchPickler(pickle._Pickler):
-  """Pickles as torch.save does: storages as persistent ids, torch's globals by name."""
-  dispatch = dict(pickle._Pickler.dispatch)
-
-  def persistent_id(self, obj):
-    if isinstance(obj, _Storage):
-      return ("storage", _Global("torch", "FloatStorage"), obj.key, "cpu", obj.array.size)
-    return None
-
-
-def _save_global(pickler, obj):
-  if obj.args:
-    pickler.save_reduce(_Global(obj.module, obj.name), obj.args, obj=obj)
-  else:
-    pickler.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-
-
-_TorchPickler.dispatch[_Global] = _save_global
-
-
 def save_like_torch(path, obj):
-  """torch.save's zip format without torch: numpy arrays become float32 tensors."""
-  storages = []
-
-  def wrap(value):
-    if isinstance(value, np.ndarray):
-      storages.append(_Storage(str(len(storages)), value))
-      return _Tensor(storages[-1])
-    if isinstance(value, dict):
-      return collections.OrderedDict((k, wrap(v)) for k, v in value.items())
-    return value
-  body = io.BytesIO()
-  _TorchPickler(body, protocol=2).dump(wrap(obj))
-  with zipfile.ZipFile(path, "w") as archive:
-    archive.writestr("archive/data.pkl", body.getvalue())
-    for storage in storages:
-      archive.writestr(f"archive/data/{storage.key}", storage.array.tobytes())
+  """torch.save's zip format without torch (tests/torch_files.py)."""
+  torch_files.write_torch_file(path, obj)
 
 
 def timm_checkpoint(path, state, ema=None):
   """A checkpoint as timm's train.py saves it (the released T2T-ViT ones)."""
-  save_like_torch(path, {
-      "epoch": 309, "arch": "t2t_vit_14", "state_dict": state,
-      "optimizer": {"state": {}, "param_groups": []},
-      "args": _Global("argparse", "Namespace", ()), "version": 2, "metric": 81.5,
-      **({"state_dict_ema": ema} if ema is not None else {})})
+  torch_files.timm_checkpoint(path, {k: np.asarray(v, np.float32) for k, v in state.items()},
+                              None if ema is None else
+                              {k: np.asarray(v, np.float32) for k, v in ema.items()},
+                              arch="t2t_vit_14", metric=81.5)
 
 
 def test_timm_pth_tar_checkpoints(tmp_path):

@@ -1,7 +1,7 @@
 """configs/digits.py shrunk for the end-to-end tests of train.py and eval.py.
 
 ``--config=tests/configs/digits_tiny.py:ARCH`` runs the TINY size of another backbone
-(``Backbone.TINY``, e.g. ``toy_backbones:GapViT`` with tests/ on the path) the same way,
+(``Backbone.TINY``, e.g. ``lvvit`` or ``toy_backbones:DistilledViT`` with tests/ on the path) the same way,
 at the image size TINY gives (else 32).
 """
 
