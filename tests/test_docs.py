@@ -89,6 +89,7 @@ def test_python_blocks_run(name, monkeypatch):
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -212,12 +213,16 @@ def test_doc_code_runs(name, tmp_path, monkeypatch, env):
       for user_file, test_file in files.items():
         code = code.replace(user_file, test_file)
       code = code.replace('"configs/deit_s.py"', f'"{TINY}"')
+      start = time.time()
       exec(compile(code, name, "exec"), namespace)
+      print(f"{time.time() - start:6.1f} s  python block of {len(code.splitlines())} lines")
       continue
     for argv, comment in commands(code):
       cmd = adapt(argv, files)
+      start = time.time()
       done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True,
                             timeout=600)
+      print(f"{time.time() - start:6.1f} s  {shlex.join(argv)[:100]}")
       assert done.returncode == 0, f"{name}: {shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
       if _program(argv) not in HEAVY:
         for figure in re.findall(r"\d+\.\d+|r=\d+", comment):

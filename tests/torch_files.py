@@ -20,6 +20,9 @@ class TorchGlobal:
   def __init__(self, module, name, args=()):
     self.module, self.name, self.args = module, name, args
 
+  def __call__(self, *args):
+    raise TypeError("a name for the pickle only")
+
   def __reduce__(self):
     return (TorchGlobal(self.module, self.name), self.args)
 
