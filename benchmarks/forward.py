@@ -146,6 +146,8 @@ def sweep(configs: dict, sizes: list[int], device) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from mctf_jax import parallel
+  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
   sizes = _batch_sizes()
   import jax
   from mctf_jax.tools import benchmark, profiling

@@ -319,6 +319,8 @@ def profile_steps(config, num_images: int, repeats: int = 2) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from mctf_jax import parallel
+  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
   import jax
   from mctf_jax.tools import benchmark
 

@@ -143,6 +143,8 @@ def compile_profiles(mctf_cfg, plain_cfg, variables, images, labels) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from mctf_jax import parallel
+  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
   import jax
   import jax.numpy as jnp
   import mctf_jax
