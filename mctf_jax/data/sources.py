@@ -129,10 +129,10 @@ CLUTTERED_CANVAS = 64           # generated at 64x64 (256 patch tokens at patch 
 CLUTTERED_SEED = 0
 CLUTTERED_PER_DIGIT = {"train": 4, "test": 2}   # canvases per source digit
 CLUTTERED_SCALE = (2.0, 3.25)   # the digit's 8x8 grid -> 16..26 pixels
-CLUTTERED_FRAGMENTS = (10, 16)  # clutter: pieces of other digits per canvas (inclusive)
+CLUTTERED_FRAGMENTS = (8, 12)   # clutter: pieces of other digits per canvas (inclusive)
 CLUTTERED_FRAGMENT_SIZE = (3, 5)  # a piece: a 3x3 .. 5x5 window of an 8x8 digit
-CLUTTERED_FRAGMENT_INTENSITY = (0.5, 1.0)
-CLUTTERED_NOISE = 0.25          # uniform pixel noise in [0, CLUTTERED_NOISE]
+CLUTTERED_FRAGMENT_INTENSITY = (0.3, 0.65)   # dimmer than the digit (1.0)
+CLUTTERED_NOISE = 0.2           # uniform pixel noise in [0, CLUTTERED_NOISE]
 
 
 def _paste(canvas, patch, top: int, left: int) -> None:
@@ -349,7 +349,8 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise DataError(f"config.data.dataset={name!r} is not a tfds dataset; expected a tfds "
-                      f"name (e.g. 'imagenet2012'), 'folder:/path/to/root' or 'digits'") from None
+                      f"name (e.g. 'imagenet2012'), 'folder:/path/to/root', 'digits' or "
+                      f"'cluttered_digits'") from None
     if not builder.is_prepared():
       raise _not_prepared(builder, name)
     self.name = name
