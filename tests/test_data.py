@@ -162,9 +162,18 @@ def test_cluttered_digits_through_the_pipeline():
   np.testing.assert_array_equal(first["label"], y_test[:120])
   # The evaluation resize of a 64x64 canvas to 64x64 is the identity (within a grey level).
   np.testing.assert_allclose(first["image"], normalised(x_test[:120]), atol=1.01 / 255 / 0.229)
-  # Another img_size: the canvases resized once, in the source.
-  small = sources.get_source("cluttered_digits", None, 32, "train", 1)
-  assert small.arrays("validation")[0].shape == (720, 32, 32, 3)
+
+
+def test_cluttered_digits_at_another_size_are_resized_once(monkeypatch):
+  x_train, y_train, x_test, y_test = sources.load_cluttered_split()
+  monkeypatch.setattr(sources, "load_cluttered_split",
+                      lambda: (x_train[:6], y_train[:6], x_test[:4], y_test[:4]))
+  small = sources.ClutteredDigitsSource(32)
+  images, labels = small.arrays("validation")
+  assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, y_test[:4])
+  expected = augment.pil_resize(tf.constant(x_test[:4]), (32, 32), (32, 32)).numpy()
+  np.testing.assert_array_equal(images, expected)
 
 
 # ----------------------------------------------------------------------------- sharding
