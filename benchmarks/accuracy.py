@@ -55,8 +55,8 @@ flags.DEFINE_integer("base_steps_per_epoch", None, "Cut the plain model's epochs
                      "steps (smoke tests; default: the whole train split).")
 flags.DEFINE_list("levels", ["0.65", "0.5", "0.4"], "FLOP levels: fractions of the plain "
                   "model's FLOPs (0.5 = 50% fewer FLOPs).")
-flags.DEFINE_list("train_levels", ["0.65", "0.5"], "The levels at which ToMe and MCTF are "
-                  "fine-tuned (a subset of --levels).")
+flags.DEFINE_list("train_levels", ["0.65", "0.5", "0.4"], "The levels at which ToMe and MCTF "
+                  "are fine-tuned (a subset of --levels).")
 flags.DEFINE_float("ablation_level", 0.5, "The level at which the ablations are fine-tuned.")
 flags.DEFINE_integer("finetune_steps", 32, "Steps of each fine-tuning run.")
 flags.DEFINE_integer("finetune_epochs", 4, "Scheduler epochs the fine-tuning steps are cut "
@@ -104,7 +104,9 @@ def fusion_section(method: str, layers, r=0, target_fraction: float = 0.0):
 
 
 def method_config(base, method: str, level: float | None):
-  """`base` with `method`'s fusion at the r whose FLOPs meet `level` (None: no fusion)."""
+  """`base` with `method`'s fusion at the r whose FLOPs meet `level` (level None: no
+  fusion); None when no r of the method comes down to the level."""
+  from mctf_jax.errors import ConfigError
   from mctf_jax.tools import flops
   config = base.copy_and_resolve_references()
   layers = base.fusion.layers
@@ -112,7 +114,10 @@ def method_config(base, method: str, level: float | None):
     config.fusion = fusion_section("plain", layers)
     return config
   config.fusion = fusion_section(method, layers, r=0, target_fraction=level)
-  choice = flops.budget_choice(config)
+  try:
+    choice = flops.budget_choice(config)
+  except ConfigError:
+    return None    # the level is out of the method's reach (e.g. fusing after the MLP)
   config.fusion = fusion_section(method, layers, r=choice.r)
   return config
 
@@ -226,11 +231,16 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
     row["top1"].append(value)
 
   plain_gflops = gflops(method_config(base, "plain", None))
+  unreachable = set()
   for seed, base_dir in base_dirs.items():
     variables = None
     for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size"):
       for level in ([None] if method == "plain" else levels):
         config = method_config(base, method, level)
+        if config is None:
+          _log(f"no training: {METHODS[method]} cannot come down to {level:.0%} of the FLOPs")
+          unreachable.add((method, level))
+          continue
         key = f"notrain/base_seed{seed}/{method}/{level}"
 
         def evaluate(config=config):
@@ -251,6 +261,10 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
     base_dir = base_dirs[base_seeds[0] if FLAGS.shared_base else seed]
     for method, level in runs:
       config = method_config(base, method, level)
+      if config is None:
+        _log(f"fine-tuning: {METHODS[method]} cannot come down to {level:.0%} of the FLOPs")
+        unreachable.add((method, level))
+        continue
       config.seed = seed
       config.init.checkpoint = base_dir
       config.num_epochs = FLAGS.finetune_epochs
@@ -284,7 +298,8 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
         if len(values) > 1 else 0.0
     out.append(dict(row, mean=mean, std=std, n=len(values),
                     flop_fraction=row["gflops"] / plain_gflops))
-  return {"rows": out, "plain_gflops": plain_gflops, "timings": timings}
+  return {"rows": out, "plain_gflops": plain_gflops, "timings": timings,
+          "unreachable": sorted([m, l] for m, l in unreachable)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -388,6 +403,8 @@ def main(argv):
       config=json.loads(base.to_json_best_effort()))
   table = format_table(figures["rows"])
   print("\n" + table)
+  for method, level in figures["unreachable"]:
+    print(f"{METHODS[method]}: no r comes down to {level:.0%} of the FLOPs")
   print(f"\n{len(seeds)} seed(s) {seeds}; plain model {figures['plain_gflops']:.4f} GFLOPs; "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in figures["timings"].items()))
   if FLAGS.json:
