@@ -12,11 +12,13 @@ The paper's tables, on the cluttered digits (``configs/cluttered_digits.py``: 64
    each FLOP level of ``--levels`` (fractions of the plain model's FLOPs; each method gets
    the r whose FLOPs, counted as fvcore counts the official code, come closest to the level
    from below: ``mctf_jax.tools.flops.budget_choice``), and the MCTF ablations (no
-   one-step-ahead attention, no size criterion);
+   one-step-ahead attention, no size criterion, no informativeness criterion; a level a
+   method cannot reach is skipped and listed);
 3. "fine-tuned": the plain model fine-tuned ``--finetune_steps`` steps from its checkpoint
    with ToMe's merging and with MCTF plus token reduction consistency (teacher r' below
    r/2) at each level, the same steps for the plain model (the reference), and the
-   ablations (no one-step-ahead, no size, no consistency loss) at ``--ablation_level``;
+   ablations (no one-step-ahead, no size, no informativeness, no consistency loss) at
+   ``--ablation_level``;
    once per seed of ``--seeds``.
 
 Prints top-1 (mean +- standard deviation over the seeds) per method and level, draws
@@ -72,9 +74,10 @@ METHODS = {
     "mctf": "MCTF",
     "mctf_no_osa": "MCTF w/o one-step-ahead",
     "mctf_no_size": "MCTF w/o size criterion",
+    "mctf_no_info": "MCTF w/o informativeness",
     "mctf_no_consistency": "MCTF w/o consistency loss",
 }
-ABLATIONS = ("mctf_no_osa", "mctf_no_size", "mctf_no_consistency")
+ABLATIONS = ("mctf_no_osa", "mctf_no_size", "mctf_no_info", "mctf_no_consistency")
 
 
 def _log(message: str) -> None:
@@ -93,7 +96,8 @@ def fusion_section(method: str, layers, r=0, target_fraction: float = 0.0):
   if method == "tome":
     fusion = recipes.tome_fusion(r=float(r), layers=layers)
   else:
-    changes = {"mctf_no_osa": dict(one_step_ahead="off"), "mctf_no_size": dict(tau_size=0.0)}
+    changes = {"mctf_no_osa": dict(one_step_ahead="off"), "mctf_no_size": dict(tau_size=0.0),
+               "mctf_no_info": dict(tau_info=0.0)}
     fusion = recipes.mctf_fusion(r=float(r), layers=layers, **changes.get(method, {}))
     # Token reduction consistency: the teacher's r' ~ U{0, ..., r/2 - 1} (the recipe's
     # 8 for r = 16); none for the ablation without the consistency loss.
@@ -234,7 +238,7 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
   unreachable = set()
   for seed, base_dir in base_dirs.items():
     variables = None
-    for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size"):
+    for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info"):
       for level in ([None] if method == "plain" else levels):
         config = method_config(base, method, level)
         if config is None:
@@ -342,6 +346,7 @@ def plot(rows: list[dict], out: str, title: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110, sharey=True)
   styles = {"tome": ("tab:blue", "s-"), "mctf": ("tab:red", "o-"),
             "mctf_no_osa": ("tab:orange", "^--"), "mctf_no_size": ("tab:green", "v--"),
+            "mctf_no_info": ("tab:brown", "<--"),
             "mctf_no_consistency": ("tab:purple", "D--")}
   for ax, setting in zip(axes, settings):
     chosen = [row for row in rows if row["setting"] == setting]

@@ -21,7 +21,8 @@ def test_methods_meet_the_flop_level_with_their_own_r():
   base = cluttered_digits.get_config()
   plain = accuracy.gflops(accuracy.method_config(base, "plain", None))
   seen = {}
-  for method in ("tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_consistency"):
+  for method in ("tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info",
+                 "mctf_no_consistency"):
     config = accuracy.method_config(base, method, 0.5)
     fraction = accuracy.gflops(config) / plain
     assert 0.48 < fraction <= 0.5, (method, fraction)
@@ -33,7 +34,7 @@ def test_methods_meet_the_flop_level_with_their_own_r():
   assert mctf.teacher_r_max == round(mctf.r / 2)
   assert seen["mctf_no_osa"].one_step_ahead == "off" and seen["mctf_no_osa"].r > mctf.r
   assert seen["mctf_no_size"].tau_size == 0 and seen["mctf_no_size"].r == mctf.r
-  assert seen["mctf_no_consistency"].teacher_r_max == 0
+  assert seen["mctf_no_consistency"].teacher_r_max == 0 and seen["mctf_no_info"].tau_info == 0
   # Fusing after the MLP (no one-step-ahead) cannot come down to 40% of the FLOPs.
   assert accuracy.method_config(base, "mctf_no_osa", 0.4) is None
   assert accuracy.method_config(base, "plain", None).fusion.r == 0
@@ -70,7 +71,7 @@ def test_accuracy_benchmark_runs_shrunk(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   figures = json.loads(out.read_text())
   rows = {(r["setting"], r["method"]) for r in figures["rows"]}
-  for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size"):
+  for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info"):
     assert ("no training", method) in rows
   for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_consistency"):
     assert ("fine-tuned", method) in rows
