@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Data: any tfds image classification dataset, a folder of class folders, or 'digits'.
   # (Fields of this section are read by mctf_jax.data.)
   config.data = ml_collections.ConfigDict(dict(
-      dataset="imagenet2012",     # tfds name, "folder:/path/to/root", or "digits"
+      dataset="imagenet2012",     # tfds name, "folder:/path/to/root", "digits", "cluttered_digits"
       data_dir=ml_collections.config_dict.placeholder(str),  # tfds data_dir (see README)
       train_split="train",
       eval_split="validation",

@@ -110,6 +110,72 @@ def test_switches_turn_augmentation_off_and_flip_flips():
   assert abs(flipped / total - 0.5) < 0.05
 
 
+# ----------------------------------------------------------------------------- cluttered digits
+
+def test_cluttered_digits_split_is_fixed_and_built_from_the_digits_split():
+  x_train, y_train, x_test, y_test = sources.load_cluttered_split()
+  assert x_train.shape == (5748, 64, 64, 3) and x_test.shape == (720, 64, 64, 3)
+  assert x_train.dtype == np.uint8 and y_test.dtype == np.int32
+  assert (x_test[..., 0] == x_test[..., 2]).all() and not x_test.flags.writeable
+  # Each digit of the digits' split on 4 (train) or 2 (test) canvases, labels kept.
+  digits = data.load_digits_split()
+  np.testing.assert_array_equal(y_train, np.repeat(digits[1], 4))
+  np.testing.assert_array_equal(y_test, np.repeat(digits[3], 2))
+  # The same arrays on every machine: the fixed seed (a regenerated test split, hashed).
+  again, labels = sources.make_cluttered(digits[2], digits[3], 2, sources.CLUTTERED_SEED + 1)
+  np.testing.assert_array_equal(again, x_test)
+  np.testing.assert_array_equal(labels, y_test)
+  assert digest(x_test) == digest(again)
+  # Clutter: most 4x4 patches hold something besides the noise floor (255 * 0.25), but the
+  # digit, at most 26 pixels wide, covers at most 49 of the 256.
+  patches = x_test[..., 0].reshape(720, 16, 4, 16, 4).max(axis=(2, 4))
+  busy = (patches > 0.3 * 255).mean(axis=(1, 2)) * 256
+  assert 49 < np.median(busy) < 256, np.median(busy)
+
+
+def test_make_cluttered_is_seeded_and_places_the_digit():
+  x, y = data.load_digits_split()[:2]
+  a, labels = sources.make_cluttered(x[:6], y[:6], 2, seed=5)
+  b, _ = sources.make_cluttered(x[:6], y[:6], 2, seed=5)
+  c, _ = sources.make_cluttered(x[:6], y[:6], 2, seed=6)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c) and a.shape == (12, 64, 64, 3)
+  np.testing.assert_array_equal(labels, np.repeat(y[:6], 2))
+  # Without the other digits' pieces (one digit: nothing else to cut from), the canvas is the
+  # noise floor plus the digit: its bright pixels span 16..26 pixels.
+  alone, _ = sources.make_cluttered(x[:1], y[:1], 8, seed=0)
+  for canvas in alone[..., 0]:
+    rows, cols = np.nonzero(canvas > 0.5 * 255)
+    assert 6 <= np.ptp(rows) + 1 <= 26 and 6 <= np.ptp(cols) + 1 <= 26
+
+
+def test_cluttered_digits_through_the_pipeline():
+  config = make_config("cluttered_digits", img_size=64, eval_split="test", randaugment="",
+                       reprob=0.0, crop_pct=1.0)
+  assert data.dataset_info(config) == data.DatasetInfo("cluttered_digits", 10, 5748, 720)
+  with pytest.raises(data.DataError, match="cluttered_digits has splits"):
+    data.dataset_info(make_config("cluttered_digits", eval_split="val"))
+  batch = next(data.TrainPipeline(config, 32, seed=0).iterate())
+  assert batch["image"].shape == (32, 64, 64, 3) and batch["label"].shape == (32,)
+  _, _, x_test, y_test = sources.load_cluttered_split()
+  first = next(data.eval_batches(config, 120))
+  np.testing.assert_array_equal(first["label"], y_test[:120])
+  # The evaluation resize of a 64x64 canvas to 64x64 is the identity (within a grey level).
+  np.testing.assert_allclose(first["image"], normalised(x_test[:120]), atol=1.01 / 255 / 0.229)
+
+
+def test_cluttered_digits_at_another_size_are_resized_once(monkeypatch):
+  x_train, y_train, x_test, y_test = sources.load_cluttered_split()
+  monkeypatch.setattr(sources, "load_cluttered_split",
+                      lambda: (x_train[:6], y_train[:6], x_test[:4], y_test[:4]))
+  small = sources.ClutteredDigitsSource(32)
+  images, labels = small.arrays("validation")
+  assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
+  np.testing.assert_array_equal(labels, y_test[:4])
+  expected = augment.pil_resize(tf.constant(x_test[:4]), (32, 32), (32, 32)).numpy()
+  np.testing.assert_array_equal(images, expected)
+
+
 # ----------------------------------------------------------------------------- sharding
 
 def _eval_examples(config, batch, process_count):

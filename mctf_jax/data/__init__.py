@@ -9,7 +9,9 @@
 
 config.data.dataset is a tfds name ('imagenet2012', prepared under config.data.data_dir), a
 folder 'folder:/root' (root/<split>/<class>/*.jpg|png, ImageFolder's class order) or
-'digits' (scikit-learn's 8x8 digits, splits 'train'/'test', see load_digits_split).
+'digits' (scikit-learn's 8x8 digits, splits 'train'/'test', see load_digits_split) or
+'cluttered_digits' (each digit on a 64x64 canvas of clutter, see
+sources.load_cluttered_split).
 
 The transforms reproduce the PyTorch recipe (timm 0.6 / torchvision / Pillow) in TensorFlow:
 JPEG decoding bit-identical to Pillow's, Pillow's bicubic resize within one grey level,

@@ -1,4 +1,5 @@
-"""Where examples come from: tfds datasets, folders of class folders, scikit-learn's digits.
+"""Where examples come from: tfds datasets, folders of class folders, scikit-learn's digits
+(plain, or one per cluttered 64x64 canvas).
 
 A source lists a split's examples as raw records, (data, label int32) pairs that are cheap
 to skip: encoded image bytes (tfds), file paths (folders, read in the parallel map) or
@@ -122,6 +123,136 @@ class DigitsSource(InMemorySource):
     return self._splits[split]
 
 
+# ----------------------------------------------------------------------------- cluttered digits
+
+CLUTTERED_CANVAS = 64           # generated at 64x64 (256 patch tokens at patch 4)
+CLUTTERED_SEED = 0
+CLUTTERED_PER_DIGIT = {"train": 4, "test": 2}   # canvases per source digit
+CLUTTERED_SCALE = (2.0, 3.25)   # the digit's 8x8 grid -> 16..26 pixels
+CLUTTERED_FRAGMENTS = (8, 12)   # clutter: pieces of other digits per canvas (inclusive)
+CLUTTERED_FRAGMENT_SIZE = (3, 5)  # a piece: a 3x3 .. 5x5 window of an 8x8 digit
+CLUTTERED_FRAGMENT_INTENSITY = (0.3, 0.65)   # dimmer than the digit (1.0)
+CLUTTERED_NOISE = 0.2           # uniform pixel noise in [0, CLUTTERED_NOISE]
+
+
+def _paste(canvas, patch, top: int, left: int) -> None:
+  """Composites `patch` (float in [0, 1]) onto `canvas` at (top, left) by maximum,
+  clipped to the canvas."""
+  h, w = patch.shape
+  H, W = canvas.shape
+  t0, l0 = max(top, 0), max(left, 0)
+  t1, l1 = min(top + h, H), min(left + w, W)
+  if t1 <= t0 or l1 <= l0:
+    return
+  region = canvas[t0:t1, l0:l1]
+  np.maximum(region, patch[t0 - top:t1 - top, l0 - left:l1 - left], out=region)
+
+
+@functools.lru_cache(maxsize=256)
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """(size_out, size_in): PIL's bicubic resize of a line of size_in pixels to size_out, as
+  a matrix (PIL resizes the unit vectors), so that a resize is two small products."""
+  from PIL import Image
+  columns = [np.asarray(Image.fromarray(np.eye(size_in, dtype=np.float32)[k:k + 1],
+                                        mode="F").resize((size_out, 1), Image.BICUBIC))[0]
+             for k in range(size_in)]
+  return np.stack(columns, axis=1)
+
+
+def _zoom(grid, size_hw) -> np.ndarray:
+  """A small float grid in [0, 1] resized to size_hw (PIL's bicubic, separable), clipped to
+  [0, 1]."""
+  h, w = grid.shape
+  out = _bicubic_matrix(h, int(size_hw[0])) @ grid @ _bicubic_matrix(w, int(size_hw[1])).T
+  return np.clip(out, 0.0, 1.0)
+
+
+def make_cluttered(digits, labels, per_digit: int, seed: int,
+                   canvas: int = CLUTTERED_CANVAS) -> tuple[np.ndarray, np.ndarray]:
+  """Cluttered canvases from 8x8 digits (uint8 (N, 8, 8, 3), int labels): each digit
+  `per_digit` times, on a canvas x canvas field of noise and pieces of the other digits
+  (of the same list, so that splits share no digit), at a random position and scale.
+
+  Returns uint8 RGB (N * per_digit, canvas, canvas, 3) (grey repeated) and int32 labels,
+  in order: digit i's canvases at [i * per_digit, (i + 1) * per_digit). Deterministic in
+  (digits, per_digit, seed).
+  """
+  rng = np.random.default_rng(seed)
+  grids = np.asarray(digits, np.float32)[..., 0] / 255.0       # (N, 8, 8) in [0, 1]
+  n = len(grids)
+  images = np.empty((n * per_digit, canvas, canvas), np.uint8)
+  lo, hi = CLUTTERED_FRAGMENT_SIZE
+  for index in range(n * per_digit):
+    i = index // per_digit
+    field = rng.uniform(0.0, CLUTTERED_NOISE, (canvas, canvas)).astype(np.float32)
+    count = int(rng.integers(CLUTTERED_FRAGMENTS[0], CLUTTERED_FRAGMENTS[1] + 1))
+    count = count if n > 1 else 0                                # one digit: no clutter
+    others = rng.integers(max(n - 1, 1), size=count)
+    others += others >= i                                        # never the digit itself
+    sizes = rng.integers(lo, hi + 1, (count, 2))
+    corners = rng.integers(0, 9 - sizes)                         # window inside the 8x8
+    scales = rng.uniform(*CLUTTERED_SCALE, count)
+    gains = rng.uniform(*CLUTTERED_FRAGMENT_INTENSITY, count)
+    where = rng.uniform(size=(count, 2))
+    for k in range(count):
+      (fh, fw), (ft, fl) = sizes[k], corners[k]
+      piece = _zoom(grids[others[k], ft:ft + fh, fl:fl + fw],
+                    (round(fh * scales[k]), round(fw * scales[k]))) * gains[k]
+      # Anywhere its centre falls on the canvas (pieces may be cut by the border).
+      ph, pw = piece.shape
+      _paste(field, piece, int(where[k, 0] * canvas) - ph // 2,
+             int(where[k, 1] * canvas) - pw // 2)
+    size = round(8 * rng.uniform(*CLUTTERED_SCALE))
+    top, left = rng.integers(0, canvas - size + 1, 2)
+    _paste(field, _zoom(grids[i], (size, size)), int(top), int(left))
+    images[index] = np.round(field * 255.0).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  return images, np.repeat(np.asarray(labels, np.int32), per_digit)
+
+
+@functools.lru_cache(maxsize=1)
+def load_cluttered_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The cluttered digits at 64x64 as (train_images, train_labels, test_images,
+  test_labels): the digits' fixed split (``load_digits_split``), each train digit on 4
+  canvases (5,748 images), each test digit on 2 (720); the clutter of a split comes from
+  its own digits only. Seeded: the same arrays on every machine (a second or two)."""
+  x_train, y_train, x_test, y_test = load_digits_split()
+  train = make_cluttered(x_train, y_train, CLUTTERED_PER_DIGIT["train"], CLUTTERED_SEED)
+  test = make_cluttered(x_test, y_test, CLUTTERED_PER_DIGIT["test"], CLUTTERED_SEED + 1)
+  out = (*train, *test)
+  for array in out:
+    array.setflags(write=False)
+  return out[0], out[1], out[2], out[3]
+
+
+class ClutteredDigitsSource(InMemorySource):
+  """'cluttered_digits': one real digit per 64x64 canvas among pieces of other digits and
+  noise (``load_cluttered_split``), resized to img_size if that is not 64. Most patch
+  tokens show clutter, as most tokens of a natural image show background. Splits:
+  'train' (5,748) and 'test' (720; 'validation' names the same images)."""
+
+  kind = "decoded"
+
+  def __init__(self, img_size: int):
+    self.name = "cluttered_digits"
+    self.num_classes = 10
+    x_train, y_train, x_test, y_test = load_cluttered_split()
+    if img_size != CLUTTERED_CANVAS:
+      resize = lambda x: augment.pil_resize(
+          tf.constant(x), (img_size, img_size), (img_size, img_size)).numpy()
+      x_train, x_test = resize(x_train), resize(x_test)
+    self._splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
+
+  def arrays(self, split: str):
+    if split in DIGITS_EVAL_SPLITS:
+      split = "test"
+    if split not in self._splits:
+      raise DataError(f"cluttered_digits has splits 'train' ({len(self._splits['train'][1])} "
+                      f"images) and 'test' ({len(self._splits['test'][1])}; also called "
+                      f"'validation'); got split {split!r}")
+    return self._splits[split]
+
+
 # ----------------------------------------------------------------------------- folders
 
 @functools.lru_cache(maxsize=8)
@@ -218,7 +349,8 @@ class TfdsSource:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
       raise DataError(f"config.data.dataset={name!r} is not a tfds dataset; expected a tfds "
-                      f"name (e.g. 'imagenet2012'), 'folder:/path/to/root' or 'digits'") from None
+                      f"name (e.g. 'imagenet2012'), 'folder:/path/to/root', 'digits' or "
+                      f"'cluttered_digits'") from None
     if not builder.is_prepared():
       raise _not_prepared(builder, name)
     self.name = name
@@ -272,6 +404,8 @@ def get_source(dataset: str, data_dir: Optional[str], img_size: int, train_split
   """The source named by config.data.dataset (cached: folder listings are read once)."""
   if dataset == "digits":
     return DigitsSource(img_size)
+  if dataset == "cluttered_digits":
+    return ClutteredDigitsSource(img_size)
   if dataset.startswith("folder:"):
     return FolderSource(os.path.expanduser(dataset[len("folder:"):]), train_split)
   return TfdsSource(dataset, data_dir, shuffle_buffer)
