@@ -5,6 +5,7 @@ fused forward's time goes.
     python benchmarks/forward.py --configs=deit_s --batch_size=256 --dtype=bfloat16
     python benchmarks/forward.py --configs=deit_s,deit_t --batch_sizes=1,8,32,128   # sweep
     python benchmarks/forward.py --configs=lvvit_s,lvvit_s@12,lvvit_s@16,t2t_vit_14
+    python benchmarks/forward.py --plot=speedups.png --plot_from=a.json,b.json  # from runs
 
 A config is a name under configs/ or a path; NAME@R runs it at fusion.r=R.
 
@@ -50,6 +51,9 @@ flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.",
                      lower_bound=0)
 flags.DEFINE_bool("profile", True, "Also profile the fused forward (fusion's share of time).")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
+flags.DEFINE_string("plot", None, "Draw each config's speed-up against its FLOP ratio (PNG).")
+flags.DEFINE_list("plot_from", None, "Draw --plot from these --json files of earlier runs "
+                  "(single batch size or sweeps) instead of measuring.")
 
 # Speed-up targets (img/s fused / plain) at float32, batch 32, 2 CPU threads. MCTF ViT-B/16
 # (big_vision): 90% of its FLOP ratio (17.583 / 10.408 = 1.69).
@@ -143,11 +147,71 @@ def sweep(configs: dict, sizes: list[int], device) -> dict:
   return results
 
 
+def speedup_points(data: dict) -> list[tuple[str, float, float, float, float]]:
+  """(label, FLOP ratio, speed-up, its lower and upper pair quartile) of every fused config
+  of a --json file (a sweep's: every batch size)."""
+  points = []
+  for name, res in data["results"].items():
+    rows = ({f"{name}, batch {b}": row for b, row in res["rows"].items()} if "rows" in res
+            else {f"{name}, batch {data['batch_size']}": res})
+    for label, row in rows.items():
+      if row.get("speedup"):
+        q1, _, q3 = row["speedup_quartiles"]
+        points.append((label, row["flop_ratio"], row["speedup"], q1, q3))
+  return points
+
+
+def draw(points, path: str, title: str) -> None:
+  """Speed-up against FLOP ratio: the diagonal is the FLOP limit, the dashed line the
+  targets' 90% of it; a point is img/s fused / plain, its bar the per-pair quartiles."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.5, 5.5))
+  top = max(max(p[1] for p in points), max(p[4] for p in points)) * 1.08
+  grid = [1.0, top]
+  ax.plot(grid, grid, color="grey", lw=1, label="speed-up = FLOP ratio (the limit)")
+  ax.plot(grid, [FLOP_RATIO_SHARE_TARGET * g for g in grid], color="grey", lw=1, ls="--",
+          label=f"{FLOP_RATIO_SHARE_TARGET:.0%} of the FLOP ratio")
+  colors = {}
+  for label, ratio, speedup, q1, q3 in points:
+    config, _, batch = label.partition(", ")
+    first = config not in colors
+    color = colors.setdefault(config, f"C{len(colors) % 10}")
+    ax.vlines(ratio, q1, q3, lw=2, alpha=0.4, color=color)
+    ax.plot([ratio], [speedup], "o", ms=5, color=color, label=config if first else None)
+    ax.annotate(batch, (ratio, speedup), textcoords="offset points", xytext=(5, -3),
+                fontsize=7, color=color)
+  ax.set_xlim(1.0, top)
+  ax.set_ylim(1.0, top)
+  ax.set_xlabel("FLOP ratio (plain / fused, fvcore convention)")
+  ax.set_ylabel("speed-up (img/s fused / plain)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="upper left", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from mctf_jax import parallel
   parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
+  if FLAGS.plot_from:
+    if not FLAGS.plot:
+      raise app.UsageError("--plot_from needs --plot=PATH.png")
+    points = []
+    for path in FLAGS.plot_from:
+      try:
+        with open(path) as f:
+          points += speedup_points(json.load(f))
+      except (OSError, ValueError, KeyError) as e:
+        raise app.UsageError(f"--plot_from={path}: not a --json file of this script ({e})")
+    draw(points, FLAGS.plot, "forward speed-up against FLOP ratio (float32, CPU)")
+    print(f"wrote {FLAGS.plot} ({len(points)} points)")
+    return
   sizes = _batch_sizes()
   import jax
   from mctf_jax.tools import benchmark, profiling
@@ -170,6 +234,9 @@ def main(argv):
         json.dump({"batch_sizes": sizes, "dtype": FLAGS.dtype, "device": str(device),
                    "device_kind": device.device_kind, "jax": jax.__version__,
                    "results": results}, f, indent=2, default=str)
+    if FLAGS.plot:
+      draw(speedup_points({"results": results}), FLAGS.plot,
+           f"forward speed-up against FLOP ratio ({FLAGS.dtype}, {device.device_kind})")
     return
   print(f"{benchmark.machine_summary(device)}; batch {FLAGS.batch_size}, dtype {FLAGS.dtype}",
         flush=True)
@@ -225,6 +292,10 @@ def main(argv):
       json.dump({"batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "device": str(device),
                  "device_kind": device.device_kind, "jax": jax.__version__,
                  "results": results}, f, indent=2, default=str)
+  if FLAGS.plot:
+    draw(speedup_points({"results": results, "batch_size": FLAGS.batch_size}), FLAGS.plot,
+         f"forward speed-up against FLOP ratio (batch {FLAGS.batch_size}, {FLAGS.dtype}, "
+         f"{device.device_kind})")
 
 
 if __name__ == "__main__":

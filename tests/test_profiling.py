@@ -171,8 +171,13 @@ def _script(*args, timeout=600):
 def test_forward_benchmark_script(tmp_path):
   out = tmp_path / "forward.json"
   proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py", "--batch_size=4",
-                 "--repeats=2", f"--json={out}")
+                 "--repeats=2", f"--json={out}", f"--plot={tmp_path / 'speedups.png'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
+  from PIL import Image
+  assert Image.open(tmp_path / "speedups.png").format == "PNG"
+  again = _script("benchmarks/forward.py", f"--plot={tmp_path / 'again.png'}",
+                  f"--plot_from={out}")
+  assert again.returncode == 0 and "(1 points)" in again.stdout, again.stderr[-3000:]
   assert "summary (batch 4, float32" in proc.stdout
   assert "tiny fused forward: wall" in proc.stdout
   result = json.loads(out.read_text())["results"]["tiny"]
