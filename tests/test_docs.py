@@ -100,7 +100,7 @@ SKIP = re.compile(r"<!-- not run: (.*?) -->\s*$")
 # The commands that would train, evaluate or time a real model for minutes run on the
 # configuration of the end-to-end tests (tests/configs/digits_tiny.py: a DeiT of width 32 on
 # the embedded digits), whose programs the shared training run compiles too (the persistent
-# compilation cache serves both).
+# compilation cache serves both), and train.py resumes a copy of that run (_workdirs).
 TINY = "tests/configs/digits_tiny.py"
 TINY_VIT = [f"--config={TINY}:vit", "--config.model.embed_dim=64",
             "--config.model.mlp_dim=128", "--config.model.depth=3", "--config.model.pool_type=map"]
@@ -197,11 +197,25 @@ def _scratch(tmp_path):
   return tmp_path
 
 
+def _workdirs(scratch, trained):
+  """The workdirs the docs' train.py commands name, as copies of the shared digits_tiny run
+  (tests/conftest.py): train.py then checks the command, its config (init.checkpoint and
+  data.data_dir may differ on resumption) and its checkpoints, and finds the run complete,
+  instead of training the same program again; eval.py and the tools read the copy."""
+  import shutil
+  workdir, _ = trained()
+  for name in ("workdirs/mctf_deit_s",):
+    shutil.copytree(workdir, scratch / name)
+
+
 @pytest.mark.parametrize("name", DOCS)
-def test_doc_code_runs(name, tmp_path, monkeypatch, env):
+def test_doc_code_runs(name, tmp_path, monkeypatch, env, trained):
   scratch = _scratch(tmp_path)
   monkeypatch.chdir(scratch)
   files = _user_files(scratch)
+  if any(_program(argv) == "train.py" for language, code, reason in blocks(name)
+         if language == "bash" and not reason for argv, _ in commands(code)):
+    _workdirs(scratch, trained)
   namespace = {}
   ran, skipped = 0, []
   for language, code, reason in blocks(name):
@@ -224,6 +238,8 @@ def test_doc_code_runs(name, tmp_path, monkeypatch, env):
                             timeout=600)
       print(f"{time.time() - start:6.1f} s  {shlex.join(argv)[:100]}")
       assert done.returncode == 0, f"{name}: {shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
+      if _program(argv) == "train.py":
+        assert "is complete" in done.stdout, done.stdout
       if _program(argv) not in HEAVY:
         for figure in re.findall(r"\d+\.\d+|r=\d+", comment):
           assert figure in done.stdout, f"{name}: {shlex.join(argv)} does not print {figure}"

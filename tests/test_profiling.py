@@ -199,6 +199,7 @@ def test_forward_benchmark_script(tmp_path):
   assert f"the directory {tmp_path}/missing does not exist" in proc.stderr
 
 
+@pytest.mark.benchmark   # a minute of compilation; pytest -m benchmark runs it
 def test_train_step_benchmark_script(tmp_path):
   out = tmp_path / "train.json"
   # Two blocks, the second fused: the script's compilations are most of this test's time.
