@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.benchmark   # ~20 s of pipeline builds; pytest -m benchmark runs it
 def test_input_pipeline_benchmark_tiny(tmp_path):
   out = tmp_path / "result.json"
   args = [sys.executable, os.path.join(ROOT, "benchmarks", "input_pipeline.py"),

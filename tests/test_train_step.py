@@ -88,8 +88,11 @@ def _assert_sgd_step_is(new, metrics, params, loss_fn):
                new.params, want)
 
 
-@pytest.mark.parametrize("depth,layers,token_step", [(2, (1,), None), (3, (0, 2), 16),
-                                                     (3, (0, 2), 0)])
+# The grid of widths (16) runs as a benchmark (pytest -m benchmark): its padded logits are
+# checked against the golden ones in tests/test_padded.py, and its step differs from the
+# full-width one only in the widths of the branches.
+@pytest.mark.parametrize("depth,layers,token_step", [
+    (2, (1,), None), pytest.param(3, (0, 2), 16, marks=pytest.mark.benchmark), (3, (0, 2), 0)])
 def test_step_equals_model_teacher_path(depth, layers, token_step):
   """The step (shared blocks run once, teacher in a switch, at padded shapes or exact
   ones) gives the model's own loss and gradient, which the golden tests check against the
