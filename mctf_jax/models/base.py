@@ -106,6 +106,24 @@ class BackboneConfig:
     return (self.img_size, self.img_size, self.in_chans)
 
 
+class ClassTokenSizes:
+  """The sizes of a config with a class token before its patches (``num_patches``) and
+  an MLP of ``mlp_ratio`` times ``embed_dim`` (DeiT, T2T-ViT, LV-ViT)."""
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens entering the first block: the patches and the class token."""
+    return self.num_patches + 1
+
+  @property
+  def num_protected(self) -> int:
+    return 1   # the class token
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.embed_dim * self.mlp_ratio)
+
+
 def check_positive_int(cfg, name: str) -> None:
   value = getattr(cfg, name)
   if not is_int(value) or value < 1:

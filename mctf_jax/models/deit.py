@@ -16,13 +16,14 @@ import jax.numpy as jnp
 from mctf_jax.errors import ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
-from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
+from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
+                                  Backbone, BackboneConfig,
                                   check_positive_int, patch_embed_flops)
 from mctf_jax.models.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class DeiTConfig(BackboneConfig):
+class DeiTConfig(ClassTokenSizes, BackboneConfig):
   """A DeiT / ViT: patch embedding, class token, learned position embedding, pre-norm
   blocks, final norm, head on the class token."""
   arch: str = "deit"
@@ -58,19 +59,6 @@ class DeiTConfig(BackboneConfig):
   @property
   def num_patches(self) -> int:
     return self.grid_size ** 2
-
-  @property
-  def num_tokens(self) -> int:
-    """Tokens entering the first block: the patches and the class token."""
-    return self.num_patches + 1
-
-  @property
-  def num_protected(self) -> int:
-    return 1   # the class token
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(self.embed_dim * self.mlp_ratio)
 
 
 @register("deit")

@@ -54,7 +54,8 @@ import jax.numpy as jnp
 from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
-from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
+from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
+                                  Backbone, BackboneConfig,
                                   EncoderOutput, check_positive_int)
 from mctf_jax.models.registry import register
 
@@ -72,7 +73,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LVViTConfig(BackboneConfig):
+class LVViTConfig(ClassTokenSizes, BackboneConfig):
   """LV-ViT; the defaults are LV-ViT-S at 224 px (``SIZES`` lists the official sizes).
 
   patch_size: pixels per patch side, even (the stem halves the image, the projection
@@ -124,18 +125,6 @@ class LVViTConfig(BackboneConfig):
   @property
   def num_patches(self) -> int:
     return self.grid_size ** 2
-
-  @property
-  def num_tokens(self) -> int:
-    return self.num_patches + 1
-
-  @property
-  def num_protected(self) -> int:
-    return 1   # the class token
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(self.embed_dim * self.mlp_ratio)
 
   @property
   def stem_size(self) -> int:

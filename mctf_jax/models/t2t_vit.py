@@ -54,7 +54,8 @@ import numpy as np
 from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
-from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
+from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
+                                  Backbone, BackboneConfig,
                                   check_positive_int)
 from mctf_jax.models.registry import register
 
@@ -71,7 +72,7 @@ LAYER_NORM_EPS = 1e-5   # torch.nn.LayerNorm's default, used throughout the offi
 
 
 @dataclasses.dataclass(frozen=True)
-class T2TViTConfig(BackboneConfig):
+class T2TViTConfig(ClassTokenSizes, BackboneConfig):
   """T2T-ViT: the Tokens-to-Token module (``tokens_type`` 'performer' or 'transformer',
   width ``token_dim``), class token, fixed sinusoid position embedding, pre-norm blocks
   (no qkv bias by default), final norm, head on the class token. The defaults are
@@ -151,19 +152,6 @@ class T2TViTConfig(BackboneConfig):
   @property
   def num_patches(self) -> int:
     return self.grid_sizes[-1] ** 2
-
-  @property
-  def num_tokens(self) -> int:
-    """Tokens entering the first block: the patches and the class token."""
-    return self.num_patches + 1
-
-  @property
-  def num_protected(self) -> int:
-    return 1   # the class token
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(self.embed_dim * self.mlp_ratio)
 
   @property
   def num_features(self) -> int:
