@@ -9,6 +9,7 @@ processes, or with ``--distributed=true``).
 
 import os
 import sys
+import warnings
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -34,6 +35,10 @@ def main(argv):
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except MctfError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
+    # A failed asynchronous checkpoint write can leave orbax's write coroutines unawaited;
+    # the failure is in the line above, so Python's warning about them at exit is noise.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
     sys.exit(1)
 
 
