@@ -6,6 +6,7 @@ fused forward's time goes.
     python benchmarks/forward.py --configs=deit_s,deit_t --batch_sizes=1,8,32,128   # sweep
     python benchmarks/forward.py --configs=lvvit_s,lvvit_s@12,lvvit_s@16,t2t_vit_14
     python benchmarks/forward.py --plot=speedups.png --plot_from=a.json,b.json  # from runs
+    python benchmarks/forward.py --configs=deit_t --batch_size=1 --steps_free --profile=false
 
 A config is a name under configs/ or a path; NAME@R runs it at fusion.r=R.
 
@@ -15,7 +16,9 @@ and the plain model alternating, median) gives img/s of both, their ratio and th
 ratio; then ``mctf_jax.tools.profiling`` traces the same compiled fused forward with jax.profiler
 and splits its kernel time by part: the fusion's own steps (scores, matching, merges,
 attention merge) against the transformer's. Prints one table and the profiles, writes JSON
-with --json.
+with --json. --steps_free times a third forward alongside, the blocks at the fused token
+counts without the fusion steps (``steps_free_forward``): the speed-up those shapes allow
+and the fusion steps' share of the fused forward's time.
 
 With --batch_sizes, each config is compared at every batch size instead (no profile): img/s
 fused and plain, the speed-up against the FLOP ratio, and the latency of one batch, which at
@@ -50,6 +53,10 @@ flags.DEFINE_integer("repeats", 20, "Timed repetitions per model (median reporte
 flags.DEFINE_integer("settle", 1, "Untimed calls before each timed repetition.",
                      lower_bound=0)
 flags.DEFINE_bool("profile", True, "Also profile the fused forward (fusion's share of time).")
+flags.DEFINE_bool("steps_free", False,
+                  "Also time the blocks at the fused token counts without the fusion steps "
+                  "(mctf_jax.tools.benchmark.steps_free_forward): the speed-up those shapes "
+                  "allow, and the fusion steps' share of the fused forward's time.")
 flags.DEFINE_string("json", None, "Write the figures as JSON to this path.")
 flags.DEFINE_string("plot", None, "Draw each config's speed-up against its FLOP ratio (PNG).")
 flags.DEFINE_list("plot_from", None, "Draw --plot from these --json files of earlier runs "
@@ -245,7 +252,8 @@ def main(argv):
     config.model.dtype = FLAGS.dtype
     print(f"{label}: compiling and timing ...", flush=True)
     result = benchmark.compare(config, batch_size=FLAGS.batch_size, repeats=FLAGS.repeats,
-                               settle=FLAGS.settle, profile=FLAGS.profile)
+                               settle=FLAGS.settle, profile=FLAGS.profile,
+                               steps_free=FLAGS.steps_free)
     print(benchmark.format_result(result), flush=True)
     if result["fused"] is not None and "profile" in result["fused"]:
       prof = result["fused"].pop("profile")

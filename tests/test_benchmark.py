@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mctf_jax
@@ -98,6 +99,34 @@ def test_compare_bfloat16_and_r_override(tiny_variables):
                            min_repeat_s=0)
   assert none["fused"] is None and none["speedup"] is None and none["plain"]["img_per_s"] > 0
   assert "speed-up" not in benchmark.format_result(none)
+
+
+def test_steps_free_forward_runs_the_blocks_at_the_fused_token_counts(tiny_variables):
+  """Its matrix products are the fused forward's but for the fusion steps' own (the cosine
+  similarity of each fusing block, merges by scatter): the blocks run at the fused widths.
+  Without fusion in the schedule it is the plain forward."""
+  model = mctf_jax.create_model(tiny_config(merge_impl="scatter"))
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  steps_free = benchmark.steps_free_forward(model)
+  traced = flops._jaxpr_macs(jax.make_jaxpr(steps_free)(tiny_variables, images))
+  cosine = sum(((p.tokens_in + 1) // 2) * (p.tokens_in // 2) * 64
+               for p in model.schedule().layers if p.fuses)
+  assert traced == flops.traced_matmul_flops(model, 2) - 2 * cosine
+  plain = model.with_fusion(r=0)
+  x = benchmark.random_images(plain, 2)
+  want = jax.jit(plain.apply)(tiny_variables, x)
+  got = jax.jit(benchmark.steps_free_forward(plain))(tiny_variables, x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="one_step_ahead='off'"):
+    benchmark.steps_free_forward(mctf_jax.create_model(tiny_config(one_step_ahead="off")))
+  result = benchmark.compare(tiny_config(), tiny_variables, batch_size=2, repeats=2,
+                             min_repeat_s=0, warmup=1, steps_free=True)
+  free = result["steps_free"]
+  assert result["speedup_steps_free"] == pytest.approx(free["img_per_s"] /
+                                                       result["plain"]["img_per_s"])
+  assert result["steps_share"] == pytest.approx(1 - free["median_s"] /
+                                                result["fused"]["median_s"])
+  assert "without the fusion steps' own work" in benchmark.format_result(result)
 
 
 def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_variables):

@@ -109,8 +109,11 @@ def time_calls(calls: Mapping[str, Callable[[], Any]], *, repeats: int = 10,
   return {name: (times[name], inner[name]) for name in calls}
 
 
-def prepare_forward(model, variables, images, *, warmup: int = 2):
+def prepare_forward(model, variables, images, *, warmup: int = 2,
+                    forward: Callable | None = None):
   """Compiles the forward pass of `model` for `images` and runs it `warmup` times (>= 1).
+  forward(variables, images): another function of the model's variables to compile
+  instead of ``model.apply`` (e.g. ``steps_free_forward(model)``).
 
   variables ({'params': ...}) and images must already be on the device. Returns (call,
   info): call() runs the compiled forward pass once (a ``functools.partial`` of the
@@ -122,7 +125,7 @@ def prepare_forward(model, variables, images, *, warmup: int = 2):
   if warmup < 0:
     raise ValueError(f"warmup must be >= 0, got {warmup}")
   device = next(iter(images.devices()))
-  forward = jax.jit(lambda v, x: model.apply(v, x))
+  forward = jax.jit(forward or (lambda v, x: model.apply(v, x)))
   start = time.perf_counter()
   lowered = forward.lower(variables, images)
   traced = time.perf_counter()
@@ -145,6 +148,45 @@ def prepare_forward(model, variables, images, *, warmup: int = 2):
       "device_kind": device.device_kind,
       "dtype": model.config.dtype,
   }
+
+
+def steps_free_forward(model) -> Callable:
+  """The forward pass of `model` with the fusion steps' own work taken out: each block runs
+  at the token counts of the model's schedule, as its fused forward does, but a block that
+  fuses keeps its first tokens_out tokens instead of scoring, matching and merging them.
+  The attention of such a block still takes its probabilities at the input width and
+  multiplies them by values of that width (the values of the kept tokens, padded), as the
+  one-step-ahead attention does; there is no proportional attention. Its logits mean
+  nothing; its time is what the fused forward would take if the fusion steps cost nothing,
+  so fused / plain speed-up against this one's / plain is what those steps cost.
+
+  Only for MCTF's one-step-ahead mode ('approx'). Returns forward(variables, images).
+  """
+  fusion = model.fusion
+  if fusion.method != "mctf" or fusion.one_step_ahead != "approx":
+    raise ValueError(f"steps_free_forward follows MCTF's one-step-ahead attention "
+                     f"(fusion.method='mctf', one_step_ahead='approx'); this model has "
+                     f"method={fusion.method!r}, one_step_ahead={fusion.one_step_ahead!r}")
+  from mctf_jax.fusion.merge import attend
+  plans = model.schedule().layers
+
+  def body(m, images):
+    x = m.embed(images)
+    for block, plan in zip(m.blocks, plans):
+      h = block.norm1(x)
+      probs = block.attention_probs(h, None)
+      if plan.fuses:
+        x = x[:, :plan.tokens_out]
+        v = block.attention_values(block.norm1(x))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, plan.r), (0, 0)))
+        out = attend(probs, v)[:, :plan.tokens_out]
+      else:
+        out = attend(probs, block.attention_values(h))
+      x = block.residual(x, block.attention_output(out, True), 0)
+      x = block.residual(x, block.mlp(block.norm2(x), True), 1)
+    return m.classify(m.finish(x))
+
+  return lambda variables, images: model.apply(variables, images, method=body)
 
 
 def random_images(model, batch_size: int, seed: int = 0, device=None):
@@ -198,7 +240,7 @@ def random_variables(model, seed: int = 0) -> dict:
 
 def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 10,
             warmup: int = 2, min_repeat_s: float = 0.1, settle: int = 1, seed: int = 0,
-            device=None, profile: bool = False) -> dict:
+            device=None, profile: bool = False, steps_free: bool = False) -> dict:
   """Throughput of `config` at its r (or `r`) and of the same model at r=0, with FLOPs.
 
   Both run on the same weights (random when variables is None) and images; both are compiled
@@ -211,7 +253,10 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
   With no fusion in the config, 'fused' is None. With `profile`, the fused entry also has
   'profile': ``mctf_jax.tools.profiling.profile_call`` of the same compiled forward pass
   (kernel time by part of the model), or 'profile_error' where the trace could not be
-  attributed.
+  attributed. With `steps_free` (and fusion), a third forward pass is timed alongside,
+  ``steps_free_forward``: result['steps_free'] (img/s and the like), 'speedup_steps_free'
+  (its img/s / plain) and 'steps_share' (the fraction of the fused forward's median time
+  that the fusion steps take: 1 - steps-free time / fused time).
   """
   import mctf_jax
   from mctf_jax.tools import flops
@@ -228,6 +273,9 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
     models = {"fused": model, **models}
   prepared = {name: prepare_forward(mdl, variables, images, warmup=warmup)
               for name, mdl in models.items()}
+  if steps_free and "fused" in models:
+    prepared["steps_free"] = prepare_forward(model, variables, images, warmup=warmup,
+                                             forward=steps_free_forward(model))
   timings = time_calls({name: call for name, (call, _) in prepared.items()}, repeats=repeats,
                        min_repeat_s=min_repeat_s, settle=settle,
                        seconds_per_call={n: info["warm_call_s"] for n, (_, info) in
@@ -247,6 +295,11 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
     result["speedup_quartiles"] = tuple(statistics.quantiles(pairs, n=4, method="inclusive")
                                         if len(pairs) > 1 else pairs * 3)
     result["flop_ratio"] = result["plain"]["gflops"] / result["fused"]["gflops"]
+    if "steps_free" in prepared:
+      free = _figures(prepared["steps_free"][1], timings["steps_free"], repeats)
+      result["steps_free"] = free
+      result["speedup_steps_free"] = free["img_per_s"] / result["plain"]["img_per_s"]
+      result["steps_share"] = 1 - free["median_s"] / result["fused"]["median_s"]
     if profile:
       from mctf_jax.tools import profiling
       call = prepared["fused"][0]
@@ -289,6 +342,12 @@ def format_result(result: dict) -> str:
     lines.append(f"speed-up {result['speedup']:.2f}x (img/s fused / plain; per pair of "
                  f"repetitions: median {q2:.2f}x, quartiles {q1:.2f}-{q3:.2f}x); FLOP ratio "
                  f"{result['flop_ratio']:.2f}x (plain / fused, fvcore convention)")
+  if result.get("steps_free") is not None:
+    free = result["steps_free"]
+    lines.append(f"without the fusion steps' own work (the blocks at the fused token counts): "
+                 f"{free['img_per_s']:.1f} img/s, speed-up {result['speedup_steps_free']:.2f}x; "
+                 f"the fusion steps take {100 * result['steps_share']:.0f}% of the fused "
+                 f"forward's time")
   return "\n".join(lines)
 
 
