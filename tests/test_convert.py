@@ -171,6 +171,37 @@ def test_reader_agrees_with_torch_when_installed(name):
     np.testing.assert_array_equal(ours[k], theirs[k].numpy())
 
 
+def test_timm_checkpoints_agree_with_torch_when_installed(tmp_path):
+  """Both ways on a timm training checkpoint ('.pth.tar': weights, EMA weights, an
+  argparse.Namespace, an int64 BatchNorm counter): the files the tests write without torch
+  load in torch as written, and torch.save's own files (with a transposed view sharing its
+  storage) read as torch reads them."""
+  torch = pytest.importorskip("torch")
+  import argparse
+  import torch_files
+  _, data = load_golden(os.path.join("backbones", "lvvit_tiny"))
+  state = {k[len("param/"):]: np.asarray(v) for k, v in data.items() if k.startswith("param/")}
+  state["patch_embed.bn1.num_batches_tracked"] = np.asarray(7, np.int64)
+  ema = {k: np.asarray(v * 2) for k, v in state.items()}
+  ours = tmp_path / "ours.pth.tar"
+  torch_files.timm_checkpoint(ours, state, ema=ema)
+  loaded = torch.load(ours, map_location="cpu", weights_only=False)
+  for key, want in (("state_dict", state), ("state_dict_ema", ema)):
+    assert sorted(loaded[key]) == sorted(want)
+    for k, v in want.items():
+      assert loaded[key][k].numpy().dtype == v.dtype, k
+      np.testing.assert_array_equal(loaded[key][k].numpy(), v)
+  tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}
+  tensors["head.weight_t"] = tensors["head.weight"].t()
+  theirs = tmp_path / "theirs.pth.tar"
+  torch.save({"epoch": 3, "state_dict": tensors, "args": argparse.Namespace(lr=1e-3),
+              "state_dict_ema": {k: v * 2 for k, v in tensors.items()}}, theirs)
+  read = torch_pickle.load(str(theirs))
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(read["state_dict"][k], v.numpy())
+    np.testing.assert_array_equal(read["state_dict_ema"][k], (v * 2).numpy())
+
+
 def test_not_a_checkpoint(tmp_path):
   """Every way a file can fail to be a checkpoint is a CheckpointError naming the file
   (what train.py and eval.py report in one line), never an exception from the reader."""
