@@ -548,6 +548,21 @@ def test_every_randaugment_op_matches_timm_and_pillow(name):
     assert diff.max() <= 1 and diff.mean() < 0.01, (level, negate)
 
 
+def test_warps_that_keep_rows_or_columns_equal_the_general_warp_to_the_bit():
+  rng = np.random.default_rng(0)
+  for height, width in ((48, 72), (31, 17)):
+    image = tf.constant(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    for name, keeps in augment.AFFINE_KEEPS.items():
+      for level, negate in ((9.0, False), (3.7, True), (10.0, True)):
+        matrix = augment.GEOMETRIC_OPS[name](height, width, tf.constant(level, tf.float64),
+                                             tf.constant(negate))
+        fast = augment.affine(image, matrix, FILL, keeps=keeps).numpy()
+        np.testing.assert_array_equal(fast, augment.affine(image, matrix, FILL).numpy(),
+                                      err_msg=f"{name} {level} {negate}")
+  with pytest.raises(ValueError, match="keeps must be None, 'rows' or 'columns', got 'x'"):
+    augment.affine(image, (1, 0, 0, 0, 1, 0), FILL, keeps="x")
+
+
 def test_rand_augment_runs_every_op_at_random_magnitudes():
   spec = data.parse_randaugment("rand-m9-mstd0.5-inc1-n3")
   image = tf.constant(np.asarray(Image.fromarray(photo("coffee")).resize((40, 40))))

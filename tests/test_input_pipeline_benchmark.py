@@ -23,10 +23,11 @@ def test_input_pipeline_benchmark_tiny(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert "targets: train >= 60% of reference met" in done.stdout
   result = json.loads(out.read_text())
-  assert set(result["pipelines"]) == {"reference", "train", "eval"}
+  assert set(result["pipelines"]) == {"reference", "pil_crop", "train", "eval"}
   for row in result["pipelines"].values():
     assert row["img_per_cpu_s"] > 0 and len(row["ratio_each"]) == 2
   assert result["pipelines"]["reference"]["ratio"] == 1.0
+  assert result["pipelines"]["pil_crop"]["ratio_pil_crop"] == 1.0
   assert set(result["targets"]) == {"train", "eval"}
   assert "decode crop window (train)" in result["profile_ms_per_image"]
   # The folder: 12 JPEGs in 3 class folders, one in four a portrait; reused by a rerun.
