@@ -220,6 +220,9 @@ def main(argv):
     print(f"wrote {FLAGS.plot} ({len(points)} points)")
     return
   sizes = _batch_sizes()
+  if sizes and FLAGS.steps_free:
+    raise app.UsageError("--steps_free times one batch size (--batch_size), not a sweep "
+                         "(--batch_sizes)")
   import jax
   from mctf_jax.tools import benchmark, profiling
 

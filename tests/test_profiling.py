@@ -197,6 +197,9 @@ def test_forward_benchmark_script(tmp_path):
                  f"--json={tmp_path}/missing/forward.json")
   assert proc.returncode != 0 and "compiling" not in proc.stdout
   assert f"the directory {tmp_path}/missing does not exist" in proc.stderr
+  proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py", "--steps_free",
+                 "--batch_sizes=1,2")
+  assert proc.returncode != 0 and "--steps_free times one batch size" in proc.stderr
 
 
 @pytest.mark.benchmark   # a minute of compilation; pytest -m benchmark runs it
