@@ -558,9 +558,8 @@ def rand_augment(image, spec: RandAugmentSpec, seeds: Seeds, fill: Sequence[int]
                                                                  negate)])
         for n in geometric])
     w = tf.where(apply & (g >= 0), warp_index[tf.maximum(g, 0)], len(warps))
-    image = tf.switch_case(w, [
-        functools.partial(lambda keeps: affine(image, tf.unstack(matrix), fill, keeps), k)
-        for k in warps] + [lambda: image])
+    image = tf.switch_case(w, [lambda k=k: affine(image, tf.unstack(matrix), fill, k)
+                               for k in warps] + [lambda: image])
     image.set_shape([None, None, 3])
     return i + 1, image
 
