@@ -189,6 +189,15 @@ def test_forward_benchmark_script(tmp_path):
   assert result["targets"] == {"speedup": {"min": target, "met": result["speedup"] >= target},
                                "fusion_share": {"max": 0.10, "met": share_met}}
   assert f"fusion share {'yes' if share_met else 'NO'}" in proc.stdout
+  assert "targets at float32, batch 32" in proc.stdout
+  # At batch 1 a config is held to its batch-1 target (else: no slower than plain), not to
+  # the batch-32 one.
+  code = ("import forward; print([forward.speedup_target(n, b, 1.8) for n, b in "
+          "[('deit_s', 1), ('deit_t', 1), ('lvvit_s', 1), ('deit_s', 32), ('lvvit_s', 32), "
+          "('lvvit_s', 4)]])")
+  done = _script("-c", f"import sys; sys.path.insert(0, 'benchmarks'); {code}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split("\n")[-2] == str([1.45, 1.35, 1.0, 1.65, 0.9 * 1.8, 0.9 * 1.8])
   # Every config name and the --json path are checked before the first config is timed.
   proc = _script("benchmarks/forward.py", "--configs=tests/configs/tiny.py,nonexistent")
   assert proc.returncode != 0 and "no config configs/nonexistent.py" in proc.stderr
