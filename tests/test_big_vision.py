@@ -149,9 +149,16 @@ def test_other_image_size_class_count_and_old_position_embedding(tmp_path, caplo
   config["model"].update(img_size=48, num_classes=7)
   with caplog.at_level(logging.WARNING):
     params = checkpoint.load_params(npz("bv_tiny_tok_augreg"), config, adapt=True)
-  assert "resizing pos_embed from 64 to 144 tokens" in caplog.text
+  assert ("resizing Transformer/posembed_input/pos_embedding from 64 to 144 tokens (linear, "
+          "as big_vision)") in caplog.text
   assert "dropping the checkpoint's head (10 classes)" in caplog.text
   assert params["pos_embed"].shape == (1, 144, 64) and params["head"]["kernel"].shape == (64, 7)
+  # Resized as big_vision's loader resizes it: scipy.ndimage.zoom(grid, order=1).
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")
+  grid = np.load(npz("bv_tiny_tok_augreg"))["Transformer/posembed_input/pos_embedding"]
+  want = scipy_ndimage.zoom(grid.reshape(8, 8, 64), (12 / 8, 12 / 8, 1), order=1)
+  np.testing.assert_allclose(params["pos_embed"].reshape(12, 12, 64), want, rtol=0, atol=1e-6)
+  assert not np.allclose(params["pos_embed"], convert.resize_pos_embed(grid, 144, 0), atol=1e-3)
   with pytest.raises(CheckpointMismatchError) as err:
     checkpoint.load_params(npz("bv_tiny_tok_augreg"), config)
   assert "Transformer/posembed_input/pos_embedding is (1, 64, 64), the config needs " \
@@ -298,3 +305,19 @@ def test_train_py_initialises_from_an_npz(caplog):
   want = checkpoint.load_params(npz("bv_tiny_map"), case_config("bv_tiny_map"))
   for name in ("patch_embed", "blocks_1", "attn_pool"):
     jax.tree.map(np.testing.assert_array_equal, params[name], want[name])
+
+
+@pytest.mark.parametrize("old,new", [(8, 12), (14, 16), (16, 14), (24, 14), (16, 37), (2, 5)])
+def test_position_embedding_resizes_as_big_vision(old, new):
+  """big_vision's resample_posemb: scipy.ndimage.zoom of the grid with order 1 (corners on
+  corners); equal to within float32 rounding, whatever the sizes."""
+  from mctf_jax.convert.big_vision import resample_posemb
+  scipy_ndimage = pytest.importorskip("scipy.ndimage")
+  posemb = np.random.default_rng(old * 100 + new).standard_normal((1, old * old, 6))
+  posemb = posemb.astype(np.float32)
+  got = resample_posemb(posemb, new * new)
+  want = scipy_ndimage.zoom(posemb.reshape(old, old, 6), (new / old, new / old, 1), order=1)
+  assert got.dtype == np.float32 and got.shape == (1, new * new, 6)
+  np.testing.assert_allclose(got.reshape(new, new, 6), want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(CheckpointError, match=r"shape \(1, 64, 6\) to 50 tokens"):
+    resample_posemb(np.zeros((1, 64, 6), np.float32), 50)

@@ -21,7 +21,8 @@ all of them.
 
 big_vision and vision_transformer ``.npz`` checkpoints (JAX ViTs, SigLIP image encoders)
 load into the 'vit' backbone through ``mctf_jax.convert.big_vision``; ``file_to_variables``
-reads either kind of file, telling the two kinds of .npz apart by their keys.
+reads either kind of file, telling the two kinds of .npz apart by their keys; their
+position embeddings are resized as big_vision resizes them (linearly).
 
 Command line (``python -m mctf_jax.convert``, see ``mctf_jax/convert/__main__.py``) writes
 an Orbax checkpoint that train.py and eval.py load::

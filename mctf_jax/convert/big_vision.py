@@ -31,9 +31,11 @@ one line naming both; every missing, unexpected or misshapen array is listed at 
 names, in PyTorch's layout (query, key and value kernels joined into ``qkv``), for
 ``mctf_jax.convert.torch_to_variables``, which resizes the position embedding to another
 image size and drops the head when the class count differs (with a warning), as for
-PyTorch checkpoints. The resizing is bicubic, as DeiT's and timm's; big_vision's own loader
-interpolates linearly, so weights resized by the two differ slightly. A file without a head
-(a feature extractor) gets a new one when adapting.
+PyTorch checkpoints. A position embedding for another image size is resized here first,
+as big_vision's and vision_transformer's loaders resize it (``resample_posemb``: linear
+interpolation of the grid, corners on corners, ``scipy.ndimage.zoom(order=1)``), not
+bicubically as timm's and DeiT's. A file without a head (a feature extractor) gets a new
+one when adapting.
 """
 
 from __future__ import annotations
@@ -356,7 +358,34 @@ def to_state_dict(flat: Mapping[str, np.ndarray], config: Any, *, subtree: str |
     tree["head/bias"] = np.zeros((cfg.num_classes,), np.float32)
   naming, scanned, pos_name = check(tree, cfg, source=source, adapt=adapt,
                                     allow_unexpected=allow_unexpected)
+  if pos_name and tree[pos_name].shape[1] != cfg.num_patches:
+    logger.warning("%s: resizing %s from %d to %d tokens (linear, as big_vision)", source,
+                   pos_name, tree[pos_name].shape[1], cfg.num_patches)
+    tree[pos_name] = resample_posemb(tree[pos_name], cfg.num_patches)
   return _renamed(tree, cfg, naming, scanned, pos_name)
+
+
+def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
+  """big_vision's resize of a (1, g*g, C) position embedding to (1, num_tokens, C): the
+  (g, g) grid interpolated linearly with corners on corners (``scipy.ndimage.zoom`` of
+  order 1, which big_vision and vision_transformer call), in float64, returned in the
+  input's dtype."""
+  old = math.isqrt(posemb.shape[1])
+  new = math.isqrt(num_tokens)
+  if posemb.ndim != 3 or posemb.shape[0] != 1 or old * old != posemb.shape[1] \
+      or new * new != num_tokens:
+    raise CheckpointError(f"cannot resize a position embedding of shape {posemb.shape} to "
+                          f"{num_tokens} tokens: expected (1, g*g, C) and a square count")
+  grid = posemb[0].reshape(old, old, -1).astype(np.float64)
+  # Output index j samples input coordinate j (old - 1) / (new - 1).
+  src = np.arange(new) * ((old - 1) / (new - 1)) if old > 1 and new > 1 else np.zeros(new)
+  low = np.minimum(np.floor(src).astype(np.int64), old - 1)
+  high = np.minimum(low + 1, old - 1)
+  frac = (src - low)[:, None, None]
+  grid = grid[low] * (1 - frac) + grid[high] * frac
+  frac = frac.reshape(1, new, 1)
+  grid = grid[:, low] * (1 - frac) + grid[:, high] * frac
+  return grid.reshape(1, new * new, -1).astype(posemb.dtype)
 
 
 def load_state_dict(path: str, config: Any, *, adapt: bool = True,
