@@ -153,6 +153,8 @@ def test_other_image_size_class_count_and_old_position_embedding(tmp_path, caplo
           "as big_vision)") in caplog.text
   assert "dropping the checkpoint's head (10 classes)" in caplog.text
   assert params["pos_embed"].shape == (1, 144, 64) and params["head"]["kernel"].shape == (64, 7)
+  # The new head starts at zero, as big_vision's (head_zeroinit).
+  assert not params["head"]["kernel"].any() and not params["head"]["bias"].any()
   # Resized as big_vision's loader resizes it: scipy.ndimage.zoom(grid, order=1).
   scipy_ndimage = pytest.importorskip("scipy.ndimage")
   grid = np.load(npz("bv_tiny_tok_augreg"))["Transformer/posembed_input/pos_embedding"]
@@ -182,6 +184,7 @@ def test_other_image_size_class_count_and_old_position_embedding(tmp_path, caplo
   with caplog.at_level(logging.WARNING):
     got = checkpoint.load_params(str(tmp_path / "headless.npz"), config, adapt=True)
   assert "has no head" in caplog.text and got["head"]["kernel"].shape == (64, 10)
+  assert not got["head"]["kernel"].any()
   with pytest.raises(CheckpointMismatchError, match="missing .2.: head/kernel, head/bias"):
     checkpoint.load_params(str(tmp_path / "headless.npz"), config)
 

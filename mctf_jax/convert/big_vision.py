@@ -34,8 +34,8 @@ image size and drops the head when the class count differs (with a warning), as 
 PyTorch checkpoints. A position embedding for another image size is resized here first,
 as big_vision's and vision_transformer's loaders resize it (``resample_posemb``: linear
 interpolation of the grid, corners on corners, ``scipy.ndimage.zoom(order=1)``), not
-bicubically as timm's and DeiT's. A file without a head (a feature extractor) gets a new
-one when adapting.
+bicubically as timm's and DeiT's. A head for another class count, or for a file without one
+(a feature extractor), starts at zero, as big_vision's (``head_zeroinit``).
 """
 
 from __future__ import annotations
@@ -348,21 +348,29 @@ def to_state_dict(flat: Mapping[str, np.ndarray], config: Any, *, subtree: str |
   tree = select(flat, subtree, source)
   _, _, pos_name = _layout(tree)
   _fold_class_token_position(tree, pos_name, source)
+  head_shape = (cfg.pooled_dim, cfg.num_classes)
   if adapt and "head/kernel" not in tree and "head/bias" not in tree:
     # A feature extractor (big_vision's num_classes=None): a new head, as for a class
     # count that differs.
-    logger.warning("%s has no head; the head is initialised afresh", source)
-    rng = np.random.default_rng(0)
-    tree["head/kernel"] = (rng.standard_normal((cfg.pooled_dim, cfg.num_classes))
-                           * 0.02).clip(-0.04, 0.04).astype(np.float32)
-    tree["head/bias"] = np.zeros((cfg.num_classes,), np.float32)
+    logger.warning("%s has no head; the head starts at zero, as big_vision's "
+                   "(head_zeroinit)", source)
+    tree["head/kernel"], tree["head/bias"] = _zero_head(head_shape)
   naming, scanned, pos_name = check(tree, cfg, source=source, adapt=adapt,
                                     allow_unexpected=allow_unexpected)
+  if tuple(tree["head/kernel"].shape) != head_shape:
+    logger.warning("%s: dropping the checkpoint's head (%d classes): the config has %d "
+                   "classes; the head starts at zero, as big_vision's (head_zeroinit)",
+                   source, tree["head/kernel"].shape[1], cfg.num_classes)
+    tree["head/kernel"], tree["head/bias"] = _zero_head(head_shape)
   if pos_name and tree[pos_name].shape[1] != cfg.num_patches:
     logger.warning("%s: resizing %s from %d to %d tokens (linear, as big_vision)", source,
                    pos_name, tree[pos_name].shape[1], cfg.num_patches)
     tree[pos_name] = resample_posemb(tree[pos_name], cfg.num_patches)
   return _renamed(tree, cfg, naming, scanned, pos_name)
+
+
+def _zero_head(shape):
+  return np.zeros(shape, np.float32), np.zeros(shape[1:], np.float32)
 
 
 def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
