@@ -51,6 +51,7 @@ from mctf_jax.errors import ConfigError, is_int, is_number
 from mctf_jax.fusion import stack
 from mctf_jax.fusion.config import FusionConfig, normalize_r
 from mctf_jax.fusion.merge import source_map
+from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.fusion.schedule import Schedule, compute_schedule
 from mctf_jax.models.layers import DTYPES
 
@@ -402,3 +403,29 @@ class Backbone(nn.Module):
     """FLOPs after the blocks, given the tokens leaving them: (stage name, tokens in,
     tokens out, ops) for each stage."""
     raise NotImplementedError
+
+
+class ClassTokenBackbone(Backbone):
+  """A backbone with one class token before its patches, a final norm, and a head on the
+  class token (DeiT, T2T-ViT, LV-ViT). Its setup() defines ``cls_token`` (1, 1, C),
+  ``pos_drop``, ``norm`` and ``head``; its embed() ends with ``with_class_token``."""
+
+  def with_class_token(self, patches_BxNxC, pos_embed, deterministic: bool):
+    """[class token, patches] + the position embedding (1, 1 + N, C), then its dropout."""
+    b, _, c = patches_BxNxC.shape
+    cls = jnp.broadcast_to(self.cls_token.astype(patches_BxNxC.dtype), (b, 1, c))
+    x = jnp.concatenate([cls, patches_BxNxC], axis=1) + pos_embed.astype(patches_BxNxC.dtype)
+    return self.pos_drop(x, deterministic=deterministic)
+
+  def finish(self, x_BxTxC):
+    with part_scope("norm"):
+      return self.norm(x_BxTxC)
+
+  def features(self, tokens_BxTxC, size_BxT=None):
+    """The class token after the final norm."""
+    return tokens_BxTxC[:, 0]
+
+  def classify(self, tokens_BxTxC, size_BxT=None):
+    """Logits from the class token of the final (normalised) tokens."""
+    with part_scope("head"):
+      return self.head(tokens_BxTxC[:, 0])

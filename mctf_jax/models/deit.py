@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from mctf_jax.errors import ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  Backbone, BackboneConfig,
+                                  BackboneConfig, ClassTokenBackbone,
                                   check_positive_int, patch_embed_flops)
 from mctf_jax.models.registry import register
 
@@ -62,7 +61,7 @@ class DeiTConfig(ClassTokenSizes, BackboneConfig):
 
 
 @register("deit")
-class DeiT(Backbone):
+class DeiT(ClassTokenBackbone):
   """DeiT / ViT with MCTF (``config``: a DeiTConfig)."""
   config_class = DeiTConfig
   POS_EMBED = "pos_embed"
@@ -92,24 +91,7 @@ class DeiT(Backbone):
   def embed(self, images, deterministic: bool = True):
     self.check_images(images)
     with part_scope("embed"):
-      x = self.patch_embed(images)
-      b = x.shape[0]
-      cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, x.shape[-1]))
-      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
-      return self.pos_drop(x, deterministic=deterministic)
-
-  def finish(self, x_BxTxC):
-    with part_scope("norm"):
-      return self.norm(x_BxTxC)
-
-  def features(self, tokens_BxTxC, size_BxT=None):
-    """The class token after the final norm."""
-    return tokens_BxTxC[:, 0]
-
-  def classify(self, tokens_BxTxC, size_BxT=None):
-    """Logits from the class token of the final (normalised) tokens."""
-    with part_scope("head"):
-      return self.head(tokens_BxTxC[:, 0])
+      return self.with_class_token(self.patch_embed(images), self.pos_embed, deterministic)
 
   # ------------------------------------------------------------------ for the tools
 

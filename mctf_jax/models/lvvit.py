@@ -55,7 +55,7 @@ from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  Backbone, BackboneConfig,
+                                  BackboneConfig, ClassTokenBackbone,
                                   EncoderOutput, check_positive_int)
 from mctf_jax.models.registry import register
 
@@ -197,7 +197,7 @@ class LVViTBlock(layers.Block):
 
 
 @register("lvvit")
-class LVViT(Backbone):
+class LVViT(ClassTokenBackbone):
   """LV-ViT with MCTF (``config``: an LVViTConfig)."""
   config_class = LVViTConfig
   POS_EMBED = "pos_embed"
@@ -235,18 +235,7 @@ class LVViT(Backbone):
     cfg = self.config
     with part_scope("embed"):
       x = self.patch_embed(images, train=cfg.train_batch_norm and not deterministic)
-      b = x.shape[0]
-      cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (b, 1, x.shape[-1]))
-      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
-      return self.pos_drop(x, deterministic=deterministic)
-
-  def finish(self, x_BxTxC):
-    with part_scope("norm"):
-      return self.norm(x_BxTxC)
-
-  def features(self, tokens_BxTxC, size_BxT=None):
-    """The class token after the final norm."""
-    return tokens_BxTxC[:, 0]
+      return self.with_class_token(x, self.pos_embed, deterministic)
 
   def classify(self, tokens_BxTxC, size_BxT=None):
     """The official evaluation logits: head(cls) + 0.5 * the max over the patch tokens of

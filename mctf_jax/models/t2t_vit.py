@@ -55,7 +55,7 @@ from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  Backbone, BackboneConfig,
+                                  BackboneConfig, ClassTokenBackbone,
                                   check_positive_int)
 from mctf_jax.models.registry import register
 
@@ -300,7 +300,7 @@ class TokensToToken(nn.Module):
 
 
 @register("t2t_vit")
-class T2TViT(Backbone):
+class T2TViT(ClassTokenBackbone):
   """T2T-ViT with MCTF (``config``: a T2TViTConfig)."""
   config_class = T2TViTConfig
   POS_EMBED = "pos_embed"
@@ -332,21 +332,7 @@ class T2TViT(Backbone):
     self.check_images(images)
     with part_scope("embed"):
       x = self.tokens_to_token(images.astype(layers.DTYPES[self.config.dtype]), deterministic)
-      cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-      x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
-      return self.pos_drop(x, deterministic=deterministic)
-
-  def finish(self, x_BxTxC):
-    with part_scope("norm"):
-      return self.norm(x_BxTxC)
-
-  def features(self, tokens_BxTxC, size_BxT=None):
-    """The class token after the final norm (the official forward_features)."""
-    return tokens_BxTxC[:, 0]
-
-  def classify(self, tokens_BxTxC, size_BxT=None):
-    with part_scope("head"):
-      return self.head(tokens_BxTxC[:, 0])
+      return self.with_class_token(x, self.pos_embed.value, deterministic)
 
   # ------------------------------------------------------------------ for the tools
 
