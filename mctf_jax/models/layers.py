@@ -188,6 +188,25 @@ class Block(nn.Module):
     return x_BxTxC + y_BxTxC
 
 
+def block_torch_shapes(prefix: str, dim: int, mlp_dim: int, qkv_bias: bool,
+                       dim_in: int | None = None) -> dict[str, tuple[int, ...]]:
+  """timm's names (under `prefix`, e.g. 'blocks.3.') and PyTorch shapes of a ``Block``'s
+  parameters: width `dim`, MLP width `mlp_dim`; `dim_in`: the width of its input where
+  the attention changes it (T2T-ViT's token transformers), else `dim`."""
+  d, hidden, din = dim, mlp_dim, dim_in or dim
+  shapes = {
+      prefix + "norm1.weight": (din,), prefix + "norm1.bias": (din,),
+      prefix + "attn.qkv.weight": (3 * d, din),
+      prefix + "attn.proj.weight": (d, d), prefix + "attn.proj.bias": (d,),
+      prefix + "norm2.weight": (d,), prefix + "norm2.bias": (d,),
+      prefix + "mlp.fc1.weight": (hidden, d), prefix + "mlp.fc1.bias": (hidden,),
+      prefix + "mlp.fc2.weight": (d, hidden), prefix + "mlp.fc2.bias": (d,),
+  }
+  if qkv_bias:
+    shapes[prefix + "attn.qkv.bias"] = (3 * d,)
+  return shapes
+
+
 class PatchEmbed(nn.Module):
   """Non-overlapping patches, projected by a strided convolution (timm's PatchEmbed)."""
   embed_dim: int

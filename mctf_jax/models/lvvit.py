@@ -314,17 +314,7 @@ class LVViT(ClassTokenBackbone):
       channels_in = s
     shapes.update({"patch_embed.proj.weight": (d, s, half, half), "patch_embed.proj.bias": (d,)})
     for i in range(cfg.depth):
-      b = f"blocks.{i}."
-      shapes.update({
-          b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-          b + "attn.qkv.weight": (3 * d, d),
-          b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-          b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-          b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
-          b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
-      })
-      if cfg.qkv_bias:
-        shapes[b + "attn.qkv.bias"] = (3 * d,)
+      shapes.update(layers.block_torch_shapes(f"blocks.{i}.", d, hidden, cfg.qkv_bias))
     k = cfg.num_classes
     shapes.update({"norm.weight": (d,), "norm.bias": (d,), "head.weight": (k, d),
                    "head.bias": (k,), "aux_head.weight": (k, d), "aux_head.bias": (k,)})

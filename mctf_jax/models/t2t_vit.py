@@ -360,26 +360,11 @@ class T2TViT(ClassTokenBackbone):
             a + "mlp.0.weight": (d, d), a + "mlp.0.bias": (d,),
             a + "mlp.2.weight": (d, d), a + "mlp.2.bias": (d,)})
       else:
-        shapes.update({
-            a + "norm1.weight": (dim,), a + "norm1.bias": (dim,),
-            a + "attn.qkv.weight": (3 * d, dim),
-            a + "attn.proj.weight": (d, d), a + "attn.proj.bias": (d,),
-            a + "norm2.weight": (d,), a + "norm2.bias": (d,),
-            a + "mlp.fc1.weight": (d, d), a + "mlp.fc1.bias": (d,),
-            a + "mlp.fc2.weight": (d, d), a + "mlp.fc2.bias": (d,)})
+        shapes.update(layers.block_torch_shapes(a, d, d, False, dim_in=dim))
     shapes.update({"tokens_to_token.project.weight": (c, cfg.split_dims[2]),
                    "tokens_to_token.project.bias": (c,)})
     for i in range(cfg.depth):
-      b = f"blocks.{i}."
-      shapes.update({
-          b + "norm1.weight": (c,), b + "norm1.bias": (c,),
-          b + "attn.qkv.weight": (3 * c, c),
-          b + "attn.proj.weight": (c, c), b + "attn.proj.bias": (c,),
-          b + "norm2.weight": (c,), b + "norm2.bias": (c,),
-          b + "mlp.fc1.weight": (hidden, c), b + "mlp.fc1.bias": (hidden,),
-          b + "mlp.fc2.weight": (c, hidden), b + "mlp.fc2.bias": (c,)})
-      if cfg.qkv_bias:
-        shapes[b + "attn.qkv.bias"] = (3 * c,)
+      shapes.update(layers.block_torch_shapes(f"blocks.{i}.", c, hidden, cfg.qkv_bias))
     shapes.update({"norm.weight": (c,), "norm.bias": (c,),
                    "head.weight": (cfg.num_classes, c), "head.bias": (cfg.num_classes,)})
     return shapes

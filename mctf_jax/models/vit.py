@@ -337,15 +337,7 @@ class ViT(Backbone):
     if cfg.pool_type == "tok":
       shapes["cls_token"] = (1, 1, d)
     for i in range(cfg.depth):
-      b = f"blocks.{i}."
-      shapes.update({
-          b + "norm1.weight": (d,), b + "norm1.bias": (d,),
-          b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-          b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-          b + "norm2.weight": (d,), b + "norm2.bias": (d,),
-          b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
-          b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
-      })
+      shapes.update(layers.block_torch_shapes(f"blocks.{i}.", d, hidden, True))
     shapes.update({"norm.weight": (d,), "norm.bias": (d,)})
     if cfg.pool_type == "map":
       a = "attn_pool."
