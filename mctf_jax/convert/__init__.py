@@ -175,20 +175,41 @@ def _resize_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
   return np.moveaxis(y, 0, axis)
 
 
-def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix: int = 1) -> np.ndarray:
-  """Bicubic resize of a (1, prefix + g*g, C) position embedding to num_tokens tokens.
+def _linear_axis(x: np.ndarray, axis: int, out: int) -> np.ndarray:
+  """Linear interpolation along `axis` with corners on corners: output j samples input
+  coordinate j (n - 1) / (out - 1) (``scipy.ndimage.zoom`` of order 1)."""
+  n = x.shape[axis]
+  src = np.arange(out) * ((n - 1) / (out - 1)) if n > 1 and out > 1 else np.zeros(out)
+  low = np.minimum(np.floor(src).astype(np.int64), n - 1)
+  high = np.minimum(low + 1, n - 1)
+  frac = (src - low).reshape((out,) + (1,) * (x.ndim - 1))
+  x = np.moveaxis(x, axis, 0)
+  return np.moveaxis(x[low] * (1 - frac) + x[high] * frac, 0, axis)
 
-  Matches torch.nn.functional.interpolate(mode='bicubic', align_corners=False), as DeiT's
-  fine-tuning code does; the class token's embedding is kept.
+
+POS_EMBED_RESIZES = {"bicubic": _resize_axis, "linear": _linear_axis}
+
+
+def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix: int = 1,
+                     method: str = "bicubic") -> np.ndarray:
+  """Resize of a (1, prefix + g*g, C) position embedding to num_tokens tokens, in float64,
+  returned in its dtype; the prefix (class token) entries are kept.
+
+  'bicubic' matches torch.nn.functional.interpolate(mode='bicubic', align_corners=False),
+  as DeiT's fine-tuning code does; 'linear' big_vision's ``resample_posemb``
+  (``scipy.ndimage.zoom(order=1)``, corners on corners).
   """
+  resize_axis = POS_EMBED_RESIZES[method]
   prefix, grid = pos_embed[:, :num_prefix], pos_embed[0, num_prefix:]
-  old = int(round(math.sqrt(grid.shape[0])))
-  new = int(round(math.sqrt(num_tokens - num_prefix)))
-  if old * old != grid.shape[0] or new * new != num_tokens - num_prefix:
-    raise CheckpointError(f"cannot resize a position embedding of {pos_embed.shape[1]} tokens "
-                          f"to {num_tokens}: both grids must be square")
+  old = math.isqrt(grid.shape[0])
+  new = math.isqrt(max(num_tokens - num_prefix, 0))
+  if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or old * old != grid.shape[0] \
+      or new * new != num_tokens - num_prefix:
+    raise CheckpointError(f"cannot resize a position embedding of shape {pos_embed.shape} "
+                          f"to {num_tokens} tokens: expected (1, {num_prefix} + g*g, C) and "
+                          f"square grids")
   grid = grid.reshape(old, old, -1).astype(np.float64)
-  grid = _resize_axis(_resize_axis(grid, 0, new), 1, new)
+  grid = resize_axis(resize_axis(grid, 0, new), 1, new)
   grid = grid.reshape(1, new * new, -1).astype(pos_embed.dtype)
   return np.concatenate([prefix, grid], axis=1)
 

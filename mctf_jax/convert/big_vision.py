@@ -27,15 +27,14 @@ What is read:
 
 The checks happen in the file's own names: a width or depth that does not fit the config is
 one line naming both; every missing, unexpected or misshapen array is listed at once
-(``CheckpointMismatchError``). The arrays are then renamed to the backbone's timm-style
-names, in PyTorch's layout (query, key and value kernels joined into ``qkv``), for
-``mctf_jax.convert.torch_to_variables``, which resizes the position embedding to another
-image size and drops the head when the class count differs (with a warning), as for
-PyTorch checkpoints. A position embedding for another image size is resized here first,
-as big_vision's and vision_transformer's loaders resize it (``resample_posemb``: linear
-interpolation of the grid, corners on corners, ``scipy.ndimage.zoom(order=1)``), not
-bicubically as timm's and DeiT's. A head for another class count, or for a file without one
-(a feature extractor), starts at zero, as big_vision's (``head_zeroinit``).
+(``CheckpointMismatchError``). When adapting, a file for another image size or class count
+is adapted here, with a warning, as big_vision's and vision_transformer's loaders adapt it:
+the position embedding resized linearly with corners on corners (``resample_posemb``,
+``scipy.ndimage.zoom(order=1)``; timm's and DeiT's resize is bicubic), and a head for
+another class count, or for a file without one (a feature extractor), at zero
+(``head_zeroinit``). The arrays are then renamed to the backbone's timm-style names, in
+PyTorch's layout (query, key and value kernels joined into ``qkv``), for
+``mctf_jax.convert.torch_to_variables``.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ import numpy as np
 
 from mctf_jax import models
 from mctf_jax.config import model_config
+from mctf_jax.convert import resize_pos_embed
 from mctf_jax.errors import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError,
                              ConfigError)
 
@@ -375,25 +375,9 @@ def _zero_head(shape):
 
 def resample_posemb(posemb: np.ndarray, num_tokens: int) -> np.ndarray:
   """big_vision's resize of a (1, g*g, C) position embedding to (1, num_tokens, C): the
-  (g, g) grid interpolated linearly with corners on corners (``scipy.ndimage.zoom`` of
-  order 1, which big_vision and vision_transformer call), in float64, returned in the
-  input's dtype."""
-  old = math.isqrt(posemb.shape[1])
-  new = math.isqrt(num_tokens)
-  if posemb.ndim != 3 or posemb.shape[0] != 1 or old * old != posemb.shape[1] \
-      or new * new != num_tokens:
-    raise CheckpointError(f"cannot resize a position embedding of shape {posemb.shape} to "
-                          f"{num_tokens} tokens: expected (1, g*g, C) and a square count")
-  grid = posemb[0].reshape(old, old, -1).astype(np.float64)
-  # Output index j samples input coordinate j (old - 1) / (new - 1).
-  src = np.arange(new) * ((old - 1) / (new - 1)) if old > 1 and new > 1 else np.zeros(new)
-  low = np.minimum(np.floor(src).astype(np.int64), old - 1)
-  high = np.minimum(low + 1, old - 1)
-  frac = (src - low)[:, None, None]
-  grid = grid[low] * (1 - frac) + grid[high] * frac
-  frac = frac.reshape(1, new, 1)
-  grid = grid[:, low] * (1 - frac) + grid[:, high] * frac
-  return grid.reshape(1, new * new, -1).astype(posemb.dtype)
+  grid interpolated linearly with corners on corners (``scipy.ndimage.zoom`` of order 1,
+  which big_vision and vision_transformer call)."""
+  return resize_pos_embed(posemb, num_tokens, num_prefix=0, method="linear")
 
 
 def load_state_dict(path: str, config: Any, *, adapt: bool = True,
