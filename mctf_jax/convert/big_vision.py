@@ -49,7 +49,7 @@ import numpy as np
 
 from mctf_jax import models
 from mctf_jax.config import model_config
-from mctf_jax.convert import resize_pos_embed
+from mctf_jax.convert.posemb import resize_pos_embed
 from mctf_jax.errors import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError,
                              ConfigError)
 
