@@ -227,6 +227,12 @@ def test_flop_budget_of_the_paper_setting_and_overrides():
   assert "r=16, 2.602 GFLOPs" in str(flops.budget_choice(config))
   config.fusion.target_gflops = 2.6         # from below: 2.602 is over, so r=17
   assert mctf_jax.create_model(config).fusion.r == 17
+  # ... and the choice names the r just over a budget it nearly meets.
+  choice = flops.budget_choice(config)
+  assert choice.above == (16, flops.count_flops(config, r=16).total)
+  assert str(choice).endswith("; r=16 is 0.06% over the budget, at 2.602 GFLOPs")
+  config.fusion.target_gflops = 2.5         # r=16 is 4% over: not named
+  assert "over the budget" not in str(flops.budget_choice(config))
   # An r given in code, or a later r change, replaces the budget.
   assert mctf_jax.create_model(config, r=8).fusion.r == 8
   assert mctf_jax.create_model(config).with_fusion(r=8).schedule().r == 8

@@ -309,6 +309,9 @@ def model_flops(model, r: int | float | None = None, **kwargs) -> FlopReport:
 
 # A budget over ratios searches r on this grid.
 RATIO_STEP = 0.001
+# A choice names the r just over its budget when that r is within this fraction of it (a
+# budget rounded from a published figure: the paper's 2.60 GFLOPs are r=16's 2.602).
+NEAR_ABOVE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,11 +322,18 @@ class BudgetChoice:
   flops: int
   unfused: int
   budget: float
+  # The r that comes closest from above and its FLOPs (None if none is above the budget).
+  above: tuple[int | float, int] | None = None
 
   def __str__(self) -> str:
-    return (f"FLOP budget {self.budget / 1e9:.3f} GFLOPs ({self.budget / self.unfused:.1%} "
+    text = (f"FLOP budget {self.budget / 1e9:.3f} GFLOPs ({self.budget / self.unfused:.1%} "
             f"of the unfused {self.unfused / 1e9:.3f}): r={self.r!r}, "
             f"{self.flops / 1e9:.3f} GFLOPs ({self.flops / self.unfused:.1%})")
+    if self.above is not None and self.above[1] <= self.budget * (1 + NEAR_ABOVE):
+      r, flops = self.above
+      text += (f"; r={r!r} is {flops / self.budget - 1:.2%} over the budget, at "
+               f"{flops / 1e9:.3f} GFLOPs")
+    return text
 
 
 def _kind(r):
@@ -369,10 +379,12 @@ def budget_choice(model_cfg: Any, fusion_cfg: Any = None) -> BudgetChoice:
     budget = fusion.target_fraction * unfused
     asked = (f"fusion.target_fraction={fusion.target_fraction!r} "
              f"({budget / 1e9:.4g} GFLOPs)")
-  best = None
+  best = above = None
   for r, flops in costs:
     if flops <= budget and (best is None or flops > best[1]):
       best = (r, flops)
+    if flops > budget and (above is None or flops < above[1]):
+      above = (r, flops)
   if best is None:
     r_min, least = min(costs, key=lambda c: (c[1], c[0]))
     raise ConfigError(
@@ -380,7 +392,7 @@ def budget_choice(model_cfg: Any, fusion_cfg: Any = None) -> BudgetChoice:
         f"{list(fusion.layers)} runs at {least / 1e9:.4g} GFLOPs (r={r_min!r}) to "
         f"{unfused / 1e9:.4g} GFLOPs (no fusion); set a budget in that range"
         + (", or fuse more blocks (fusion.layers)" if len(fusion.layers) < m.depth else ""))
-  return BudgetChoice(best[0], best[1], unfused, budget)
+  return BudgetChoice(best[0], best[1], unfused, budget, above)
 
 
 def apply_budget(model_cfg: Any, fusion_cfg: FusionConfig) -> FusionConfig:
