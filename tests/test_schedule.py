@@ -7,7 +7,7 @@ import pytest
 import mctf_jax
 from mctf_jax.config import ConfigError, FusionConfig
 from mctf_jax.fusion.schedule import compute_schedule, effective_r
-from mctf_jax.models import DeiTConfig
+from mctf_jax.models import DeiTConfig, registry as models
 
 DEIT_MCTF_TOKENS = (197, 197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21)
 DEIT_FAST_TOKENS = (197, 197, 197, 197, 129, 129, 129, 85, 85, 85, 56, 56, 56)
@@ -103,11 +103,28 @@ def test_layers_out_of_range_names_them():
     (dict(depth=0), "model.depth must be a positive integer"),
     (dict(dtype="fp8"), "model.dtype must be one of"),
     (dict(drop_path_rate=1.0), "drop_path_rate must be in"),
+    (dict(mlp_ratio=0), r"model.mlp_ratio must be a number > 0, got 0"),
+    (dict(layer_norm_eps="1e-6"), r"model.layer_norm_eps must be a number > 0, got '1e-6'"),
+    (dict(qkv_bias=1), r"model.qkv_bias must be True or False, got 1"),
 ])
 def test_bad_model_values(changes, message):
   base = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
   with pytest.raises(ConfigError, match=message):
     DeiTConfig(**{**base, **changes})
+
+
+@pytest.mark.parametrize("arch", ["deit", "lvvit", "t2t_vit", "vit"])
+def test_every_backbone_checks_heads_and_numbers_alike(arch):
+  config_class = models.get(arch).config_class
+  with pytest.raises(ConfigError, match=r"model.embed_dim=65 is not divisible by "
+                     r"model.num_heads=2"):
+    config_class(embed_dim=65, num_heads=2)
+  number = "layer_norm_eps" if arch == "vit" else "mlp_ratio"
+  with pytest.raises(ConfigError, match=rf"model.{number} must be a number > 0, got -1"):
+    config_class(**{number: -1})
+  if arch != "vit":
+    with pytest.raises(ConfigError, match=r"model.qkv_bias must be True or False, got None"):
+      config_class(qkv_bias=None)
 
 
 def test_unknown_config_field():

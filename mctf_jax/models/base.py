@@ -125,10 +125,48 @@ class ClassTokenSizes:
     return int(self.embed_dim * self.mlp_ratio)
 
 
+class PatchGrid:
+  """The patch grid of a config with ``img_size`` and ``patch_size``: square images cut
+  into whole patches; as a 'VALID' convolution, the pixels past the last whole patch are
+  left out (SigLIP So400m/14 at 384: 27 x 27 patches)."""
+
+  @property
+  def grid_size(self) -> int:
+    """Patches per side."""
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+
 def check_positive_int(cfg, name: str) -> None:
   value = getattr(cfg, name)
   if not is_int(value) or value < 1:
     raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_numbers(cfg, *names: str) -> None:
+  """ConfigError unless every named field is a number > 0."""
+  for name in names:
+    value = getattr(cfg, name)
+    if not is_number(value) or value <= 0:
+      raise ConfigError(f"model.{name} must be a number > 0, got {value!r}")
+
+
+def check_bools(cfg, *names: str) -> None:
+  """ConfigError unless every named field is True or False."""
+  for name in names:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+      raise ConfigError(f"model.{name} must be True or False, got {value!r}")
+
+
+def check_heads(cfg) -> None:
+  """ConfigError unless the heads split ``embed_dim`` evenly."""
+  if cfg.embed_dim % cfg.num_heads:
+    raise ConfigError(f"model.embed_dim={cfg.embed_dim} is not divisible by "
+                      f"model.num_heads={cfg.num_heads}")
 
 
 class EncoderOutput(NamedTuple):

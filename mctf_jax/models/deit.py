@@ -12,17 +12,18 @@ import dataclasses
 
 import flax.linen as nn
 
-from mctf_jax.errors import ConfigError, is_number
+from mctf_jax.errors import ConfigError
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  BackboneConfig, ClassTokenBackbone,
-                                  check_positive_int, patch_embed_flops)
+                                  BackboneConfig, ClassTokenBackbone, PatchGrid, check_bools,
+                                  check_heads, check_positive_int, check_positive_numbers,
+                                  patch_embed_flops)
 from mctf_jax.models.registry import register
 
 
 @dataclasses.dataclass(frozen=True)
-class DeiTConfig(ClassTokenSizes, BackboneConfig):
+class DeiTConfig(ClassTokenSizes, PatchGrid, BackboneConfig):
   """A DeiT / ViT: patch embedding, class token, learned position embedding, pre-norm
   blocks, final norm, head on the class token."""
   arch: str = "deit"
@@ -41,23 +42,9 @@ class DeiTConfig(ClassTokenSizes, BackboneConfig):
       raise ConfigError(f"model.img_size={self.img_size} is not divisible by "
                         f"model.patch_size={self.patch_size}; choose sizes with "
                         f"img_size % patch_size == 0")
-    if self.embed_dim % self.num_heads:
-      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
-                        f"model.num_heads={self.num_heads}")
-    if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
-      raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-    if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
-      raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-    if not isinstance(self.qkv_bias, bool):
-      raise ConfigError(f"model.qkv_bias must be True or False, got {self.qkv_bias!r}")
-
-  @property
-  def grid_size(self) -> int:
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
+    check_heads(self)
+    check_positive_numbers(self, "mlp_ratio", "layer_norm_eps")
+    check_bools(self, "qkv_bias")
 
 
 @register("deit")

@@ -51,12 +51,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mctf_jax.errors import CheckpointError, ConfigError, is_number
+from mctf_jax.errors import CheckpointError, ConfigError
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  BackboneConfig, ClassTokenBackbone,
-                                  EncoderOutput, check_positive_int)
+                                  BackboneConfig, ClassTokenBackbone, EncoderOutput,
+                                  PatchGrid, check_bools, check_heads, check_positive_int,
+                                  check_positive_numbers)
 from mctf_jax.models.registry import register
 
 # fvcore counts an inference-mode BatchNorm with affine parameters as 2 FLOPs per element.
@@ -73,7 +74,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LVViTConfig(ClassTokenSizes, BackboneConfig):
+class LVViTConfig(ClassTokenSizes, PatchGrid, BackboneConfig):
   """LV-ViT; the defaults are LV-ViT-S at 224 px (``SIZES`` lists the official sizes).
 
   patch_size: pixels per patch side, even (the stem halves the image, the projection
@@ -106,25 +107,9 @@ class LVViTConfig(ClassTokenSizes, BackboneConfig):
       raise ConfigError(f"model.img_size={self.img_size} is not a multiple of "
                         f"model.patch_size={self.patch_size}: LV-ViT needs whole patches "
                         f"(e.g. img_size={self.img_size // self.patch_size * self.patch_size})")
-    if self.embed_dim % self.num_heads:
-      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
-                        f"model.num_heads={self.num_heads}")
-    for name in ("mlp_ratio", "skip_lam", "layer_norm_eps", "batch_norm_eps"):
-      value = getattr(self, name)
-      if not is_number(value) or value <= 0:
-        raise ConfigError(f"model.{name} must be a number > 0, got {value!r}")
-    for name in ("qkv_bias", "train_batch_norm"):
-      if not isinstance(getattr(self, name), bool):
-        raise ConfigError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
-
-  @property
-  def grid_size(self) -> int:
-    """Patches per side."""
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
+    check_heads(self)
+    check_positive_numbers(self, "mlp_ratio", "skip_lam", "layer_norm_eps", "batch_norm_eps")
+    check_bools(self, "qkv_bias", "train_batch_norm")
 
   @property
   def stem_size(self) -> int:

@@ -55,8 +55,8 @@ from mctf_jax.errors import CheckpointError, ConfigError, is_number
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, ClassTokenSizes,
-                                  BackboneConfig, ClassTokenBackbone,
-                                  check_positive_int)
+                                  BackboneConfig, ClassTokenBackbone, check_bools,
+                                  check_heads, check_positive_int, check_positive_numbers)
 from mctf_jax.models.registry import register
 
 TOKENS_TYPES = ("performer", "transformer")
@@ -108,13 +108,9 @@ class T2TViTConfig(ClassTokenSizes, BackboneConfig):
     if self.tokens_type == "performer" and self.token_dim < 2:
       raise ConfigError(f"model.token_dim={self.token_dim}: the Performer needs >= 2 "
                         f"(its token_dim / 2 random features)")
-    if self.embed_dim % self.num_heads:
-      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
-                        f"model.num_heads={self.num_heads}")
-    if not is_number(self.mlp_ratio) or self.mlp_ratio <= 0:
-      raise ConfigError(f"model.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-    if not isinstance(self.qkv_bias, bool):
-      raise ConfigError(f"model.qkv_bias must be True or False, got {self.qkv_bias!r}")
+    check_heads(self)
+    check_positive_numbers(self, "mlp_ratio")
+    check_bools(self, "qkv_bias")
     rate = self.performer_dropout_rate
     if not is_number(rate) or not 0 <= rate < 1:
       raise ConfigError(f"model.performer_dropout_rate must be in [0, 1), got {rate!r}")

@@ -38,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mctf_jax.errors import ConfigError, is_int, is_number
+from mctf_jax.errors import ConfigError, is_int
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.models import layers
 from mctf_jax.models.base import (LAYER_NORM_FLOPS_PER_ELEMENT, Backbone, BackboneConfig,
-                                  check_positive_int, patch_embed_flops)
+                                  PatchGrid, check_heads, check_positive_int,
+                                  check_positive_numbers, patch_embed_flops)
 from mctf_jax.models.registry import register
 
 # big_vision's variant names: (width, depth, mlp_dim, num_heads), Table 2 of "Scaling Vision
@@ -93,7 +94,7 @@ def variant_of(embed_dim: int, depth: int) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(BackboneConfig):
+class ViTConfig(PatchGrid, BackboneConfig):
   """big_vision's ViT. The sizes left None come from ``variant`` (e.g. 'B/16'), else from
   big_vision's defaults (B/16); sizes given explicitly win over the variant's, as keyword
   arguments do in big_vision's ``vit.Model(variant=..., **kw)``. mlp_dim None: 4 x width.
@@ -128,9 +129,7 @@ class ViTConfig(BackboneConfig):
     if self.img_size < self.patch_size:
       raise ConfigError(f"model.img_size={self.img_size} is smaller than "
                         f"model.patch_size={self.patch_size}")
-    if self.embed_dim % self.num_heads:
-      raise ConfigError(f"model.embed_dim={self.embed_dim} is not divisible by "
-                        f"model.num_heads={self.num_heads}")
+    check_heads(self)
     if self.pool_type not in POOL_TYPES:
       raise ConfigError(f"model.pool_type must be one of {POOL_TYPES}, got {self.pool_type!r}")
     if self.posemb not in POSEMB_TYPES:
@@ -141,18 +140,7 @@ class ViTConfig(BackboneConfig):
     if not is_int(self.rep_size) or self.rep_size < 0:
       raise ConfigError(f"model.rep_size must be an int >= 0 (0: no pre-logits layer), got "
                         f"{self.rep_size!r}")
-    if not is_number(self.layer_norm_eps) or self.layer_norm_eps <= 0:
-      raise ConfigError(f"model.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-
-  @property
-  def grid_size(self) -> int:
-    """Patches per side. As big_vision's convolution ('VALID'), the pixels past the last
-    whole patch are left out (SigLIP So400m/14 at 384: 27 x 27 patches)."""
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
+    check_positive_numbers(self, "layer_norm_eps")
 
   @property
   def num_tokens(self) -> int:
