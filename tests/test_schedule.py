@@ -2,6 +2,7 @@
 
 import importlib
 
+import jax
 import pytest
 
 import mctf_jax
@@ -136,3 +137,14 @@ def test_tome_like_preset():
   tome = FusionConfig.tome_like(r=13, layers=tuple(range(12)))
   assert (tome.method, tome.tau_info, tome.tau_size, tome.bidirectional,
           tome.one_step_ahead) == ("mctf", 0.0, 0.0, False, "off")
+
+
+def test_drop_path_rates_rise_linearly_to_the_configured_rate():
+  base = dict(img_size=32, patch_size=4, embed_dim=64, num_heads=2)
+  assert DeiTConfig(**base, depth=4, drop_path_rate=0.3).drop_path_rates == pytest.approx(
+      [0.0, 0.1, 0.2, 0.3])
+  assert DeiTConfig(**base, depth=1, drop_path_rate=0.3).drop_path_rates == [0.0]
+  model = mctf_jax.create_model({"model": dict(base, depth=4, drop_path_rate=0.3)})
+  rates, _ = model.init_with_output(jax.random.key(0),
+                                    method=lambda m: [b.drop_path_rate for b in m.blocks])
+  assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])

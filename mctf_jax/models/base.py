@@ -106,6 +106,11 @@ class BackboneConfig:
     """(height, width, channels) of the images the model takes."""
     return (self.img_size, self.img_size, self.in_chans)
 
+  @property
+  def drop_path_rates(self) -> list[float]:
+    """Each block's stochastic depth: rising linearly from 0 to drop_path_rate (timm's)."""
+    return [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
+
 
 class ClassTokenSizes:
   """The sizes of a config with a class token before its patches (``num_patches``) and

@@ -66,11 +66,10 @@ class DeiT(ClassTokenBackbone):
     self.pos_embed = self.param("pos_embed", layers.dense_init,
                                 (1, cfg.num_tokens, cfg.embed_dim), param_dtype)
     self.pos_drop = nn.Dropout(cfg.dropout_rate)
-    rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     self.blocks = [layers.Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_dim, cfg.qkv_bias,
                                 None, cfg.layer_norm_eps, cfg.dropout_rate, rate, cfg.dtype,
                                 cfg.param_dtype)
-                   for rate in rates]
+                   for rate in cfg.drop_path_rates]
     self.norm = layers.layer_norm(cfg.layer_norm_eps, dtype, param_dtype)
     self.head = nn.Dense(cfg.num_classes, kernel_init=layers.dense_init, dtype=dtype,
                          param_dtype=param_dtype)

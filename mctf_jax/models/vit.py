@@ -244,11 +244,10 @@ class ViT(Backbone):
     if cfg.pool_type == "tok":
       self.cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, c), param_dtype)
     self.pos_drop = nn.Dropout(cfg.dropout_rate)
-    rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     self.blocks = [layers.Block(c, cfg.num_heads, cfg.mlp_dim, True, None, cfg.layer_norm_eps,
                                 cfg.dropout_rate, rate, cfg.dtype, cfg.param_dtype,
                                 approximate_gelu=True)
-                   for rate in rates]
+                   for rate in cfg.drop_path_rates]
     self.norm = layers.layer_norm(cfg.layer_norm_eps, dtype, param_dtype)
     if cfg.pool_type == "map":
       self.attn_pool = MAPHead(c, cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype,
