@@ -210,10 +210,8 @@ def draw(points, path: str, title: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from mctf_jax import parallel
-  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
+  from mctf_jax.tools import cli
+  cli.begin_script(argv, FLAGS)   # the --json path too, before the first config is timed
   if FLAGS.plot_from:
     if not FLAGS.plot:
       raise app.UsageError("--plot_from needs --plot=PATH.png")
@@ -234,12 +232,7 @@ def main(argv):
   import jax
   from mctf_jax.tools import benchmark, profiling
 
-  # Every config and the --json path are checked before the first config is timed.
-  if FLAGS.json:
-    try:
-      benchmark.check_output_file(FLAGS.json)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
+  # Every config is checked before the first one is timed.
   configs = {os.path.basename(name).replace(".py", ""): _load_config(name)
              for name in FLAGS.configs}
   device = jax.devices()[0]
@@ -248,10 +241,9 @@ def main(argv):
           flush=True)
     results = sweep(configs, sizes, device)
     if FLAGS.json:
-      with open(FLAGS.json, "w") as f:
-        json.dump({"batch_sizes": sizes, "dtype": FLAGS.dtype, "device": str(device),
-                   "device_kind": device.device_kind, "jax": jax.__version__,
-                   "results": results}, f, indent=2, default=str)
+      cli.write_json(FLAGS.json, {"batch_sizes": sizes, "dtype": FLAGS.dtype,
+                                  "device": str(device), "device_kind": device.device_kind,
+                                  "jax": jax.__version__, "results": results})
     if FLAGS.plot:
       draw(speedup_points({"results": results}), FLAGS.plot,
            f"forward speed-up against FLOP ratio ({FLAGS.dtype}, {device.device_kind})")
@@ -311,10 +303,9 @@ def main(argv):
           f"{FLOP_RATIO_SHARE_TARGET:.0%} of the FLOP ratio; fusion share <= "
           f"{100 * FUSION_SHARE_TARGET:.0f}%")
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump({"batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype, "device": str(device),
-                 "device_kind": device.device_kind, "jax": jax.__version__,
-                 "results": results}, f, indent=2, default=str)
+    cli.write_json(FLAGS.json, {"batch_size": FLAGS.batch_size, "dtype": FLAGS.dtype,
+                                "device": str(device), "device_kind": device.device_kind,
+                                "jax": jax.__version__, "results": results})
   if FLAGS.plot:
     draw(speedup_points({"results": results, "batch_size": FLAGS.batch_size}), FLAGS.plot,
          f"forward speed-up against FLOP ratio (batch {FLAGS.batch_size}, {FLAGS.dtype}, "

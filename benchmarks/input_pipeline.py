@@ -327,18 +327,11 @@ def profile_steps(config, num_images: int, repeats: int = 2) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from mctf_jax import parallel
-  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
+  from mctf_jax.tools import cli
+  cli.begin_script(argv, FLAGS)
   import jax
   from mctf_jax.tools import benchmark
 
-  if FLAGS.json:
-    try:
-      benchmark.check_output_file(FLAGS.json)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
   root = FLAGS.dir or os.path.join(
       tempfile.gettempdir(),
       f"mctf_pipeline_jpegs_{FLAGS.num_images}_{FLAGS.width}x{FLAGS.height}_q{FLAGS.quality}")
@@ -383,8 +376,7 @@ def main(argv):
       f"{name} >= {t['min_ratio']:.0%} of reference {'met yes' if t['met'] else 'met NO'}"
       for name, t in result["targets"].items()))
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=2, default=str)
+    cli.write_json(FLAGS.json, result)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ compile <= 3x, memory <= 1.5x), and writes them as JSON with --json.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -141,10 +140,8 @@ def compile_profiles(mctf_cfg, plain_cfg, variables, images, labels) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from mctf_jax import parallel
-  parallel.quiet_library_logs(FLAGS)   # the libraries' INFO lines only with --verbosity
+  from mctf_jax.tools import cli
+  cli.begin_script(argv, FLAGS)
   import jax
   import jax.numpy as jnp
   import mctf_jax
@@ -152,11 +149,6 @@ def main(argv):
   from mctf_jax.tools import benchmark, flops
   from mctf_jax.training.plan import teacher_plan
 
-  if FLAGS.json:
-    try:
-      benchmark.check_output_file(FLAGS.json)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
   # Compile times are cold ones: no persistent compilation cache, even where the
   # environment names one (JAX_COMPILATION_CACHE_DIR).
   jax.config.update("jax_enable_compilation_cache", False)
@@ -271,8 +263,7 @@ def main(argv):
     result["compile_profile"] = compile_profiles(mctf_cfg, plain_cfg, variables, images,
                                                  labels)
   if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(result, f, indent=2, default=str)
+    cli.write_json(FLAGS.json, result)
 
 
 if __name__ == "__main__":

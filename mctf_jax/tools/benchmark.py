@@ -33,11 +33,9 @@ The measuring loop is a library function, ``benchmark_forward(model, variables, 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -45,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from mctf_jax.models.base import DTYPE_NAMES
+from mctf_jax.tools.cli import check_output_file, fail, write_json
 
 MIB = 2 ** 20
 
@@ -360,23 +359,6 @@ def machine_summary(device) -> str:
           f"({len(os.sched_getaffinity(0))} usable), jax {jax.__version__}")
 
 
-def check_output_file(path: str, flag: str = "--json") -> None:
-  """Raises ValueError, naming `flag`, where no file can be written at `path`: checked
-  before a long run so that it does not end in that error after its work is done."""
-  directory = os.path.dirname(os.path.abspath(path))
-  if os.path.isdir(path):
-    raise ValueError(f"{flag}={path} is a directory; expected the path of a file to write")
-  if not os.path.isdir(directory):
-    raise ValueError(f"{flag}={path}: the directory {directory} does not exist")
-  if not os.access(directory, os.W_OK):
-    raise ValueError(f"{flag}={path}: the directory {directory} is not writable")
-
-
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(1)
-
-
 def main(argv=None):
   from absl import app, flags
   from ml_collections import config_flags
@@ -405,15 +387,15 @@ def main(argv=None):
     from mctf_jax import parallel
     parallel.quiet_library_logs(FLAGS)
     if len(argv_) > 1:
-      _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
+      fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
     from mctf_jax.errors import ConfigError, MctfError
     from mctf_jax.fusion.config import normalize_r
     config = FLAGS.config
     if FLAGS.batch_size < 1:
-      _fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+      fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     if (FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.min_repeat_s < 0
         or FLAGS.settle < 0):
-      _fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0, --settle >= 0; got "
+      fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0, --settle >= 0; got "
             f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}, {FLAGS.settle}")
     if FLAGS.dtype is not None:
       config.model.dtype = FLAGS.dtype
@@ -421,7 +403,7 @@ def main(argv=None):
       try:
         check_output_file(FLAGS.json)
       except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
     try:
       r = None
       if FLAGS.r is not None:
@@ -438,7 +420,7 @@ def main(argv=None):
         from mctf_jax import checkpoint
         variables = checkpoint.load_variables(FLAGS.checkpoint, config)
     except MctfError as e:
-      _fail(str(e))
+      fail(str(e))
     result = compare(config, variables, batch_size=FLAGS.batch_size, r=r, repeats=FLAGS.repeats,
                      warmup=FLAGS.warmup, min_repeat_s=FLAGS.min_repeat_s,
                      settle=FLAGS.settle, seed=FLAGS.seed)
@@ -446,12 +428,7 @@ def main(argv=None):
     if FLAGS.json:
       result = dict(result, checkpoint=FLAGS.checkpoint or None,
                     jax_version=jax.__version__, num_devices=jax.device_count())
-      try:
-        with open(FLAGS.json, "w") as f:
-          json.dump(result, f, indent=1)
-      except OSError as e:
-        _fail(f"cannot write --json={FLAGS.json}: {e}")
-      print(f"wrote {FLAGS.json}")
+      write_json(FLAGS.json, result)
 
   app.run(run, argv=argv)
 

@@ -75,9 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import sys
 from typing import Any
 
 from mctf_jax import models
@@ -87,6 +85,7 @@ from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.schedule import LayerPlan, Schedule, compute_schedule
 from mctf_jax.fusion.steps import resolve_merge_impl
 from mctf_jax.models.base import LAYER_NORM_FLOPS_PER_ELEMENT
+from mctf_jax.tools.cli import fail, write_json
 
 IMPLEMENTATIONS = ("official", "mctf_jax")
 
@@ -483,12 +482,6 @@ def traced_matmul_flops(model, batch_size: int = 1, r: int | float | None = None
 # ----------------------------------------------------------------------------- CLI
 
 
-def _fail(message: str):
-  """A bad command-line value: one line on stderr, exit status 1 (no usage wall)."""
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(1)
-
-
 def _describe(config) -> str:
   m = model_config(config)
   return models.get(m.arch).describe(m)
@@ -513,7 +506,7 @@ def main(argv=None):
 
   def run(argv_):
     if len(argv_) > 1:
-      _fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
+      fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
     from mctf_jax.config import ConfigError, normalize_r
     config = FLAGS.config
     try:
@@ -528,7 +521,7 @@ def main(argv=None):
       report = count_flops(config, r=r, implementation=FLAGS.implementation)
       base = count_flops(config, r=0, implementation=FLAGS.implementation)
     except ConfigError as e:
-      _fail(str(e))
+      fail(str(e))
     fusion = fusion_config(config)
     print(f"{_describe(config)}, {FLAGS.implementation} code, fvcore convention "
           f"(1 multiply-add = 1 FLOP)")
@@ -563,12 +556,7 @@ def main(argv=None):
             f"XLA / (2 x fvcore count) = {cost['flops'] / (2 * report.total):.3f}")
       out["xla"] = dict(cost, backend=jax.default_backend(), traced_matmul=traced)
     if FLAGS.json:
-      try:
-        with open(FLAGS.json, "w") as f:
-          json.dump(out, f, indent=1)
-      except OSError as e:
-        _fail(f"cannot write --json={FLAGS.json}: {e}")
-      print(f"wrote {FLAGS.json}")
+      write_json(FLAGS.json, out)
 
   app.run(run, argv=argv)
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
+
+from mctf_jax.tools.cli import fail
 
 CAPTION_PX = 24
 PAD_PX = 8
@@ -241,10 +242,10 @@ def split_images(config, count: int) -> np.ndarray:
   try:
     batch = next(data.eval_batches(config, count))
   except MctfError as e:
-    _fail(str(e))
+    fail(str(e))
   available = int(batch["mask"].sum())
   if available < count:
-    _fail(f"--examples={count}: the evaluation split has {available} images")
+    fail(f"--examples={count}: the evaluation split has {available} images")
   return batch["image"][:count]
 
 
@@ -328,11 +329,6 @@ def plot_results(paths: Sequence[str], out: str, *, title: str | None = None,
 # ----------------------------------------------------------------------------- CLI
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(1)
-
-
 def _merges(FLAGS) -> None:
   import mctf_jax
   from mctf_jax.errors import ConfigError, MctfError
@@ -343,25 +339,25 @@ def _merges(FLAGS) -> None:
   if not FLAGS.image and not FLAGS.examples:
     missing.append("--image (or --examples)")
   if missing:
-    _fail(f"drawing merges needs {', '.join(missing)} (or use the 'plot' command)")
+    fail(f"drawing merges needs {', '.join(missing)} (or use the 'plot' command)")
   if FLAGS.image and FLAGS.examples:
-    _fail(f"give --image={FLAGS.image} or --examples={FLAGS.examples}, not both")
+    fail(f"give --image={FLAGS.image} or --examples={FLAGS.examples}, not both")
   if FLAGS.examples is not None and FLAGS.examples < 1:
-    _fail(f"--examples={FLAGS.examples}: expected a number of images >= 1")
+    fail(f"--examples={FLAGS.examples}: expected a number of images >= 1")
   if FLAGS.layers not in ("all", "final"):
-    _fail(f"--layers must be 'all' or 'final', got {FLAGS.layers!r}")
+    fail(f"--layers must be 'all' or 'final', got {FLAGS.layers!r}")
   try:
     r = None if FLAGS.r is None else normalize_r(float(FLAGS.r), "--r")
     model = mctf_jax.create_model(config)
     if r is not None:
       model = model.with_fusion(r=r)
   except ValueError as e:
-    _fail(str(e) if isinstance(e, ConfigError) else f"--r must be a number, got {FLAGS.r!r}")
+    fail(str(e) if isinstance(e, ConfigError) else f"--r must be a number, got {FLAGS.r!r}")
   m = model.config
   if getattr(m, "patch_size", None) is None:
-    _fail(f"{type(model).__name__} has no grid of square patches (model.patch_size) to draw")
+    fail(f"{type(model).__name__} has no grid of square patches (model.patch_size) to draw")
   if not model.schedule().fuses:
-    _fail(f"the model fuses no tokens at r={model.fusion.r!r} on blocks "
+    fail(f"the model fuses no tokens at r={model.fusion.r!r} on blocks "
           f"{list(model.fusion.layers)}; nothing to draw")
   data = config.get("data") or {}
   mean = data.get("mean", (0.485, 0.456, 0.406))
@@ -375,14 +371,14 @@ def _merges(FLAGS) -> None:
       crop, normalised = eval_preprocess(FLAGS.image, m.img_size, data.get("crop_pct", 0.875),
                                          mean, std)
     except (OSError, ValueError) as e:
-      _fail(f"cannot read image {FLAGS.image!r}: {e}")
+      fail(f"cannot read image {FLAGS.image!r}: {e}")
     images, crops = [normalised], [crop]
   if FLAGS.checkpoint:
     from mctf_jax import checkpoint
     try:
       variables = checkpoint.load_variables(FLAGS.checkpoint, config)
     except MctfError as e:
-      _fail(str(e))
+      fail(str(e))
   else:
     from mctf_jax.tools.benchmark import random_variables
     print("no --checkpoint: random weights (tokens then fuse by colour and position only)")
@@ -401,7 +397,7 @@ def _merges(FLAGS) -> None:
   try:
     picture.save(FLAGS.out)
   except (OSError, ValueError) as e:
-    _fail(f"cannot write --out={FLAGS.out}: {e}")
+    fail(f"cannot write --out={FLAGS.out}: {e}")
   summary = ", ".join(f"block {i['layer']}: {i['tokens']}" for i in info)
   print(f"wrote {FLAGS.out} ({picture.size[0]}x{picture.size[1]}); tokens after {summary}")
 
@@ -435,19 +431,19 @@ def main(argv=None):
     parallel.quiet_library_logs(FLAGS)
     if command == ["plot"]:
       if not FLAGS.results or not FLAGS.out:
-        _fail("plot needs --results=eval_results.json[,more.json] and --out=plot.png")
+        fail("plot needs --results=eval_results.json[,more.json] and --out=plot.png")
       try:
         plot_results(FLAGS.results, FLAGS.out, title=FLAGS.title)
       except (OSError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
       print(f"wrote {FLAGS.out}")
     elif not command:
       if FLAGS.panel_px < 1 or FLAGS.cols < 1 or (FLAGS.border is not None and FLAGS.border < 0):
-        _fail(f"need --panel_px >= 1, --cols >= 1, --border >= 0; got {FLAGS.panel_px}, "
+        fail(f"need --panel_px >= 1, --cols >= 1, --border >= 0; got {FLAGS.panel_px}, "
               f"{FLAGS.cols}, {FLAGS.border}")
       _merges(FLAGS)
     else:
-      _fail(f"unknown command {' '.join(command)!r}: use no command (draw merges) or 'plot'")
+      fail(f"unknown command {' '.join(command)!r}: use no command (draw merges) or 'plot'")
 
   app.run(run, argv=argv)
 
