@@ -86,6 +86,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
     config = config.copy_and_resolve_references()
     config.data.eval_split = split
   model = mctf_jax.create_model(config)
+  evaluation.check_image_outputs(model, "eval.py")
   budget = flops.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
   r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)

@@ -324,3 +324,68 @@ def test_position_embedding_resizes_as_big_vision(old, new):
   np.testing.assert_allclose(got.reshape(new, new, 6), want, rtol=1e-6, atol=1e-6)
   with pytest.raises(CheckpointError, match=r"shape \(1, 64, 6\) to 50 tokens"):
     resample_posemb(np.zeros((1, 64, 6), np.float32), 50)
+
+
+# ----------------------------------------------------------------------------- pool 'none'
+
+
+def test_pool_none_outputs_every_token_as_big_vision():
+  """Pool 'none' (a VLM's image encoder): the head on every encoded token, as big_vision's
+  'logits' with pool 'none' (from the golden GAP model's encoded tokens and head); with
+  fusion one row per fused token, whose size-weighted mean is the GAP model's logits (the
+  head is affine); ``grid_outputs`` gives each patch its token's row."""
+  config = case_config("bv_tiny_gap")
+  config["model"]["pool_type"] = "none"
+  io = np.load(os.path.join(GOLDEN, "bv_tiny_gap.io.npz"))
+  params = checkpoint.load_params(npz("bv_tiny_gap"), config)
+  model = mctf_jax.create_model(config)
+  assert model.config.per_token_outputs and model.schedule().num_protected == 0
+  with np.load(npz("bv_tiny_gap")) as f:
+    kernel, bias = f["head/kernel"], f["head/bias"]
+  want = np.einsum("btc,ck->btk", io["encoded"].astype(np.float64), kernel) + bias
+  logits = jax.jit(model.apply)({"params": params}, io["images"])
+  np.testing.assert_allclose(logits, want, rtol=0, atol=1e-4)
+  grid = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.grid_outputs))(
+      params, io["images"])
+  np.testing.assert_array_equal(grid, np.asarray(logits).reshape(3, 8, 8, 10))
+
+  fused = model.with_fusion(r=8, layers=(1, 2))
+  gap = mctf_jax.create_model(case_config("bv_tiny_gap", r=8, layers=(1, 2)))
+
+  def run_fused(p, x):
+    out = fused.apply({"params": p}, x, method=fused.encode, trace_source=True)
+    return (fused.apply({"params": p}, x), out.size_BxT, out.source_BxTxN,
+            fused.apply({"params": p}, x, method=fused.grid_outputs),
+            gap.apply({"params": p}, x))
+  tokens, size, source, grid, gap_logits = jax.jit(run_fused)(params, io["images"])
+  assert tokens.shape == (3, 48, 10) and grid.shape == (3, 8, 8, 10)
+  mean = np.einsum("btk,bt->bk", tokens, size) / np.asarray(size).sum(-1, keepdims=True)
+  np.testing.assert_allclose(mean, gap_logits, rtol=0, atol=2e-5)
+  # Patch n holds the row of the one token t with source[b, t, n] = 1.
+  holder = np.argmax(np.asarray(source), axis=1)                      # (B, N)
+  np.testing.assert_array_equal(
+      np.asarray(grid).reshape(3, 64, 10), np.take_along_axis(np.asarray(tokens),
+                                                              holder[..., None], axis=1))
+
+
+def test_pool_none_flops_and_the_scripts_refusal(tmp_path):
+  """The head (and a pre-logits layer) on every token in the FLOP count, as traced; train.py
+  (before the workdir records the config) and eval.py refuse an output per token."""
+  from mctf_jax.training import evaluation, trainer
+  config = case_config("bv_tiny_gap", r=8, layers=(1,), merge_impl="scatter")
+  config["model"].update(pool_type="none", rep_size=32)
+  model = mctf_jax.create_model(config)
+  for r in (None, 0):
+    report = flops.count_flops(config, r=r, implementation="mctf_jax")
+    assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
+  head = flops.count_flops(config).stages[-1]   # 64 - 8 tokens, each through the head
+  assert (head.name, head.tokens_in, head.ops) == ("head", 56, (("head", 56 * 32 * 10),))
+  with pytest.raises(ConfigError, match=r"eval.py trains and evaluates image classifiers, "
+                     r"but model.pool_type='none' gives an output per token"):
+    evaluation.check_image_outputs(model, "eval.py")
+  train_config = mctf_jax.load_config(os.path.join(os.path.dirname(__file__), "configs",
+                                                   "digits_tiny.py:vit"))
+  train_config.model.pool_type = "none"
+  with pytest.raises(ConfigError, match=r"train.py .* model.pool_type='none'"):
+    trainer.train_and_evaluate(train_config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run") or not os.listdir(tmp_path / "run")

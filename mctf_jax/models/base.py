@@ -107,6 +107,12 @@ class BackboneConfig:
     return (self.img_size, self.img_size, self.in_chans)
 
   @property
+  def per_token_outputs(self) -> bool:
+    """Whether the model's output is a row per token (B, tokens, num_classes) rather than a
+    row per image (big_vision's pool 'none'); train.py and eval.py need one per image."""
+    return False
+
+  @property
   def drop_path_rates(self) -> list[float]:
     """Each block's stochastic depth: rising linearly from 0 to drop_path_rate (timm's)."""
     return [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]

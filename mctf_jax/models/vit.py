@@ -5,7 +5,11 @@ the i1k S/16 baselines, DeiT-3 ports, SigLIP image encoders), with every option 
 
 * pooling (``pool_type``): 'tok' (a class token, concatenated after the position
   embedding), 'gap' (mean of the tokens), 'map' (multihead attention pooling with a learned
-  probe, SigLIP's), '0' (the first token, no class token);
+  probe, SigLIP's), '0' (the first token, no class token), 'none' (no pooling: the
+  pre-logits layer and the head apply to every token, and the model's output is one row per
+  token, (B, tokens, num_classes): big_vision's 'logits' with pool 'none', as a VLM's image
+  encoder uses it, the head projecting into the language model; ``ViT.grid_outputs`` gives
+  each patch the row of the token holding it, big_vision's 'logits_2d');
 * position embedding (``posemb``): 'learn' (one per patch, none for the class token) or
   'sincos2d' (fixed, MoCo v3's 2-D sin-cos);
 * ``rep_size``: a pre-logits Dense + tanh between the pooling and the head (0: none);
@@ -63,7 +67,7 @@ VARIANTS = {
     "G-opt": (1536, 48, 8192, 16),
     "e": (1792, 56, 15360, 16),
 }
-POOL_TYPES = ("tok", "gap", "map", "0")
+POOL_TYPES = ("tok", "gap", "map", "0", "none")
 POSEMB_TYPES = ("learn", "sincos2d")
 # big_vision's defaults where neither the config nor the variant gives a size.
 DEFAULT_SIZES = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
@@ -151,6 +155,11 @@ class ViTConfig(PatchGrid, BackboneConfig):
   def num_protected(self) -> int:
     """The class token ('tok'), the pooled first token ('0'), else none."""
     return 1 if self.pool_type in ("tok", "0") else 0
+
+  @property
+  def per_token_outputs(self) -> bool:
+    """Pool 'none': an output per token, none per image."""
+    return self.pool_type == "none"
 
   @property
   def pooled_dim(self) -> int:
@@ -276,12 +285,15 @@ class ViT(Backbone):
       return self.norm(x_BxTxC)
 
   def pool(self, tokens_BxTxC, size_BxT):
-    """The pooled representation (big_vision's 'head_input'), sizes honoured."""
+    """The pooled representation (big_vision's 'head_input'), sizes honoured; with pool
+    'none' the tokens themselves."""
     pool_type = self.config.pool_type
     if pool_type in ("tok", "0"):
       return tokens_BxTxC[:, 0]
     if pool_type == "gap":
       return size_weighted_mean(tokens_BxTxC, size_BxT)
+    if pool_type == "none":
+      return tokens_BxTxC
     return self.attn_pool(tokens_BxTxC, size_BxT)
 
   def features(self, tokens_BxTxC, size_BxT):
@@ -297,6 +309,21 @@ class ViT(Backbone):
   def classify(self, tokens_BxTxC, size_BxT):
     with part_scope("head"):
       return self.head(self.pre_logits_of(tokens_BxTxC, size_BxT))
+
+  def grid_outputs(self, images, r=None):
+    """Pool 'none': each patch's output row, (B, grid, grid, num_classes), the row of the
+    token that holds the patch after the fusion (at fusion.r, or r); without fusion the
+    model's output in the patches' grid (big_vision's 'logits_2d')."""
+    cfg = self.config
+    if not cfg.per_token_outputs:
+      raise ValueError(f"grid_outputs needs model.pool_type='none' (an output per token), "
+                       f"got {cfg.pool_type!r}")
+    out = self.encode(images, r=r, trace_source=True)
+    per_patch = self.classify(out.tokens_BxTxC, out.size_BxT)
+    if out.layer_token_maps:   # patch n takes the row of token_map[n], the token holding it
+      token_map_BxN = out.layer_token_maps[-1][1]
+      per_patch = jnp.take_along_axis(per_patch, token_map_BxN[..., None], axis=1)
+    return per_patch.reshape(per_patch.shape[0], cfg.grid_size, cfg.grid_size, -1)
 
   # ------------------------------------------------------------------ for the tools
 
@@ -359,7 +386,8 @@ class ViT(Backbone):
           ("qkv", c * c + tokens * c * 2 * c), ("scores", tokens * c), ("attend", tokens * c),
           ("proj", c * c), ("norm", LAYER_NORM_FLOPS_PER_ELEMENT * c),
           ("mlp", 2 * c * cfg.mlp_dim))))
+    rows = tokens if cfg.per_token_outputs else 1   # pool 'none': the head on every token
     if cfg.rep_size:
-      stages.append(("pre_logits", 1, 1, (("head", c * cfg.rep_size),)))
-    stages.append(("head", 1, 1, (("head", cfg.pooled_dim * cfg.num_classes),)))
+      stages.append(("pre_logits", rows, rows, (("head", rows * c * cfg.rep_size),)))
+    stages.append(("head", rows, rows, (("head", rows * cfg.pooled_dim * cfg.num_classes),)))
     return tuple(stages)

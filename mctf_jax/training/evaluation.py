@@ -13,6 +13,17 @@ import jax
 import jax.numpy as jnp
 
 from mctf_jax import parallel
+from mctf_jax.errors import ConfigError
+
+
+def check_image_outputs(model, script: str) -> None:
+  """ConfigError where the model gives an output per token, not per image (big_vision's
+  pool 'none'): the classification losses and accuracies of `script` need one per image."""
+  if model.config.per_token_outputs:
+    raise ConfigError(f"{script} trains and evaluates image classifiers, but "
+                      f"model.pool_type={model.config.pool_type!r} gives an output per token "
+                      f"(batch, tokens, num_classes); choose a pooling ('tok', 'gap', 'map', "
+                      f"'0'), or run the encoder from Python (model.apply, ViT.grid_outputs)")
 
 
 def make_eval_step(model):

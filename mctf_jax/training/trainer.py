@@ -399,6 +399,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = mctf_jax.create_model(config)
+  evaluation.check_image_outputs(model, "train.py")
   plan = teacher_plan(model, config.batch_size)
   check_workdir_config(workdir, config)
 
