@@ -26,6 +26,8 @@ def deit_model(size: str) -> ml_collections.ConfigDict:
       arch="deit",                # the backbone (mctf_jax.models): 'deit' or 'module:Class'
       img_size=224, patch_size=16, in_chans=3, embed_dim=width, depth=12, num_heads=heads,
       num_classes=1000, mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6,
+      init_values=ml_collections.config_dict.placeholder(float),   # LayerScale (DeiT III)
+      no_embed_class=False, reg_tokens=0,
       drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))
 
 
@@ -38,7 +40,7 @@ def vit_model(variant: str, pool_type: str, img_size: int = 224,
       arch="vit", variant=variant, img_size=img_size, in_chans=3, num_classes=1000,
       patch_size=placeholder(int), embed_dim=placeholder(int), depth=placeholder(int),
       mlp_dim=placeholder(int), num_heads=placeholder(int),
-      pool_type=pool_type,        # 'tok' | 'gap' | 'map' | '0'
+      pool_type=pool_type,        # 'tok' | 'gap' | 'map' | '0' | 'none'
       posemb="learn",             # 'learn' | 'sincos2d'
       rep_size=0,                 # pre-logits Dense + tanh width (0: none)
       layer_norm_eps=1e-6, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",

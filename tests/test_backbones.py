@@ -22,10 +22,10 @@ from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import ROOT, digits_config, run
 
-TOYS = ("toy_backbones:DistilledViT",)
+TOYS = ("toy_backbones:DistilledViT", "toy_backbones:RegistersViT")
 ARCHS = tuple(models.names()) + TOYS
-# The toy stands for what no registered backbone has: a distillation token (two protected
-# tokens). (Model state: LV-ViT's BatchNorm statistics, T2T-ViT's fixed tensors; no class
+# The toys stand for what no registered backbone's configs have: a distillation token (two
+# protected tokens); LayerScale and register tokens (three). (Model state: LV-ViT's BatchNorm statistics, T2T-ViT's fixed tensors; no class
 # token: big_vision's ViT pooled by average or attention.)
 STATE = tuple(models.names())
 TOKENS = tuple(models.names()) + TOYS
@@ -55,7 +55,8 @@ def _setup(arch, dtype="float32", batch=2, **fusion):
 
 
 def test_the_backbones_have_what_the_contract_covers():
-  assert [models.get(a).config_class().num_protected for a in TOYS] == [2]
+  assert [models.get(a).config_class(**models.get(a).TINY).num_protected
+          for a in TOYS] == [2, 3]
   assert models.get("vit").config_class().num_protected == 0   # pool_type 'gap'
   for arch, collections in (("lvvit", {"params", "batch_stats"}),
                             ("t2t_vit", {"params", "constants"})):

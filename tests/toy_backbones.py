@@ -3,7 +3,7 @@ a ViT of their own (``--config.model.arch=toy_backbones:DistilledViT``): DeiT wi
 distillation token (``num_protected`` 2), logits the mean of the class and distillation
 heads, as timm's distilled DeiT evaluates. It runs the contract tests of
 tests/test_backbones.py that bear on its two protected tokens, beside the registered
-backbones.
+backbones; so does ``RegistersViT``, DeiT with LayerScale and register tokens.
 """
 
 from __future__ import annotations
@@ -70,3 +70,17 @@ class DistilledViT(DeiT):
   def flops_tail(cls, cfg, tokens: int):
     norm, head = super().flops_tail(cfg, tokens)
     return (norm, ("head", 2, 2, (("head", 2 * cfg.embed_dim * cfg.num_classes),)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistersViTConfig(DeiTConfig):
+  arch: str = "toy_backbones:RegistersViT"
+
+
+class RegistersViT(DeiT):
+  """DeiT with timm's later options all on: LayerScale, the position embedding on the
+  patches only, and two register tokens (three protected tokens), as DINOv2 with registers
+  is built; the contract tests run it beside the distilled one."""
+  config_class = RegistersViTConfig
+  TINY = dict(img_size=32, patch_size=4, embed_dim=16, num_heads=2, depth=3, num_classes=10,
+              init_values=0.5, no_embed_class=True, reg_tokens=2)

@@ -185,6 +185,7 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
   state = {k: _to_numpy(v) for k, v in state.items()}
   # BatchNorm's counter of batches has no use here.
   state = {k: v for k, v in state.items() if not k.endswith(".num_batches_tracked")}
+  state = backbone.rename_state_dict(cfg, state)
   want = backbone.torch_shapes(cfg)
   backbone.check_state_dict(cfg, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
   rng = np.random.default_rng(seed)

@@ -430,6 +430,12 @@ class Backbone(nn.Module):
   HEAD: ClassVar[str | tuple[str, ...] | None] = None
 
   @classmethod
+  def rename_state_dict(cls, cfg, state: dict) -> dict:
+    """Called by the converter first: a backbone may map other names of its parameters
+    (an official release's) to its own here. The default renames nothing."""
+    return state
+
+  @classmethod
   def check_state_dict(cls, cfg, shapes: dict[str, tuple[int, ...]], source: str) -> None:
     """Called by the converter with the PyTorch names and shapes of a checkpoint, before it
     lists every mismatch: a backbone may raise a one-line CheckpointError here for a
@@ -459,11 +465,21 @@ class ClassTokenBackbone(Backbone):
   class token (DeiT, T2T-ViT, LV-ViT). Its setup() defines ``cls_token`` (1, 1, C),
   ``pos_drop``, ``norm`` and ``head``; its embed() ends with ``with_class_token``."""
 
-  def with_class_token(self, patches_BxNxC, pos_embed, deterministic: bool):
-    """[class token, patches] + the position embedding (1, 1 + N, C), then its dropout."""
+  def with_class_token(self, patches_BxNxC, pos_embed, deterministic: bool,
+                       registers=None, *, embed_prefix: bool = True):
+    """[class token, registers (1, R, C) if any, patches] + the position embedding
+    (1, 1 + R + N, C), then its dropout; with embed_prefix False the position embedding
+    (1, N, C) is on the patches only, before the others join them (timm's
+    no_embed_class)."""
     b, _, c = patches_BxNxC.shape
-    cls = jnp.broadcast_to(self.cls_token.astype(patches_BxNxC.dtype), (b, 1, c))
-    x = jnp.concatenate([cls, patches_BxNxC], axis=1) + pos_embed.astype(patches_BxNxC.dtype)
+    dtype = patches_BxNxC.dtype
+    prefix = [jnp.broadcast_to(self.cls_token.astype(dtype), (b, 1, c))]
+    if registers is not None:
+      prefix.append(jnp.broadcast_to(registers.astype(dtype), (b,) + registers.shape[1:]))
+    if embed_prefix:
+      x = jnp.concatenate(prefix + [patches_BxNxC], axis=1) + pos_embed.astype(dtype)
+    else:
+      x = jnp.concatenate(prefix + [patches_BxNxC + pos_embed.astype(dtype)], axis=1)
     return self.pos_drop(x, deterministic=deterministic)
 
   def finish(self, x_BxTxC):

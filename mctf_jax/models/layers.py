@@ -143,11 +143,26 @@ class Mlp(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
+class LayerScale(nn.Module):
+  """A learned factor per channel on a residual branch (timm's LayerScale, CaiT's and
+  DeiT III's): y * gamma, gamma starting at `init_values`."""
+  dim: int
+  init_values: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_values), (self.dim,),
+                       self.param_dtype)
+    return y * gamma.astype(y.dtype)
+
+
 class Block(nn.Module):
   """timm's pre-norm transformer block (norm1, attn, norm2, mlp, stochastic depth), with
   the members the fusion's block driver calls (``mctf_jax.fusion.block``): norm1, norm2,
   mlp and drop_path are its submodules, the attention steps and the residual are below.
-  approximate_gelu: the MLP's GELU in its tanh form (big_vision's blocks)."""
+  approximate_gelu: the MLP's GELU in its tanh form (big_vision's blocks). init_values:
+  LayerScale on both branches (``ls1``, ``ls2``) starting at this value; None: none."""
   dim: int
   num_heads: int
   mlp_dim: int
@@ -159,9 +174,13 @@ class Block(nn.Module):
   dtype: str = "float32"
   param_dtype: str = "float32"
   approximate_gelu: bool = False
+  init_values: float | None = None
 
   def setup(self):
     dtype, param_dtype = DTYPES[self.dtype], DTYPES[self.param_dtype]
+    if self.init_values is not None:
+      self.ls1 = LayerScale(self.dim, self.init_values, param_dtype)
+      self.ls2 = LayerScale(self.dim, self.init_values, param_dtype)
     self.norm1 = layer_norm(self.layer_norm_eps, dtype, param_dtype)
     self.attn = Attention(self.dim, self.num_heads, self.qkv_bias, self.qk_scale,
                           self.dropout_rate, dtype, param_dtype)
@@ -185,14 +204,18 @@ class Block(nn.Module):
     return self.attn.output(out_BxTxHxd, deterministic)
 
   def residual(self, x_BxTxC, y_BxTxC, branch: int):
+    if self.init_values is not None:
+      y_BxTxC = (self.ls1, self.ls2)[branch](y_BxTxC)
     return x_BxTxC + y_BxTxC
 
 
 def block_torch_shapes(prefix: str, dim: int, mlp_dim: int, qkv_bias: bool,
-                       dim_in: int | None = None) -> dict[str, tuple[int, ...]]:
+                       dim_in: int | None = None,
+                       layer_scale: bool = False) -> dict[str, tuple[int, ...]]:
   """timm's names (under `prefix`, e.g. 'blocks.3.') and PyTorch shapes of a ``Block``'s
   parameters: width `dim`, MLP width `mlp_dim`; `dim_in`: the width of its input where
-  the attention changes it (T2T-ViT's token transformers), else `dim`."""
+  the attention changes it (T2T-ViT's token transformers), else `dim`; `layer_scale`: with
+  the LayerScale factors of the two branches (``init_values``)."""
   d, hidden, din = dim, mlp_dim, dim_in or dim
   shapes = {
       prefix + "norm1.weight": (din,), prefix + "norm1.bias": (din,),
@@ -204,6 +227,8 @@ def block_torch_shapes(prefix: str, dim: int, mlp_dim: int, qkv_bias: bool,
   }
   if qkv_bias:
     shapes[prefix + "attn.qkv.bias"] = (3 * d,)
+  if layer_scale:
+    shapes.update({prefix + "ls1.gamma": (d,), prefix + "ls2.gamma": (d,)})
   return shapes
 
 
