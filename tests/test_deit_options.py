@@ -36,21 +36,28 @@ def _layer_norm(x, w, b, eps=1e-6):
   return (x - mean) / np.sqrt(var + eps) * w + b
 
 
-def timm_forward(sd, cfg, images_NHWC):
-  """timm's VisionTransformer forward (global_pool 'token'), in float64."""
+def timm_forward(sd, cfg, images_NHWC, dinov2=False):
+  """timm's VisionTransformer forward (global_pool 'token'), in float64; with dinov2 the
+  embedding of DINOv2's own code (its names; the position embedding on [class token,
+  patches], the registers inserted after the class token)."""
   sd = {k: v.astype(np.float64) for k, v in sd.items()}
   b, h, w, c = images_NHWC.shape
   p, d, heads = cfg.patch_size, cfg.embed_dim, cfg.num_heads
   patches = images_NHWC.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
   x = patches.reshape(b, -1, c * p * p) @ sd["patch_embed.proj.weight"].reshape(d, -1).T
   x = x + sd["patch_embed.proj.bias"]
-  prefix = [np.broadcast_to(sd["cls_token"], (b, 1, d))]
-  if cfg.reg_tokens:
-    prefix.append(np.broadcast_to(sd["reg_token"], (b, cfg.reg_tokens, d)))
-  if cfg.no_embed_class:                       # timm: pos_embed first, then the prefix
-    x = np.concatenate(prefix + [x + sd["pos_embed"]], axis=1)
+  cls = np.broadcast_to(sd["cls_token"], (b, 1, d))
+  if dinov2:   # [class token, patches] + pos_embed, then the registers after the class token
+    x = np.concatenate([cls, x], axis=1) + sd["pos_embed"]
+    registers = np.broadcast_to(sd["register_tokens"], (b, cfg.reg_tokens, d))
+    x = np.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
   else:
-    x = np.concatenate(prefix + [x], axis=1) + sd["pos_embed"]
+    prefix = [cls] + ([np.broadcast_to(sd["reg_token"], (b, cfg.reg_tokens, d))]
+                      if cfg.reg_tokens else [])
+    if cfg.no_embed_class:                     # timm: pos_embed first, then the prefix
+      x = np.concatenate(prefix + [x + sd["pos_embed"]], axis=1)
+    else:
+      x = np.concatenate(prefix + [x], axis=1) + sd["pos_embed"]
   for i in range(cfg.depth):
     k = f"blocks.{i}."
     y = _layer_norm(x, sd[k + "norm1.weight"], sd[k + "norm1.bias"])
@@ -135,3 +142,23 @@ def test_bad_values_and_flops():
   for r in (None, 0):
     report = flops.count_flops(model.config, model.fusion, r=r, implementation="mctf_jax")
     assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
+
+
+def test_dinov2_official_names_and_position_embedding():
+  """DINOv2's own files (``register_tokens``, ``mask_token``, a position embedding with an
+  entry for the class token, the registers joining after it) load into timm's layout
+  (no_embed_class, ``reg_token``) and compute DINOv2's forward."""
+  config = {"model": dict(BASE, init_values=1e-5, no_embed_class=True, reg_tokens=4)}
+  model = mctf_jax.create_model(config)
+  state = random_state(model.config, seed=1)
+  official = {("register_tokens" if k == "reg_token" else k): v for k, v in state.items()}
+  official["pos_embed"] = np.concatenate(
+      [np.full((1, 1, 16), 0.3, np.float32), state["pos_embed"]], axis=1)   # (1, 1 + 64, C)
+  official["mask_token"] = np.zeros((1, 16), np.float32)
+  variables = convert.torch_to_variables(official, config)
+  np.testing.assert_allclose(variables["params"]["cls_token"], state["cls_token"] + 0.3,
+                             rtol=0, atol=1e-7)
+  images = np.asarray(jax.random.normal(jax.random.key(2), (2, 32, 32, 3)), np.float32)
+  logits = jax.jit(model.apply)(variables, images)
+  np.testing.assert_allclose(logits, timm_forward(official, model.config, images, dinov2=True),
+                             rtol=0, atol=2e-4)

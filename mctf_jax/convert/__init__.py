@@ -46,7 +46,7 @@ from flax import traverse_util
 
 from mctf_jax import models
 from mctf_jax.config import model_config
-from mctf_jax.convert.posemb import resize_pos_embed
+from mctf_jax.convert.posemb import fold_class_position, resize_pos_embed
 from mctf_jax.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -199,6 +199,15 @@ def torch_to_variables(state_dict: Mapping[str, Any], config: Any, *, dtype=None
 
   pos_name = backbone.POS_EMBED
   pos = state.get(pos_name) if pos_name else None
+  if pos is not None and backbone.pos_embed_prefix(cfg) == 0 and "cls_token" in want:
+    # A position embedding with an entry for the class token, for a model that has none
+    # there (timm's no_embed_class; DINOv2's own files): folded into the class token.
+    folded, cls = fold_class_position(pos, state.get("cls_token"))
+    if folded is not pos:
+      logger.info("folding the class token's position embedding into the class token")
+      state[pos_name], pos = folded, folded
+      if cls is not None:
+        state["cls_token"] = cls
   if adapt and pos is not None and pos.ndim == 3 and pos.shape[1] != want[pos_name][1] \
       and pos.shape[2] == want[pos_name][2]:
     logger.warning("resizing %s from %d to %d tokens (bicubic)", pos_name, pos.shape[1],

@@ -40,7 +40,6 @@ PyTorch's layout (query, key and value kernels joined into ``qkv``), for
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zipfile
 from typing import Any, Mapping
@@ -49,7 +48,7 @@ import numpy as np
 
 from mctf_jax import models
 from mctf_jax.config import model_config
-from mctf_jax.convert.posemb import resize_pos_embed
+from mctf_jax.convert.posemb import fold_class_position, resize_pos_embed
 from mctf_jax.errors import (CheckpointError, CheckpointMismatchError, CheckpointNotFoundError,
                              ConfigError)
 
@@ -219,17 +218,16 @@ def expected_shapes(cfg, naming: str = "big_vision", scanned: bool = False,
 def _fold_class_token_position(tree: dict, pos_name: str | None, source: str) -> None:
   """A position embedding of g*g + 1 entries (the old layout, where the class token got the
   first): that entry is added to the class token (or dropped without one)."""
-  if pos_name is None or tree[pos_name].ndim != 3:
+  if pos_name is None:
     return
-  pos = tree[pos_name]
-  grid = math.isqrt(pos.shape[1])
-  if grid * grid == pos.shape[1] or grid * grid + 1 != pos.shape[1]:
+  pos, cls = fold_class_position(tree[pos_name], tree.get("cls"))
+  if pos is tree[pos_name]:
     return
   logger.info("%s: folding the class token's position embedding into the class token",
               source)
-  if "cls" in tree:
-    tree["cls"] = (tree["cls"].astype(np.float64) + pos[:, :1]).astype(tree["cls"].dtype)
-  tree[pos_name] = pos[:, 1:]
+  tree[pos_name] = pos
+  if cls is not None:
+    tree["cls"] = cls
 
 
 def _adaptable(name: str, got, want, pos_name) -> bool:

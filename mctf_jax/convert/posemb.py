@@ -68,3 +68,18 @@ def resize_pos_embed(pos_embed: np.ndarray, num_tokens: int, num_prefix: int = 1
   grid = resize_axis(resize_axis(grid, 0, new), 1, new)
   grid = grid.reshape(1, new * new, -1).astype(pos_embed.dtype)
   return np.concatenate([prefix, grid], axis=1)
+
+
+def fold_class_position(pos_embed: np.ndarray, cls_token: np.ndarray | None):
+  """(pos_embed, cls_token) with the class token's entry of a position embedding of
+  g*g + 1 entries (a layout where the class token got one) added to the class token (or
+  dropped without one), the patches' g*g entries left; any other embedding is returned as
+  it is. Both are added to the tokens before the blocks, so the model computes the same."""
+  if pos_embed.ndim != 3:
+    return pos_embed, cls_token
+  n = pos_embed.shape[1]
+  if math.isqrt(n) ** 2 == n or math.isqrt(n - 1) ** 2 != n - 1:
+    return pos_embed, cls_token
+  if cls_token is not None:
+    cls_token = (cls_token.astype(np.float64) + pos_embed[:, :1]).astype(cls_token.dtype)
+  return pos_embed[:, 1:], cls_token

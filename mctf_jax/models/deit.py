@@ -10,8 +10,9 @@ timm's options for the ViTs that followed are fields of the config: ``init_value
 (the position embedding on the patches only, the class token joining after it: DeiT III)
 and ``reg_tokens`` (register tokens after the class token, "Vision Transformers Need
 Registers"; timm's DINOv2 with registers). The class token and the registers are the
-protected tokens, never fused. DeiT III's own checkpoints name the LayerScale factors
-``blocks.N.gamma_1`` / ``gamma_2``; they are read as timm's ``ls1.gamma`` / ``ls2.gamma``.
+protected tokens, never fused. Official releases' names are read as timm's
+(``rename_state_dict``): DeiT III's ``blocks.N.gamma_1`` / ``gamma_2``, DINOv2's
+``register_tokens``.
 """
 
 from __future__ import annotations
@@ -132,10 +133,18 @@ class DeiT(ClassTokenBackbone):
 
   @classmethod
   def rename_state_dict(cls, cfg, state: dict) -> dict:
-    """DeiT III's own names of the LayerScale factors, ``blocks.N.gamma_1`` / ``gamma_2``,
-    as timm's ``blocks.N.ls1.gamma`` / ``ls2.gamma``."""
-    return {re.sub(r"^(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", k): v
-            for k, v in state.items()}
+    """Official releases' names as timm's: DeiT III's LayerScale factors
+    ``blocks.N.gamma_1`` / ``gamma_2`` as ``blocks.N.ls1.gamma`` / ``ls2.gamma``; DINOv2's
+    ``register_tokens`` as ``reg_token``, its ``mask_token`` (masked-image pretraining)
+    left out. (DINOv2's position embedding, which has an entry for the class token, is
+    folded into it by the converter with no_embed_class.)"""
+    out = {}
+    for name, value in state.items():
+      if name == "mask_token":
+        continue
+      name = "reg_token" if name == "register_tokens" else name
+      out[re.sub(r"^(blocks\.\d+\.)gamma_([12])$", r"\1ls\2.gamma", name)] = value
+    return out
 
   @classmethod
   def torch_shapes(cls, cfg) -> dict[str, tuple[int, ...]]:
