@@ -3,8 +3,7 @@ LayerScale (init 1e-6) and the position embedding on the patches only, evaluated
 default cfg for it (bicubic resize, crop 0.9). The MCTF paper reports DeiT, not DeiT III;
 fine-tuning uses DeiT-S's MCTF recipe.
 
-  python eval.py --config=configs/deit3_s.py --checkpoint=deit_3_small_224_1k.pth \
-      --config.eval.r_values="(16, 0)"
+  python eval.py --config=configs/deit3_s.py --checkpoint=deit_3_small_224_1k.pth
   python train.py --config=configs/deit3_s.py --workdir=/tmp/mctf_deit3_s \
       --config.init.checkpoint=deit_3_small_224_1k.pth
 """
