@@ -396,7 +396,7 @@ def main(argv=None):
     if (FLAGS.repeats < 1 or FLAGS.warmup < 0 or FLAGS.min_repeat_s < 0
         or FLAGS.settle < 0):
       fail(f"need --repeats >= 1, --warmup >= 0, --min_repeat_s >= 0, --settle >= 0; got "
-            f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}, {FLAGS.settle}")
+           f"{FLAGS.repeats}, {FLAGS.warmup}, {FLAGS.min_repeat_s}, {FLAGS.settle}")
     if FLAGS.dtype is not None:
       config.model.dtype = FLAGS.dtype
     if FLAGS.json:

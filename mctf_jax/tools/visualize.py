@@ -358,7 +358,7 @@ def _merges(FLAGS) -> None:
     fail(f"{type(model).__name__} has no grid of square patches (model.patch_size) to draw")
   if not model.schedule().fuses:
     fail(f"the model fuses no tokens at r={model.fusion.r!r} on blocks "
-          f"{list(model.fusion.layers)}; nothing to draw")
+         f"{list(model.fusion.layers)}; nothing to draw")
   data = config.get("data") or {}
   mean = data.get("mean", (0.485, 0.456, 0.406))
   std = data.get("std", (0.229, 0.224, 0.225))
@@ -440,7 +440,7 @@ def main(argv=None):
     elif not command:
       if FLAGS.panel_px < 1 or FLAGS.cols < 1 or (FLAGS.border is not None and FLAGS.border < 0):
         fail(f"need --panel_px >= 1, --cols >= 1, --border >= 0; got {FLAGS.panel_px}, "
-              f"{FLAGS.cols}, {FLAGS.border}")
+             f"{FLAGS.cols}, {FLAGS.border}")
       _merges(FLAGS)
     else:
       fail(f"unknown command {' '.join(command)!r}: use no command (draw merges) or 'plot'")
