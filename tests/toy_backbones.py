@@ -23,10 +23,6 @@ class DistilledViTConfig(DeiTConfig):
   arch: str = "toy_backbones:DistilledViT"
 
   @property
-  def num_tokens(self) -> int:
-    return self.num_patches + 2
-
-  @property
   def num_protected(self) -> int:
     return 2   # the class and the distillation token
 
