@@ -81,8 +81,8 @@ class FusionConfig:
   pooling: how tokens are averaged: 'size' (size-weighted), 'attn' (attention- and size-
     weighted), 'max' or 'mean'.
   merge_impl: how merges are computed: 'scatter' (gather + segment sums, best on CPU/GPU),
-    'matmul' (one-hot matrix products, best on TPU) or 'auto' (chosen from the backend).
-    The results agree to rounding.
+    'matmul' (products with the 0/1 matrix of destinations, no gather or scatter: for TPUs)
+    or 'auto' (chosen for the devices the program runs on). The results agree to rounding.
   train_token_step: how the train step shapes the teacher's token arrays
     (``mctf_jax.fusion.padded``). None (default): every r' runs at the full input width,
     padding standing in for the merged tokens, so one compiled program serves every r' > 0

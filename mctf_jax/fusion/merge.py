@@ -23,22 +23,69 @@ def _take_tokens(x_BxTxF, idx_BxK):
 def merge_sum(x_BxTxF, match: Matching, impl: str = "scatter"):
   """Sum of the tokens fused into each output token: (B, T, ...) -> (B, O, ...).
 
-  impl 'scatter' adds the r moved rows with a scatter-add; 'matmul' with a one-hot (O, r)
-  matrix product (MXU-friendly on TPU). Both gather the O anchor rows.
+  impl 'scatter' gathers the O anchor rows and adds the r moved rows with a scatter-add;
+  'matmul' multiplies by the one-hot (T, O) matrix of the destinations (``dest_onehot``):
+  no gather or scatter, MXU products on TPU.
   """
+  if impl == "matmul":
+    return dense_merge(dest_onehot(match), x_BxTxF).astype(x_BxTxF.dtype)
   out = _take_tokens(x_BxTxF, match.anchor_BxO)
   if match.moved_BxR.shape[1] == 0:
     return out
   moved = _take_tokens(x_BxTxF, match.moved_BxR)
-  if impl == "matmul":
-    onehot_BxOxR = (match.moved_dest_BxR[:, None, :] ==
-                    jnp.arange(match.num_out)[None, :, None]).astype(x_BxTxF.dtype)
-    flat = moved.reshape(moved.shape[:2] + (-1,))
-    added = jnp.einsum("bor,brf->bof", onehot_BxOxR, flat,
-                       precision=jax.lax.Precision.HIGHEST)
-    return out + added.reshape(out.shape)
   rows = jnp.arange(out.shape[0])[:, None]
   return out.at[rows, match.moved_dest_BxR].add(moved)
+
+
+def dest_onehot(match: Matching, dtype=jnp.float32) -> jax.Array:
+  """(B, T, O) 0/1: [b, t, o] = 1 where input token t is fused into output token o."""
+  return (match.dest_BxT[:, :, None] ==
+          jnp.arange(match.num_out, dtype=match.dest_BxT.dtype)[None, None, :]).astype(dtype)
+
+
+def dense_merge(onehot_BxTxO: jax.Array, x_BxTxF: jax.Array, scale_BxT: jax.Array | None = None,
+                dtype=None) -> jax.Array:
+  """sum_t onehot[b, t, o] scale[b, t] x[b, t, ...] -> (B, O, ...), as one product with the
+  0/1 matrix, accumulated in float32 at least.
+
+  The rows are scaled in float32 (at least) and rounded once to `dtype` (default: x's),
+  then summed exactly: in one bfloat16 pass on a TPU for 16-bit rows, at
+  Precision.HIGHEST for float32 rows (CPUs and GPUs multiply float32 and float64 exactly
+  whatever the setting).
+  """
+  dtype = jnp.dtype(x_BxTxF.dtype if dtype is None else dtype)
+  if scale_BxT is not None:
+    acc = jnp.promote_types(x_BxTxF.dtype, jnp.float32)
+    scale = scale_BxT.reshape(scale_BxT.shape + (1,) * (x_BxTxF.ndim - 2)).astype(acc)
+    x_BxTxF = x_BxTxF.astype(acc) * scale
+  flat = x_BxTxF.astype(dtype).reshape(x_BxTxF.shape[:2] + (-1,))
+  if dtype.itemsize <= 2:
+    out = jnp.einsum("bto,btf->bof", onehot_BxTxO.astype(dtype), flat,
+                     preferred_element_type=jnp.float32)
+  else:
+    out = jnp.einsum("bto,btf->bof", onehot_BxTxO.astype(dtype), flat,
+                     precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(out.shape[:2] + x_BxTxF.shape[2:])
+
+
+def _select_values(onehot_BxTxO: jax.Array, v_BxHxOxd: jax.Array) -> jax.Array:
+  """v[b, h, dest[b, t]] as a product with the one-hot (T, O) matrix: (B, H, T, d), exact
+  (one pass for 16-bit values, Precision.HIGHEST for float32)."""
+  if jnp.dtype(v_BxHxOxd.dtype).itemsize <= 2:
+    out = jnp.einsum("bto,bhod->bhtd", onehot_BxTxO.astype(v_BxHxOxd.dtype), v_BxHxOxd,
+                     preferred_element_type=jnp.float32)
+  else:
+    out = jnp.einsum("bto,bhod->bhtd", onehot_BxTxO.astype(v_BxHxOxd.dtype), v_BxHxOxd,
+                     precision=jax.lax.Precision.HIGHEST)
+  return out.astype(v_BxHxOxd.dtype)
+
+
+def pooling_scale(onehot_BxTxO: jax.Array, weights_BxT: jax.Array, norm_BxO: jax.Array):
+  """(B, T): each input token's weight over its output token's normaliser, the factor it
+  enters its weighted average with (each token has one destination, so the average is
+  ``dense_merge(onehot, x, scale)``). Zero normalisers (padding outputs) count as one."""
+  norm = jnp.where(norm_BxO > 0, norm_BxO, 1).astype(weights_BxT.dtype)
+  return weights_BxT / jnp.sum(onehot_BxTxO.astype(norm.dtype) * norm[:, None, :], axis=-1)
 
 
 def merge_max(x_BxTxF, match: Matching):
@@ -80,11 +127,23 @@ def fuse_tokens(x_BxTxC: jax.Array, size_BxT: jax.Array, match: Matching, *,
   pooling), which ``merged_attention_output`` reuses for the query rows of the attention.
   """
   size_BxT = jax.lax.stop_gradient(size_BxT)
-  size_BxO = merge_sum(size_BxT, match, impl)
   weights_BxT = pooling_weights(pooling, size_BxT, attn_received_BxT)
+  if weights_BxT is not None:
+    weights_BxT = jax.lax.stop_gradient(weights_BxT)
+  if impl == "matmul" and weights_BxT is not None:
+    # Sizes and normalisers as masked sums over the inputs (exact), the average as one
+    # product with the destinations' 0/1 matrix. Padding (size 0) weighs nothing.
+    weights_BxT = jnp.where(size_BxT > 0, weights_BxT, 0)
+    onehot_BxTxO = dest_onehot(match, size_BxT.dtype)
+    size_BxO = jnp.sum(onehot_BxTxO * size_BxT[:, :, None], axis=1)
+    norm_BxO = size_BxO if pooling == "size" else jnp.sum(
+        onehot_BxTxO * weights_BxT[:, :, None].astype(size_BxT.dtype), axis=1)
+    scale_BxT = pooling_scale(onehot_BxTxO, weights_BxT, norm_BxO)
+    x_BxOxC = dense_merge(onehot_BxTxO, x_BxTxC, scale_BxT)
+    return x_BxOxC.astype(x_BxTxC.dtype), size_BxO, weights_BxT, norm_BxO
+  size_BxO = merge_sum(size_BxT, match, impl)
   if weights_BxT is None:
     return merge_max(x_BxTxC, match), size_BxO, None, None
-  weights_BxT = jax.lax.stop_gradient(weights_BxT)
   norm_BxO = size_BxO if pooling == "size" else merge_sum(weights_BxT, match, impl)
   # Accumulate in float32 at least, whatever the compute dtype.
   acc = jnp.promote_types(x_BxTxC.dtype, jnp.float32)
@@ -121,6 +180,16 @@ def merged_attention_output(probs_BxHxTxT: jax.Array, v_BxHxOxd: jax.Array, matc
   if weights_BxT is None:  # max pooling: merge the map, then attend
     with fusion_scope("attn_merge"):
       return _merged_map_output(probs_BxHxTxT.astype(dtype), v_BxHxOxd, match, impl)
+  if impl == "matmul":
+    # The gather of v and the pooling of the rows as products with the (T, O) matrices;
+    # the rows are pooled in the compute dtype (the result is cast to it anyway).
+    with fusion_scope("attn_merge"):
+      onehot_BxTxO = dest_onehot(match, weights_BxT.dtype)
+      v_back_BxHxTxd = _select_values(onehot_BxTxO, v_BxHxOxd)
+    out_BxTxHxd = attend(probs_BxHxTxT, v_back_BxHxTxd)
+    with fusion_scope("attn_merge"):
+      scale_BxT = pooling_scale(onehot_BxTxO, weights_BxT, norm_BxO)
+      return dense_merge(onehot_BxTxO, out_BxTxHxd, scale_BxT, dtype).astype(dtype)
   acc = jnp.promote_types(dtype, jnp.float32)
   with fusion_scope("attn_merge"):
     v_back_BxHxTxd = jnp.take_along_axis(v_BxHxOxd, match.dest_BxT[:, None, :, None], axis=2)

@@ -102,12 +102,28 @@ def similarity_scores(metric_BxTxC: jax.Array, *, num_protected: int = 1,
 def _cosine(metric_BxTxC):
   """Cosine similarity of the A and B tokens, without gradient, in float32 at least."""
   dtype = jnp.promote_types(metric_BxTxC.dtype, jnp.float32)
+  if jnp.dtype(metric_BxTxC.dtype).itemsize <= 2:
+    return _cosine_16bit(jax.lax.stop_gradient(metric_BxTxC))
   metric = jax.lax.stop_gradient(metric_BxTxC).astype(dtype)
   # (A zero token would give 0/0; the guard never changes a non-zero norm.)
   norm = jnp.linalg.norm(metric, axis=-1, keepdims=True)
   metric = metric / jnp.maximum(norm, jnp.finfo(dtype).tiny)
   return jnp.einsum("bic,bjc->bij", metric[:, ::2], metric[:, 1::2],
                     precision=jax.lax.Precision.HIGHEST)
+
+
+def _cosine_16bit(metric_BxTxC):
+  """``_cosine`` of 16-bit tokens: their products are exact in float32, so the dot products
+  of the A and B halves accumulate in float32 from the tokens as they are (one pass of the
+  matrix unit, no float32 copy of the tokens), then divide by the norms."""
+  a_BxAxC, b_BxBxC = metric_BxTxC[:, ::2], metric_BxTxC[:, 1::2]
+  dots_BxAxB = jnp.einsum("bic,bjc->bij", a_BxAxC, b_BxBxC, preferred_element_type=jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def norm(x):
+    return jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1), tiny)
+
+  return dots_BxAxB / (norm(a_BxAxC)[:, :, None] * norm(b_BxBxC)[:, None, :])
 
 
 def _exclude(scores_BxAxB, num_protected: int, valid_BxT):

@@ -45,11 +45,26 @@ class Merge(NamedTuple):
   impl: str
 
 
-def resolve_merge_impl(impl: str) -> str:
-  """'auto' -> 'matmul' on TPU (one-hot products for the MXU), 'scatter' elsewhere."""
+def resolve_merge_impl(impl: str, platform: str | None = None) -> str:
+  """'auto' -> 'matmul' on TPU (one-hot products for the MXU), 'scatter' elsewhere.
+
+  platform: the devices the program is for ('cpu', 'gpu', 'tpu'); default: JAX's default
+  backend, which is the host's when a TPU program is compiled ahead of time on a CPU host
+  (``training.programs.model_for_mesh`` passes the mesh's platform).
+  """
   if impl != "auto":
     return impl
-  return "matmul" if jax.default_backend() == "tpu" else "scatter"
+  platform = jax.default_backend() if platform is None else platform
+  return "matmul" if platform == "tpu" else "scatter"
+
+
+def _as_used(probs_BxHxTxT, dtype):
+  """The probabilities as the values' product uses them: in a 16-bit compute dtype, rounded
+  to it (``merge.attend``). The attention received is then read from the very tensor that
+  product reads, and XLA keeps one copy of the (T, T) map, in 16 bits, not two."""
+  if jnp.dtype(dtype).itemsize <= 2:
+    return probs_BxHxTxT.astype(dtype)
+  return probs_BxHxTxT
 
 
 def _scores(config: FusionConfig, metric_BxTxC, received_BxT, size_BxT, num_protected: int,
@@ -83,7 +98,9 @@ class ExactStep:
     cfg, plan = self.config, self.plan
     impl = resolve_merge_impl(cfg.merge_impl)
     batch, tokens = state.x_BxTxC.shape[:2]
-    received_BxT = None if probs_BxHxTxT is None else attention_received(probs_BxHxTxT)
+    received_BxT = None
+    if probs_BxHxTxT is not None:
+      received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype))
     scores = _scores(cfg, metric_BxTxC, received_BxT, state.size_BxT, self.num_protected)
     match = bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
                                bidirectional=cfg.bidirectional,
@@ -133,7 +150,8 @@ class PaddedStep:
     valid_BxT = state.size_BxT > 0
     received_BxT = None
     if probs_BxHxTxT is not None:
-      received_BxT = attention_received(probs_BxHxTxT, valid_BxT)
+      received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype),
+                                        valid_BxT)
     valid_wide = pad_tokens(valid_BxT, wide, False)
     received_wide = None if received_BxT is None else pad_tokens(received_BxT, wide, 1)
     scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), received_wide,

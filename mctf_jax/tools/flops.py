@@ -47,7 +47,7 @@ DeiT-T/S/B).
 It differs in one place: for the averaging poolings, 'approx' computes the fused tokens'
 attention as pool_rows(attn @ v[dest]), a (T, T) @ (T, d) product per head rather than the
 official (O, O) one (same result, no scatter of the map); and the 'matmul' merge (TPU)
-adds one-hot (O, r) products.
+adds products with the (T, O) 0/1 matrix of destinations.
 
 Cross-checks against JAX/XLA. ``traced_matmul_flops(model)`` reads every dot_general and
 convolution off the jaxpr of the forward pass; it equals the 'mctf_jax' count's matmul part
@@ -200,18 +200,16 @@ def _matching(m, fusion: FusionConfig, tokens: int) -> int:
   return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fusion.tau_sim else 0
 
 
-def _merge_onehot(fusion: FusionConfig, plan: LayerPlan, width: int, attend_width: int,
+def _merge_onehot(m, fusion: FusionConfig, plan: LayerPlan, attend_width: int,
                   one_step_ahead: bool) -> int:
-  """The one-hot (O, r) products of this port's 'matmul' merges in one fusion step."""
-  o, r = plan.tokens_out, plan.r
-  widths = [1, width]                         # sizes, tokens
+  """The products with the (T, O) 0/1 matrix of the destinations in this port's 'matmul'
+  merges of one fusion step (``fusion.merge``): the tokens' weighted average, and with
+  one-step-ahead attention the values brought back to the unfused tokens and the rows'
+  average; for max pooling, the sizes and the attention map's key columns."""
+  t, o, c = plan.tokens_in, plan.tokens_out, m.embed_dim
   if fusion.pooling == "max":
-    widths = [1]                                # tokens merged by max: no product
-  elif fusion.pooling != "size":
-    widths.append(1)                            # normalisers of the weighted average
-  if one_step_ahead:
-    widths.append(attend_width)
-  return sum(o * r * w for w in widths)
+    return t * o + (t * o * attend_width if one_step_ahead else 0)
+  return t * o * c + (t * o * (c + attend_width) if one_step_ahead else 0)
 
 
 def _plain_block(m, t: int) -> list[tuple[str, int]]:
@@ -231,7 +229,7 @@ def _block(m, fusion: FusionConfig, plan: LayerPlan, implementation: str,
   merge = []
   if implementation == "mctf_jax" and merge_impl == "matmul":
     attend_width = c if fusion.pooling != "max" else m.num_heads * t
-    merge = [("merge", _merge_onehot(fusion, plan, c, attend_width,
+    merge = [("merge", _merge_onehot(m, fusion, plan, attend_width,
                                      mode == "approx" and fusion.method == "mctf"))]
   if fusion.method == "tome":
     # The attention on T tokens, the matching on its keys, the MLP on the O fused tokens.
@@ -444,7 +442,7 @@ def _eqn_macs(eqn) -> int:
   return 0
 
 
-def _jaxpr_macs(jaxpr) -> int:
+def jaxpr_macs(jaxpr) -> int:
   from jax.extend import core as jex_core
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
   total = 0
@@ -452,11 +450,11 @@ def _jaxpr_macs(jaxpr) -> int:
     total += _eqn_macs(eqn)
     name = eqn.primitive.name
     if name == "cond":
-      total += max(_jaxpr_macs(b) for b in eqn.params["branches"])
+      total += max(jaxpr_macs(b) for b in eqn.params["branches"])
       continue
     if name == "while":
       raise ValueError("cannot count a while loop's products (unknown trip count)")
-    inner = sum(_jaxpr_macs(j) for j in jex_core.jaxprs_in_params(eqn.params))
+    inner = sum(jaxpr_macs(j) for j in jex_core.jaxprs_in_params(eqn.params))
     total += inner * (eqn.params["length"] if name == "scan" else 1)
   return total
 
@@ -476,7 +474,7 @@ def traced_matmul_flops(model, batch_size: int = 1, r: int | float | None = None
     model = model.with_fusion(r=r)
   images = jax.ShapeDtypeStruct((batch_size,) + tuple(model.config.image_shape), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
-  return _jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images))
+  return jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, images))
 
 
 # ----------------------------------------------------------------------------- CLI
