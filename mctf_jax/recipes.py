@@ -28,7 +28,9 @@ def deit_model(size: str) -> ml_collections.ConfigDict:
       num_classes=1000, mlp_ratio=4.0, qkv_bias=True, layer_norm_eps=1e-6,
       init_values=ml_collections.config_dict.placeholder(float),   # LayerScale (DeiT III)
       no_embed_class=False, reg_tokens=0,
-      drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32"))
+      drop_path_rate=0.1, dropout_rate=0.0, dtype="float32", param_dtype="float32",
+      remat_policy="none"))       # recompute blocks in backprop: less memory, same results;
+                                  # 'none' | 'full' | 'dots' | 'dots_with_no_batch_dims'
 
 
 def vit_model(variant: str, pool_type: str, img_size: int = 224,
@@ -44,7 +46,9 @@ def vit_model(variant: str, pool_type: str, img_size: int = 224,
       posemb="learn",             # 'learn' | 'sincos2d'
       rep_size=0,                 # pre-logits Dense + tanh width (0: none)
       layer_norm_eps=1e-6, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
-      param_dtype="float32"))
+      param_dtype="float32",
+      remat_policy="none"))       # recompute blocks in backprop: less memory, same results;
+                                  # 'none' | 'full' | 'dots' | 'dots_with_no_batch_dims'
   model.update(changes)
   return model
 
@@ -185,7 +189,9 @@ def lvvit_model(size: str, img_size: int = 224) -> ml_collections.ConfigDict:
       stem_channels=stem, num_classes=1000, layer_norm_eps=1e-5, batch_norm_eps=1e-5,
       train_batch_norm=False,     # the stem's BatchNorm: running statistics, kept as loaded
       drop_path_rate=LVVIT_RECIPE.get(size, LVVIT_RECIPE["medium"])["drop_path_rate"],
-      dropout_rate=0.0, dtype="float32", param_dtype="float32"))
+      dropout_rate=0.0, dtype="float32", param_dtype="float32",
+      remat_policy="none"))       # recompute blocks in backprop: less memory, same results;
+                                  # 'none' | 'full' | 'dots' | 'dots_with_no_batch_dims'
 
 
 def lvvit_config(size: str, r: float = 8.0) -> ml_collections.ConfigDict:
@@ -232,7 +238,9 @@ def t2t_vit_model(variant: str = "14") -> ml_collections.ConfigDict:
       qkv_bias=False,
       qk_scale="embed_dim",       # 'embed_dim' | 'head_dim' | a number
       performer_dropout_rate=0.1, drop_path_rate=0.1, dropout_rate=0.0, dtype="float32",
-      param_dtype="float32"))
+      param_dtype="float32",
+      remat_policy="none"))       # recompute blocks in backprop: less memory, same results;
+                                  # 'none' | 'full' | 'dots' | 'dots_with_no_batch_dims'
 
 
 def t2t_vit_config(variant: str = "14") -> ml_collections.ConfigDict:

@@ -88,6 +88,9 @@ class BackboneConfig:
   dropout_rate: float = 0.0
   dtype: str = "float32"        # compute dtype; parameters stay float32
   param_dtype: str = "float32"
+  # Rematerialisation of each block in training (stack.REMAT_POLICIES): 'none', 'full',
+  # 'dots', 'dots_with_no_batch_dims'; less memory for more compute, the same results.
+  remat_policy: str = "none"
 
   def __post_init__(self):
     for name in ("img_size", "in_chans", "depth", "num_classes"):
@@ -100,6 +103,7 @@ class BackboneConfig:
       if getattr(self, name) not in DTYPE_NAMES:
         raise ConfigError(f"model.{name} must be one of {DTYPE_NAMES}, "
                           f"got {getattr(self, name)!r}")
+    stack.check_remat_policy(self.remat_policy)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -276,7 +280,7 @@ class Backbone(nn.Module):
   def run_unfused(self, x_BxTxC, stop: int, *, deterministic: bool = True):
     """Blocks 0 .. stop-1 as ordinary blocks: the tokens entering block `stop`."""
     return stack.run_unfused(self.blocks, x_BxTxC, stop, self.fusion,
-                             deterministic=deterministic)
+                             deterministic=deterministic, remat_policy=self.config.remat_policy)
 
   def run_blocks(self, x_BxTxC, schedule: Schedule, *, deterministic: bool = True,
                  trace_source: bool | None = None, start: int = 0) -> EncoderOutput:
@@ -289,7 +293,7 @@ class Backbone(nn.Module):
     trace = self.fusion.trace_source if trace_source is None else trace_source
     state, layer_maps = stack.run_exact(self.blocks, x_BxTxC, schedule, self.fusion,
                                         deterministic=deterministic, trace_source=trace,
-                                        start=start)
+                                        start=start, remat_policy=self.config.remat_policy)
     tokens_out = self.finish(state.x_BxTxC)
     size = state.size_BxT
     if size is None:
@@ -311,7 +315,8 @@ class Backbone(nn.Module):
                              num_protected=cfg.num_protected, max_moved=max_moved,
                              fusion_width=cfg.num_tokens, deterministic=deterministic,
                              start=start, first=first,
-                             scan=scan and not self.is_initializing())
+                             scan=scan and not self.is_initializing(),
+                             remat_policy=self.config.remat_policy)
     return EncoderOutput(self.finish(state.x_BxTxC), state.size_BxT, None, ())
 
   # ------------------------------------------------------------------ forward
