@@ -76,7 +76,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   from mctf_jax import checkpoint as ckpt_lib, data, parallel
   from mctf_jax.fusion.config import normalize_r
   from mctf_jax.tools import benchmark, flops
-  from mctf_jax.training import evaluation
+  from mctf_jax.training import evaluation, programs
 
   if isinstance(throughput_batch, bool) or not isinstance(throughput_batch, int) or \
       throughput_batch < 0:
@@ -85,7 +85,8 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   if split:   # the split evaluated everywhere below, its size and existence checked first
     config = config.copy_and_resolve_references()
     config.data.eval_split = split
-  model = mctf_jax.create_model(config)
+  mesh = parallel.create_mesh(config.mesh.fsdp)
+  model = programs.model_for_mesh(config, mesh)
   evaluation.check_image_outputs(model, "eval.py")
   budget = flops.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
@@ -93,7 +94,6 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   if not model.fusion.layers and any(r for r in r_values):
     raise mctf_jax.ConfigError(f"eval.r_values {list(r_values)} asks for fusion, but "
                                f"fusion.layers is empty; set --config.fusion.layers")
-  mesh = parallel.create_mesh(config.mesh.fsdp)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   # The checkpoint first: a wrong path or config fails before the input pipeline starts.
   variables = ckpt_lib.load_variables(checkpoint, config, ema=ema)

@@ -27,10 +27,9 @@ from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import parallel
 from mctf_jax.errors import ConfigError, TrainingError, is_number
 from mctf_jax.tools import flops
-from mctf_jax.training import evaluation, optim
+from mctf_jax.training import evaluation, optim, programs
 from mctf_jax.training.plan import teacher_plan
-from mctf_jax.training.train_step import (TrainState, count_params, make_train_step,
-                                          tree_is_finite)
+from mctf_jax.training.train_step import TrainState, count_params, tree_is_finite
 
 logger = logging.getLogger("mctf_jax.train")
 
@@ -38,11 +37,13 @@ CONFIG_FILE = "config.json"
 # Fields that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                      "eval_every_epochs", "eval_batch_size", "init.checkpoint", "data.data_dir",
-                     "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp")
+                     "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp",
+                     "model.remat_policy")
 # Fields added to the configs after runs were made without them, with the value those
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
-                "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0}
+                "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0,
+                "model.remat_policy": "none"}
 
 
 def _log(msg: str, *args):
@@ -398,7 +399,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   mesh = parallel.create_mesh(config.mesh.fsdp, devices)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
-  model = mctf_jax.create_model(config)
+  model = programs.model_for_mesh(config, mesh)
   evaluation.check_image_outputs(model, "train.py")
   plan = teacher_plan(model, config.batch_size)
   check_workdir_config(workdir, config)
@@ -433,27 +434,13 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
     _log("data: %s, %d train / %d eval images, %d classes", info.name, info.num_train,
          info.num_eval, info.num_classes)
   total_steps = optim.total_epochs(config) * steps_per_epoch
-  schedule_fn = optim.make_schedule(config, steps_per_epoch)
-  tx = optim.make_optimizer(config, steps_per_epoch)
-
-  # Shapes and shardings of the state, before anything is allocated.
-  variables_shape = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                      model.dummy_images()))
-  variables_sh = parallel.tree_shardings(mesh, variables_shape)
-  params_shape = variables_shape["params"]
-  param_sh = variables_sh["params"]
-  model_state_shape = {k: v for k, v in variables_shape.items() if k != "params"}
-  model_state_sh = {k: v for k, v in variables_sh.items() if k != "params"}
-  opt_shape = jax.eval_shape(tx.init, params_shape)
-  opt_sh = parallel.tree_shardings(mesh, opt_shape)
-  use_ema = config.ema_decay > 0
-  state_sh = TrainState(step=parallel.replicated(mesh), params=param_sh, opt_state=opt_sh,
-                        ema=param_sh if use_ema else None, model_state=model_state_sh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          TrainState(jax.ShapeDtypeStruct((), jnp.int32), params_shape,
-                                     opt_shape, params_shape if use_ema else None,
-                                     model_state_shape), state_sh)
-  _log("parameters: %s", f"{count_params(params_shape):,}")
+  # Shapes and shardings of the state and the jitted step, before anything is allocated.
+  program = programs.train_program(config, mesh, steps_per_epoch, model=model, plan=plan)
+  tx, abstract, state_sh = program.tx, program.abstract_state, program.state_shardings
+  variables_sh, param_sh = program.variables_shardings, program.state_shardings.params
+  opt_sh, use_ema = program.state_shardings.opt_state, program.use_ema
+  model_state_shape = abstract.model_state
+  _log("parameters: %s", f"{count_params(abstract.params):,}")
 
   manager = _checkpoint_manager(workdir, config, model_state=bool(model_state_shape))
   state, latest = restore_latest_readable(manager, abstract, workdir)
@@ -475,9 +462,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
     manager.close()
     return state
 
-  train_step = jax.jit(make_train_step(model, tx, config, schedule_fn, plan),
-                       in_shardings=(state_sh, parallel.batch_sharding(mesh)),
-                       out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+  train_step = program.step
   eval_rs = [model.fusion.r] + ([0] if model.fusion.r != 0 and model.fusion.layers else [])
   eval_fns = {r: evaluation.compile_eval_step(model.with_fusion(r=r), mesh, variables_sh)
               for r in eval_rs}
