@@ -1,0 +1,448 @@
+r"""Compile train.py's and eval.py's programs ahead of time for a TPU slice, on any machine.
+
+    python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:4x4
+    python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:2x2 \
+        --config.batch_size=512 --programs=train --json=compiled.json
+    python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=cpu:8
+
+The programs are the entry points' own (``mctf_jax.training.programs``): train.py's train
+step (student and every teacher branch, the ``('data', 'fsdp')`` mesh of config.mesh,
+the state's shardings, donation) and eval.py's forward at each ``eval.r_values``, lowered
+from abstract shapes (nothing is allocated) and compiled by the real TPU compiler
+(libtpu: ``pip install '.[tpu]'``) for the named topology, from a host without TPUs.
+Beside each, the plain program (no fusion; for the train step also no teacher: a DeiT
+fine-tuning step) for the ratios. ``fusion.merge_impl='auto'`` resolves for the target.
+
+Per program: compile seconds; HBM per chip (arguments, outputs, temporaries, generated
+code) against the chip's; XLA's FLOPs and bytes accessed per chip per step; the matrix
+products' FLOPs counted from the traced program (2 per multiply-add; where a step holds a
+``lax.switch``, its costliest branch: XLA's own FLOP count of a conditional cannot be
+trusted); and XLA's time estimate (``optimal_seconds``), which TPU's cost model reports as
+-1 s for every instruction it cannot cost (the ``ConcatBitcast`` custom calls that
+bfloat16 attention's head layout produces): those count 0 here, and how many there were is
+printed. Compiled figures, not run ones.
+
+Topologies: ``v4:2x2x1`` (megacore chips), ``v5e:2x2`` (the smallest v5e slice a host can
+describe), ``v5p:2x2x1``, ``v6e:2x2``, any larger slice of those (``v5e:16x16``), and
+``cpu:N`` (N of this host's CPU devices, XLA:CPU; set
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` for more than one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+
+# Before JAX loads: compile-only TPU devices need no TPU runtime, and several processes may
+# load libtpu to compile (the test suite's workers).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from mctf_jax import parallel  # noqa: E402
+from mctf_jax.errors import ConfigError, MctfError  # noqa: E402
+from mctf_jax.fusion.config import normalize_r  # noqa: E402
+from mctf_jax.tools import flops  # noqa: E402
+from mctf_jax.training import programs  # noqa: E402
+
+GiB = 1024 ** 3
+# name in a topology: (HBM per chip in GiB, libtpu chip config, accelerator type prefix)
+TPU_CHIPS = {"v4": (32, "megacore", "v4"), "v5e": (16, "default", "v5litepod"),
+             "v5p": (95, "megacore", "v5p"), "v6e": (32, "default", "v6e")}
+TPU_HOWTO = ("the TPU compiler comes with libtpu: pip install '.[tpu]' (or pip install "
+             f"'jax[tpu]=={jax.__version__}')")
+NOT_FIT_REMEDY = ("shard the parameters and optimizer state over more chips "
+                  "(--config.mesh.fsdp=N), recompute activations in the backward pass "
+                  "(--config.model.remat_policy=dots_with_no_batch_dims), or a smaller "
+                  "--config.batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A compile target: its name, devices (compile-only for TPUs) and memory per device."""
+  name: str
+  platform: str
+  devices: tuple
+  memory_bytes: int
+  memory_name: str     # 'HBM' or 'host RAM'
+  device_kind: str
+
+  @property
+  def num_processes(self) -> int:
+    return len({d.process_index for d in self.devices})
+
+  def describe(self) -> str:
+    hosts = f", {self.num_processes} hosts" if self.num_processes > 1 else ""
+    return (f"{self.name}: {len(self.devices)} x {self.device_kind}{hosts}, "
+            f"{self.memory_bytes / GiB:.4g} GiB {self.memory_name} per device")
+
+
+_TPU_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+def target(topology: str) -> Target:
+  """The Target of a topology name (see the module docstring); ConfigError for a bad one."""
+  topology = topology.strip()
+  if topology.startswith("cpu:"):
+    count = topology[4:]
+    if not count.isdigit() or int(count) < 1:
+      raise ConfigError(f"--topology={topology}: expected cpu:N with N >= 1")
+    available = jax.devices("cpu")
+    if int(count) > len(available):
+      raise ConfigError(
+          f"--topology={topology}: this process has {len(available)} CPU device(s); set "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before starting it")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Target(topology, "cpu", tuple(available[:int(count)]), memory, "host RAM", "CPU")
+  match = _TPU_TOPOLOGY.match(topology)
+  if not match:
+    raise ConfigError(f"--topology={topology}: expected a TPU slice such as v5e:2x2, v6e:4x4, "
+                      f"v4:2x2x1, v5p:2x2x2 (chips {', '.join(TPU_CHIPS)}), or cpu:N")
+  chip, dims = match.group(1), match.group(2)
+  hbm, chip_config, accelerator = TPU_CHIPS[chip]
+  chips = int(np.prod([int(d) for d in dims.split("x")]))
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accelerator}-{4 if chip in ('v5e', 'v6e') else 8}")
+  try:
+    from jax.experimental import topologies
+    desc = topologies.get_topology_desc(topology_name=f"{chip}:{dims}", platform="tpu",
+                                        chip_config_name=chip_config)
+  except Exception as e:  # noqa: BLE001 - libtpu missing or the topology refused
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "TPU support not installed" in message or "libtpu" in message.lower():
+      raise ConfigError(f"cannot compile for {topology}: {TPU_HOWTO}") from None
+    raise ConfigError(f"--topology={topology}: the TPU compiler refuses it ({message}); a "
+                      f"slice must be a multiple of one host's chips (v5e:2x2 is the "
+                      f"smallest v5e)") from None
+  devices = tuple(desc.devices)
+  if len(devices) != chips:
+    raise ConfigError(f"--topology={topology}: libtpu describes {len(devices)} devices for "
+                      f"{chips} chips")
+  return Target(topology, "tpu", devices, hbm * GiB, "HBM", devices[0].device_kind)
+
+
+def make_mesh(config, tgt: Target) -> Mesh:
+  """The mesh train.py and eval.py build (``parallel.create_mesh``) over the target's
+  devices, in the order the TPU topology lays them out."""
+  devices = tgt.devices
+  if tgt.platform == "tpu":
+    from jax.experimental import mesh_utils
+    devices = mesh_utils.create_device_mesh((len(devices),), list(devices)).reshape(-1)
+  return parallel.create_mesh(config.mesh.fsdp, devices)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+@dataclasses.dataclass
+class ProgramCost:
+  """One compiled program's figures, per device (chip) and step."""
+  name: str
+  r: object
+  compile_s: float
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  xla_flops: float
+  bytes_accessed: float
+  traced_flops: float          # matrix products, 2 per multiply-add
+  estimate_s: float | None     # XLA's optimal_seconds with uncosted instructions at 0
+  uncosted: int                # instructions XLA's TPU cost model reported as -1 s
+  estimate_note: str = ""      # why there is no estimate
+
+  @property
+  def hbm_bytes(self) -> int:
+    """What the program holds on a device: arguments + outputs (less the donated ones
+    they alias) + temporaries + code."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  def as_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), hbm_bytes=self.hbm_bytes)
+
+
+_CUSTOM_CALL = re.compile(r"custom-call\(.*custom_call_target=\"(\w+)\"")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+_FUSION_CALLS = re.compile(r" fusion\(.*calls=%([\w.\-]+)")
+
+
+def uncosted_instructions(hlo_text: str) -> int:
+  """Custom calls outside fused computations that carry no cost estimate in a compiled TPU
+  module: XLA's TPU cost model adds -1 s to ``optimal_seconds`` for each."""
+  lines = hlo_text.splitlines()
+  fused = {m.group(1) for line in lines for m in [_FUSION_CALLS.search(line)] if m}
+  count, inside = 0, None
+  for line in lines:
+    computation = _COMPUTATION.match(line)
+    if computation:
+      inside = computation.group(1)
+    elif inside not in fused and _CUSTOM_CALL.search(line) and "estimated_cycles" not in line:
+      count += 1
+  return count
+
+
+def compiled_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program (per device), as a flat dict."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return dict(cost or {})
+
+
+def measure(name: str, r, lower, traced_flops: float, num_devices: int,
+            tgt: Target) -> ProgramCost:
+  """Compiles `lower()` (a jax.stages.Lowered) and reads its figures; a TPU program that
+  does not fit raises ConfigError naming the need, the capacity and the remedy."""
+  t0 = time.time()
+  lowered = lower()
+  # JAX's persistent cache cannot load a program compiled for devices that are not here:
+  # none is written for compile-only targets (the entry could only fail to load later).
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  if tgt.platform == "tpu":
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is a runtime error
+    raise _memory_error(name, tgt, str(e)) or e from None
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+  seconds = time.time() - t0
+  stats = compiled.memory_analysis()
+  cost = compiled_cost(compiled)
+  estimate, uncosted, note = None, 0, ""
+  if tgt.platform == "tpu" and "optimal_seconds" in cost:
+    text = compiled.as_text()
+    loops = [kind for kind in ("conditional", "while") if f" {kind}(" in text]
+    if loops:
+      # XLA's TPU estimate costs the entry computation only: a lax.switch's branches and a
+      # loop's body are left out, so it would flatter the program.
+      note = f"no estimate: XLA's leaves out the {' and '.join(loops)} bodies"
+    else:
+      uncosted = uncosted_instructions(text)
+      estimate = float(cost["optimal_seconds"]) + uncosted
+  result = ProgramCost(
+      name=name, r=r, compile_s=seconds,
+      argument_bytes=int(stats.argument_size_in_bytes),
+      output_bytes=int(stats.output_size_in_bytes),
+      alias_bytes=int(stats.alias_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
+      code_bytes=int(stats.generated_code_size_in_bytes),
+      xla_flops=float(cost.get("flops", float("nan"))),
+      bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
+      traced_flops=traced_flops / num_devices, estimate_s=estimate, uncosted=uncosted,
+      estimate_note=note)
+  if result.hbm_bytes > tgt.memory_bytes:
+    raise ConfigError(
+        f"{name} does not fit on {tgt.name}: it needs {result.hbm_bytes / GiB:.2f} GiB of "
+        f"{tgt.memory_name} per device, {tgt.device_kind} has {tgt.memory_bytes / GiB:.4g} "
+        f"GiB; {NOT_FIT_REMEDY}")
+  return result
+
+
+_HBM_NEED = re.compile(r"required for HLO temporaries \(([\d.]+)(\w)\) exceeds available "
+                       r"HBM \(([\d.]+)(\w)\)")
+
+
+def _memory_error(name: str, tgt: Target, message: str) -> ConfigError | None:
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  need = _HBM_NEED.search(message)
+  figures = (f"its temporaries alone need {need.group(1)} {need.group(2)}iB of HBM per chip, "
+             f"{need.group(3)} {need.group(4)}iB are available" if need else
+             "it needs more HBM per chip than there is")
+  return ConfigError(f"{name} does not fit on {tgt.name} ({tgt.device_kind}, "
+                     f"{tgt.memory_bytes / GiB:.4g} GiB HBM): {figures}; {NOT_FIT_REMEDY}")
+
+
+def traced_step_flops(fn, *args) -> float:
+  """2 x the multiply-adds of the matrix products in fn's jaxpr (a ``lax.switch`` counts its
+  costliest branch, a scan its length times its body)."""
+  return 2.0 * flops.jaxpr_macs(jax.make_jaxpr(fn)(*args))
+
+
+# ----------------------------------------------------------------------------- programs
+
+
+def plain_config(config):
+  """The config's plain counterpart: no fused block, no teacher (a DeiT fine-tuning step)."""
+  plain = config.copy_and_resolve_references()
+  plain.fusion.r = 0.0
+  plain.fusion.teacher_r_max = 0.0
+  plain.fusion.target_gflops = 0.0
+  plain.fusion.target_fraction = 0.0
+  return plain
+
+
+def compile_train(config, tgt: Target, *, name: str = "train step") -> ProgramCost:
+  """train.py's train step of `config` on the target's mesh."""
+  mesh = make_mesh(config, tgt)
+  parallel.check_batch_size(config.batch_size, mesh)
+  # The learning-rate schedule's length changes constants in the step, not its program.
+  program = programs.train_program(config, mesh, steps_per_epoch=1000)
+  batch = programs.train_batch(config, program.model, mesh)
+  traced = traced_step_flops(program.step, program.abstract_state, batch)
+  return measure(name, program.model.fusion.r, lambda: program.lower(batch), traced,
+                 mesh.devices.size, tgt)
+
+
+def compile_forward(config, tgt: Target, r, *, name: str | None = None) -> ProgramCost:
+  """eval.py's evaluation step at `r` on the target's mesh."""
+  mesh = make_mesh(config, tgt)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  model = programs.model_for_mesh(config, mesh).with_fusion(r=r)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), model.dummy_images()))
+  variables = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           variables, parallel.tree_shardings(mesh, variables))
+  batch = programs.eval_batch(config, model, mesh)
+  step = programs.eval_program(model, mesh, jax.tree.map(lambda x: x.sharding, variables))
+  traced = traced_step_flops(step, variables, batch)
+  return measure(name or f"forward r={r}", r, lambda: step.lower(variables, batch), traced,
+                 mesh.devices.size, tgt)
+
+
+def eval_r_values(config) -> tuple:
+  """eval.py's r values (config.eval.r_values, else fusion.r and 0), with 0 included."""
+  import mctf_jax
+  fusion = mctf_jax.fusion_config(config)
+  r = flops.apply_budget(mctf_jax.model_config(config), fusion).r
+  values = tuple(config.eval.r_values) or ((r, 0) if r else (0,))
+  values = tuple(normalize_r(v, "eval.r_values") for v in values)
+  return values if 0 in values else values + (0,)
+
+
+def compile_all(config, tgt: Target, what=("train", "eval"), *, say=print) -> list:
+  """Every program of `what` and its plain counterpart, in that order."""
+  results = []
+  if "train" in what:
+    say(f"compiling the train step for {tgt.name} ...")
+    results.append(compile_train(config, tgt))
+    say(format_cost(results[-1]))
+    say("compiling the plain train step (no fusion, no teacher) ...")
+    results.append(compile_train(plain_config(config), tgt, name="train step, plain"))
+    say(format_cost(results[-1]))
+  if "eval" in what:
+    for r in eval_r_values(config):
+      say(f"compiling the forward at r={r} ...")
+      results.append(compile_forward(config, tgt, r))
+      say(format_cost(results[-1]))
+  return results
+
+
+# ----------------------------------------------------------------------------- output
+
+
+HEADER = (f"{'program':<20s} {'compile':>8s} {'HBM/dev':>8s} {'(args':>7s} {'out':>6s} "
+          f"{'temp':>6s} {'code)':>6s} {'GFLOP':>9s} {'traced':>9s} {'GB':>8s} "
+          f"{'est. ms':>8s}")
+
+
+def _gb(n: float) -> str:
+  return f"{n / GiB:.2f}"
+
+
+def format_cost(c: ProgramCost) -> str:
+  estimate = f"{c.estimate_s * 1e3:8.2f}" if c.estimate_s is not None else f"{'-':>8s}"
+  return (f"{c.name:<20s} {c.compile_s:7.1f}s {_gb(c.hbm_bytes):>8s} "
+          f"{_gb(c.argument_bytes):>7s} {_gb(c.output_bytes - c.alias_bytes):>6s} "
+          f"{_gb(c.temp_bytes):>6s} {_gb(c.code_bytes):>6s} {c.xla_flops / 1e9:9.1f} "
+          f"{c.traced_flops / 1e9:9.1f} {c.bytes_accessed / 1e9:8.2f} {estimate}")
+
+
+def ratios(fused: ProgramCost, plain: ProgramCost) -> dict:
+  """fused / plain: FLOPs (XLA's and traced), bytes accessed, compile time, HBM; and the
+  speed-up XLA's estimate implies (plain / fused), where both have one."""
+  out = {"xla_flops": fused.xla_flops / plain.xla_flops,
+         "traced_flops": fused.traced_flops / plain.traced_flops,
+         "bytes_accessed": fused.bytes_accessed / plain.bytes_accessed,
+         "compile": fused.compile_s / plain.compile_s,
+         "hbm": fused.hbm_bytes / plain.hbm_bytes}
+  if fused.estimate_s and plain.estimate_s:
+    out["estimated_speedup"] = plain.estimate_s / fused.estimate_s
+  return out
+
+
+def format_ratios(fused: ProgramCost, plain: ProgramCost) -> str:
+  q = ratios(fused, plain)
+  speed = (f", XLA's estimated speed-up {q['estimated_speedup']:.2f}x"
+           if "estimated_speedup" in q else "")
+  return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f} (XLA's "
+          f"{q['xla_flops']:.3f}), bytes accessed {q['bytes_accessed']:.3f}, compile "
+          f"{q['compile']:.2f}x, HBM {q['hbm']:.2f}x{speed}")
+
+
+def report(results: list, tgt: Target) -> str:
+  lines = [tgt.describe(), "figures per device and step, compiled (not run); HBM/dev = "
+           "arguments + outputs (not donated) + temporaries + code; GFLOP: XLA's count; "
+           "traced: the matrix products", HEADER]
+  lines += [format_cost(c) for c in results]
+  lines += [f"{c.name}: {c.estimate_note}" for c in results if c.estimate_note]
+  by_name = {c.name: c for c in results}
+  if "train step" in by_name and "train step, plain" in by_name:
+    lines.append(format_ratios(by_name["train step"], by_name["train step, plain"]))
+  plain = next((c for c in results if c.name == "forward r=0"), None)
+  for c in results:
+    if plain is not None and c.name.startswith("forward") and c is not plain:
+      lines.append(format_ratios(c, plain))
+  uncosted = max((c.uncosted for c in results), default=0)
+  if uncosted:
+    lines.append(f"(XLA's estimate leaves out up to {uncosted} instructions its TPU cost "
+                 f"model cannot cost, custom calls such as ConcatBitcast, which it reports "
+                 f"as -1 s each)")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from mctf_jax.tools import cli
+
+  flags_ = flags.FLAGS
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
+                                  "fields may be overridden: --config.batch_size=512.")
+  flags.DEFINE_string("topology", "v5e:2x2", "TPU slice (v5e:2x2, v6e:4x4, v4:2x2x1, "
+                      "v5p:2x2x2, ...) or cpu:N.")
+  flags.DEFINE_list("programs", ["train", "eval"], "Which programs: train, eval.")
+  flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv):
+    cli.begin_script(argv, flags_)
+    unknown = set(flags_.programs) - {"train", "eval"}
+    if unknown:
+      cli.fail(f"--programs={','.join(flags_.programs)}: expected train and/or eval")
+    config = flags_.config
+    try:
+      tgt = target(flags_.topology)
+      print(tgt.describe(), flush=True)
+      results = compile_all(config, tgt, tuple(flags_.programs),
+                            say=lambda s: print(s, flush=True))
+    except MctfError as e:
+      cli.fail(str(e))
+    print()
+    print(report(results, tgt))
+    if flags_.json:
+      by_name = {c.name: c for c in results}
+      data = {"topology": tgt.name, "device_kind": tgt.device_kind,
+              "devices": len(tgt.devices), "memory_bytes_per_device": tgt.memory_bytes,
+              "jax": jax.__version__, "programs": [c.as_dict() for c in results]}
+      if "train step" in by_name and "train step, plain" in by_name:
+        data["train_ratios"] = ratios(by_name["train step"], by_name["train step, plain"])
+      if "forward r=0" in by_name:
+        data["forward_ratios"] = {c.name: ratios(c, by_name["forward r=0"]) for c in results
+                                  if c.name.startswith("forward") and c.r != 0}
+      cli.write_json(flags_.json, data)
+
+  app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,171 @@
+"""The ahead-of-time compile tool (mctf_jax.tools.compile): train.py's and eval.py's
+programs compiled for a TPU slice by the real TPU compiler (libtpu), and for CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from mctf_jax import load_config
+from mctf_jax.errors import ConfigError
+from mctf_jax.tools import compile as aot
+from mctf_jax.tools import flops
+from mctf_jax.training import programs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
+
+
+def _config(**changes):
+  """A small DeiT (width 192, 3 heads, depth 4, 65 tokens) fusing 16 tokens in blocks 1-3,
+  where fusion removes 30% of the products; batch 32 per chip on v5e:2x2."""
+  config = load_config(TINY)
+  config.model.update(dict(img_size=64, patch_size=8, embed_dim=192, num_heads=3))
+  config.fusion.r = 16.0
+  config.batch_size = config.eval_batch_size = 128
+  config.eval.r_values = (16, 0)
+  for key, value in changes.items():
+    section, _, name = key.rpartition(".")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def v5e():
+  return aot.target("v5e:2x2")
+
+
+def test_topologies(v5e):
+  assert v5e.platform == "tpu" and len(v5e.devices) == 4
+  assert v5e.device_kind == "TPU v5 lite" and v5e.memory_bytes == 16 * aot.GiB
+  v4 = aot.target("v4:2x2x1")   # megacore: one device per chip
+  assert len(v4.devices) == 4 and v4.memory_bytes == 32 * aot.GiB
+  assert aot.target("v5e:4x4").num_processes == 4
+  assert len(aot.target("cpu:8").devices) == 8
+  for bad, words in (("v5e:1x1", "refuses it"), ("v9:2x2", "expected a TPU slice"),
+                     ("cpu:0", "cpu:N"), ("cpu:64", "xla_force_host_platform_device_count")):
+    with pytest.raises(ConfigError, match=words) as info:
+      aot.target(bad)
+    assert bad in str(info.value) and "\n" not in str(info.value)
+
+
+def test_merge_impl_auto_follows_the_target(v5e):
+  config = _config()
+  assert config.fusion.merge_impl == "auto"
+  tpu = programs.model_for_mesh(config, aot.make_mesh(config, v5e))
+  cpu = programs.model_for_mesh(config, aot.make_mesh(config, aot.target("cpu:8")))
+  assert jax.default_backend() == "cpu"
+  assert tpu.fusion.merge_impl == "matmul" and cpu.fusion.merge_impl == "scatter"
+
+
+def test_tpu_train_step_fits(v5e):
+  """train.py's step of the tiny config (student + teacher branches, batch 16 per chip)
+  compiles for v5e:2x2 and fits; XLA's estimate would leave its lax.switch out, so none is
+  given, and the matrix products come from the traced step."""
+  config = load_config(TINY)
+  config.batch_size = 64
+  train = aot.compile_train(config, v5e)
+  assert 0 < train.hbm_bytes < v5e.memory_bytes and train.temp_bytes > 0
+  assert train.estimate_s is None and "conditional" in train.estimate_note
+  # Student, teacher (its costliest branch) and their backward passes: more than three
+  # forward passes of the student, less than three of the plain model, both paths.
+  per_chip = config.batch_size // len(v5e.devices)
+  forward = 2 * per_chip * flops.count_flops(config, r=0, implementation="mctf_jax").matmul
+  assert 2 * forward < train.traced_flops < 6 * forward
+
+
+def test_tpu_forward_fusion_saves(v5e):
+  """eval.py's forward, fused against plain, for v5e:2x2: fewer FLOPs; the bytes it
+  accesses are held below their measured ratio (1.38 at depth 4 when this test was
+  written; the plain program's FLOP ratio, 0.70, is the target), with XLA's estimate."""
+  config = _config(**{"model.depth": 2, "fusion.layers": (1,), "fusion.r": 24.0})
+  config.eval.r_values = (24, 0)
+  results = aot.compile_all(config, v5e, ("eval",), say=lambda s: None)
+  fused, plain = results
+  assert (fused.name, plain.name) == ("forward r=24", "forward r=0")
+  for c in results:
+    assert 0 < c.hbm_bytes < v5e.memory_bytes and c.estimate_s > 0
+  q = aot.ratios(fused, plain)
+  assert q["traced_flops"] < 0.9 and q["xla_flops"] < 0.95
+  assert q["bytes_accessed"] < 1.5
+  text = aot.report(results, v5e)
+  assert "forward r=24 / forward r=0" in text and "compiled (not run)" in text
+
+
+def test_does_not_fit_is_one_line(v5e):
+  config = _config(eval_batch_size=4 * 65536)
+  with pytest.raises(ConfigError) as info:
+    aot.compile_forward(config, v5e, 0)
+  message = str(info.value)
+  assert "\n" not in message and "does not fit on v5e:2x2" in message
+  assert "16 GiB HBM" in message and "--config.mesh.fsdp" in message
+  assert "GiB of HBM per chip" in message
+
+
+def test_memory_error_message():
+  text = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+          "space hbm. Used 24.16G of 15.75G hbm. Exceeded hbm capacity by 8.41G.\nTotal hbm "
+          "usage >= 24.41G: ... the total memory required for HLO temporaries (24.16G) "
+          "exceeds available HBM (15.75G)")
+  tgt = aot.Target("v5e:2x2", "tpu", (), 16 * aot.GiB, "HBM", "TPU v5 lite")
+  error = aot._memory_error("train step", tgt, text)
+  assert "24.16 GiB of HBM per chip, 15.75 GiB are available" in str(error)
+  assert aot._memory_error("train step", tgt, "INTERNAL: something else") is None
+
+
+def test_uncosted_instructions_counts_top_level_custom_calls():
+  hlo = "\n".join([
+      "%fused_computation (p: bf16[4]) -> bf16[4] {",
+      '  %c = bf16[4] custom-call(%p), custom_call_target="GatherScatterIndicesBitpacked"',
+      "}",
+      "ENTRY %main (a: bf16[4]) -> bf16[4] {",
+      '  %f = bf16[4] fusion(%a), kind=kCustom, calls=%fused_computation, '
+      'backend_config={"estimated_cycles":"10"}',
+      '  %x = bf16[4] custom-call(%f), custom_call_target="ConcatBitcast", backend_config={}',
+      '  ROOT %y = bf16[4] custom-call(%x), custom_call_target="ConcatBitcast", '
+      'backend_config={"estimated_cycles":"3"}',
+      "}"])
+  assert aot.uncosted_instructions(hlo) == 1
+
+
+def test_cli_on_cpu(tmp_path):
+  """The command line on XLA:CPU devices: a table, the ratios, the JSON."""
+  out = tmp_path / "compiled.json"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, "-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=cpu:8",
+       "--config.batch_size=64", "--config.eval_batch_size=64", "--programs=eval",
+       f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "cpu:8: 8 x CPU" in proc.stdout and "forward r=8 / forward r=0" in proc.stdout
+  data = json.loads(out.read_text())
+  assert data["topology"] == "cpu:8" and data["devices"] == 8
+  assert [p["name"] for p in data["programs"]] == ["forward r=8", "forward r=0"]
+  fused, plain = data["programs"]
+  assert fused["traced_flops"] < plain["traced_flops"]
+  assert fused["estimate_s"] is None   # XLA:CPU gives no time estimate
+  bad = subprocess.run(
+      [sys.executable, "-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=tpu9"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology=tpu9")
+
+
+def test_benchmark_script_on_cpu(tmp_path):
+  """benchmarks/tpu_compile.py runs its sweep (here: the digits config's forwards on two
+  CPU devices) and writes the ratios."""
+  out = tmp_path / "sweep.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "tpu_compile.py"), "--configs=digits",
+       "--topologies=cpu:2", "--programs=eval", "--batch_per_chip=2", f"--json={out}"],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (row,) = json.loads(out.read_text())
+  assert row["config"] == "digits" and row["topology"] == "cpu:2"
+  assert row["dtype"] == "bfloat16" and row["batch_per_chip"] == 2
+  assert 0.5 < row["forward_ratios"]["traced_flops"] < 0.8
+  assert "forward r=10 / forward r=0" in proc.stdout
