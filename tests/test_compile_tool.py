@@ -20,13 +20,13 @@ TINY = os.path.join(ROOT, "tests", "configs", "tiny.py")
 
 
 def _config(**changes):
-  """A small DeiT (width 192, 3 heads, depth 4, 65 tokens) fusing 16 tokens in blocks 1-3,
-  where fusion removes 30% of the products; batch 32 per chip on v5e:2x2."""
+  """A small DeiT (width 96, depth 2, 65 tokens) fusing 24 tokens in block 1, which removes
+  8% of the products; batch 32 per chip on v5e:2x2 (small, to compile in seconds)."""
   config = load_config(TINY)
-  config.model.update(dict(img_size=64, patch_size=8, embed_dim=192, num_heads=3))
-  config.fusion.r = 16.0
+  config.model.update(dict(img_size=64, patch_size=8, embed_dim=96, num_heads=2, depth=2))
+  config.fusion.update(dict(r=24.0, layers=(1,)))
   config.batch_size = config.eval_batch_size = 128
-  config.eval.r_values = (16, 0)
+  config.eval.r_values = (24, 0)
   for key, value in changes.items():
     section, _, name = key.rpartition(".")
     (config[section] if section else config)[name] = value
@@ -62,10 +62,12 @@ def test_merge_impl_auto_follows_the_target(v5e):
 
 
 def test_tpu_train_step_fits(v5e):
-  """train.py's step of the tiny config (student + teacher branches, batch 16 per chip)
-  compiles for v5e:2x2 and fits; XLA's estimate would leave its lax.switch out, so none is
-  given, and the matrix products come from the traced step."""
+  """train.py's step of the tiny config at depth 3 (student + teacher branches, batch 16 per
+  chip) compiles for v5e:2x2 and fits; XLA's estimate would leave its lax.switch out, so
+  none is given, and the matrix products come from the traced step."""
   config = load_config(TINY)
+  config.model.depth = 3
+  config.fusion.update(dict(layers=(1, 2), teacher_r_max=2.0))
   config.batch_size = 64
   train = aot.compile_train(config, v5e)
   assert 0 < train.hbm_bytes < v5e.memory_bytes and train.temp_bytes > 0
@@ -78,25 +80,24 @@ def test_tpu_train_step_fits(v5e):
 
 
 def test_tpu_forward_fusion_saves(v5e):
-  """eval.py's forward, fused against plain, for v5e:2x2: fewer FLOPs; the bytes it
-  accesses are held below their measured ratio (1.38 at depth 4 when this test was
-  written; the plain program's FLOP ratio, 0.70, is the target), with XLA's estimate."""
-  config = _config(**{"model.depth": 2, "fusion.layers": (1,), "fusion.r": 24.0})
-  config.eval.r_values = (24, 0)
-  results = aot.compile_all(config, v5e, ("eval",), say=lambda s: None)
+  """eval.py's forward, fused against plain, for v5e:2x2: fewer FLOPs; the bytes accessed
+  are held below 1.6x the plain forward's (1.43x when this test was written: the 0/1
+  products of the merges and the fusion's reductions still cost more bytes than the fused
+  block saves at this size; docs/speed.md), and XLA's estimate is given for both."""
+  results = aot.compile_all(_config(), v5e, ("eval",), say=lambda s: None)
   fused, plain = results
   assert (fused.name, plain.name) == ("forward r=24", "forward r=0")
   for c in results:
     assert 0 < c.hbm_bytes < v5e.memory_bytes and c.estimate_s > 0
   q = aot.ratios(fused, plain)
-  assert q["traced_flops"] < 0.9 and q["xla_flops"] < 0.95
-  assert q["bytes_accessed"] < 1.5
+  assert q["traced_flops"] < 0.95 and q["xla_flops"] < 0.95
+  assert q["bytes_accessed"] < 1.6
   text = aot.report(results, v5e)
   assert "forward r=24 / forward r=0" in text and "compiled (not run)" in text
 
 
 def test_does_not_fit_is_one_line(v5e):
-  config = _config(eval_batch_size=4 * 65536)
+  config = _config(eval_batch_size=4 * 2 ** 19)
   with pytest.raises(ConfigError) as info:
     aot.compile_forward(config, v5e, 0)
   message = str(info.value)
