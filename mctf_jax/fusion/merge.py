@@ -59,25 +59,21 @@ def dense_merge(onehot_BxTxO: jax.Array, x_BxTxF: jax.Array, scale_BxT: jax.Arra
     scale = scale_BxT.reshape(scale_BxT.shape + (1,) * (x_BxTxF.ndim - 2)).astype(acc)
     x_BxTxF = x_BxTxF.astype(acc) * scale
   flat = x_BxTxF.astype(dtype).reshape(x_BxTxF.shape[:2] + (-1,))
-  if dtype.itemsize <= 2:
-    out = jnp.einsum("bto,btf->bof", onehot_BxTxO.astype(dtype), flat,
-                     preferred_element_type=jnp.float32)
-  else:
-    out = jnp.einsum("bto,btf->bof", onehot_BxTxO.astype(dtype), flat,
-                     precision=jax.lax.Precision.HIGHEST)
+  out = _onehot_product("bto,btf->bof", onehot_BxTxO, flat)
   return out.reshape(out.shape[:2] + x_BxTxF.shape[2:])
 
 
+def _onehot_product(spec: str, onehot, x: jax.Array) -> jax.Array:
+  """einsum(spec, onehot, x) with a 0/1 matrix, exact: one pass for 16-bit x (float32
+  out), Precision.HIGHEST for float32 x (TPUs would otherwise round x to bfloat16)."""
+  if jnp.dtype(x.dtype).itemsize <= 2:
+    return jnp.einsum(spec, onehot.astype(x.dtype), x, preferred_element_type=jnp.float32)
+  return jnp.einsum(spec, onehot.astype(x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+
+
 def _select_values(onehot_BxTxO: jax.Array, v_BxHxOxd: jax.Array) -> jax.Array:
-  """v[b, h, dest[b, t]] as a product with the one-hot (T, O) matrix: (B, H, T, d), exact
-  (one pass for 16-bit values, Precision.HIGHEST for float32)."""
-  if jnp.dtype(v_BxHxOxd.dtype).itemsize <= 2:
-    out = jnp.einsum("bto,bhod->bhtd", onehot_BxTxO.astype(v_BxHxOxd.dtype), v_BxHxOxd,
-                     preferred_element_type=jnp.float32)
-  else:
-    out = jnp.einsum("bto,bhod->bhtd", onehot_BxTxO.astype(v_BxHxOxd.dtype), v_BxHxOxd,
-                     precision=jax.lax.Precision.HIGHEST)
-  return out.astype(v_BxHxOxd.dtype)
+  """v[b, h, dest[b, t]] as a product with the one-hot (T, O) matrix: (B, H, T, d), exact."""
+  return _onehot_product("bto,bhod->bhtd", onehot_BxTxO, v_BxHxOxd).astype(v_BxHxOxd.dtype)
 
 
 def pooling_scale(onehot_BxTxO: jax.Array, weights_BxT: jax.Array, norm_BxO: jax.Array):

@@ -298,9 +298,7 @@ def compile_forward(config, tgt: Target, r, *, name: str | None = None) -> Progr
   mesh = make_mesh(config, tgt)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = programs.model_for_mesh(config, mesh).with_fusion(r=r)
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), model.dummy_images()))
-  variables = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           variables, parallel.tree_shardings(mesh, variables))
+  variables = programs.abstract_variables(model, mesh)
   batch = programs.eval_batch(config, model, mesh)
   step = programs.eval_program(model, mesh, jax.tree.map(lambda x: x.sharding, variables))
   traced = traced_step_flops(step, variables, batch)

@@ -137,8 +137,9 @@ def eval_batch(config, model: Backbone, mesh: Mesh) -> dict:
           "mask": _batch_struct(mesh, (b,), jnp.bool_)}
 
 
-def abstract_variables(program: TrainProgram) -> dict:
-  """The model variables ({'params': ..., state collections}) as sharded ShapeDtypeStructs,
-  what the evaluation step takes."""
-  state = program.abstract_state
-  return {"params": state.params, **state.model_state}
+def abstract_variables(model: Backbone, mesh: Mesh) -> dict:
+  """The model's variables ({'params': ..., state collections}) as ShapeDtypeStructs with
+  the shardings train.py and eval.py give them on `mesh`, nothing allocated."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), model.dummy_images()))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, parallel.tree_shardings(mesh, shapes))
