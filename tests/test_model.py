@@ -179,3 +179,22 @@ def test_teacher_needs_train(tiny):
     jax.eval_shape(lambda x: model.apply({"params": params}, x, teacher_r=2), images)
   with pytest.raises(ValueError, match="teacher_r must be >= 0"):
     jax.eval_shape(lambda x: model.apply({"params": params}, x, train=True, teacher_r=-1), images)
+
+
+def test_matmul_merges_keep_inference_tokens_token_major(tiny):
+  """'matmul' merges ask XLA to keep the fused tokens token-major in inference programs
+  only (a train step pays for it: docs/speed.md), and the request changes no value."""
+  _, params, images = tiny
+  model = mctf_jax.create_model(tiny_config(merge_impl="matmul"))
+  scatter = mctf_jax.create_model(tiny_config(merge_impl="scatter"))
+  rngs = {"dropout": jax.random.key(2)}
+
+  def hlo(m, train):
+    return jax.jit(lambda p, x: m.apply({"params": p}, x, train=train, rngs=rngs)).lower(
+        params, images).as_text()
+
+  assert hlo(model, False).count("LayoutConstraint") == 3      # one per fusing block
+  assert "LayoutConstraint" not in hlo(model, True)
+  assert "LayoutConstraint" not in hlo(scatter, False)
+  out = jit_apply(model)(params, images)
+  np.testing.assert_allclose(out, jit_apply(scatter)(params, images), rtol=1e-5, atol=1e-5)

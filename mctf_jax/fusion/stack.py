@@ -100,8 +100,9 @@ def run_exact(blocks, x_BxTxC, schedule: Schedule, config: FusionConfig, *,
   state = TokenState(x_BxTxC, None, token_map)
   layer_maps = []
   for block, plan in zip(blocks[start:], schedule.layers[start:]):
-    state = _run_block(block, state, ExactStep(config, plan, schedule.num_protected),
-                       deterministic, remat_policy)
+    # Inference programs keep the fused tokens token-major (steps.ExactStep).
+    step = ExactStep(config, plan, schedule.num_protected, token_major=deterministic)
+    state = _run_block(block, state, step, deterministic, remat_policy)
     if trace_source and plan.fuses:
       layer_maps.append((plan.layer, state.token_map_BxN))
   return state, tuple(layer_maps)

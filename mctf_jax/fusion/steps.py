@@ -79,10 +79,15 @@ def _scores(config: FusionConfig, metric_BxTxC, received_BxT, size_BxT, num_prot
 
 @dataclasses.dataclass(frozen=True)
 class ExactStep:
-  """The fusion of one block at exact shapes, as its LayerPlan says (r = 0: no fusion)."""
+  """The fusion of one block at exact shapes, as its LayerPlan says (r = 0: no fusion).
+
+  token_major: keep the fused tokens token-major in memory ('matmul' merges;
+  ``merge.keep_token_major``), for inference programs.
+  """
   config: FusionConfig
   plan: LayerPlan
   num_protected: int = 1
+  token_major: bool = False
 
   @property
   def fuses(self) -> bool:
@@ -109,7 +114,8 @@ class ExactStep:
     if size_BxT is None:
       size_BxT = jnp.ones((batch, tokens), jnp.promote_types(state.x_BxTxC.dtype, jnp.float32))
     x, size, weights, norm = fuse_tokens(state.x_BxTxC, size_BxT, match, pooling=cfg.pooling,
-                                         attn_received_BxT=received_BxT, impl=impl)
+                                         attn_received_BxT=received_BxT, impl=impl,
+                                         token_major=self.token_major)
     token_map = state.token_map_BxN
     if token_map is not None:
       token_map = update_token_map(token_map, match.dest_BxT)
