@@ -371,6 +371,10 @@ def format_ratios(fused: ProgramCost, plain: ProgramCost) -> str:
   q = ratios(fused, plain)
   speed = (f", XLA's estimated speed-up {q['estimated_speedup']:.2f}x"
            if "estimated_speedup" in q else "")
+  if q.get("estimated_speedup", 1.0) < 1.0:
+    # The fusion's own costs outweigh what it saves (docs/speed.md, "On TPUs").
+    speed += (": slower than the plain program by XLA's estimate (fewer FLOPs saved than "
+              "the fusion costs here: a larger r, or fusion.method='tome')")
   return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f} (XLA's "
           f"{q['xla_flops']:.3f}), bytes accessed {q['bytes_accessed']:.3f}, compile "
           f"{q['compile']:.2f}x, HBM {q['hbm']:.2f}x{speed}")
