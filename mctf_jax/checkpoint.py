@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 from typing import Any
 
 import jax
@@ -155,8 +156,16 @@ class _AbandonedStorageFutures(logging.Filter):
 
   def filter(self, record):
     message = record.getMessage()
-    return not ("never retrieved" in message and re.search(
-        r"Error (reading|writing|opening)|Event loop is closed", message))
+    if "never retrieved" not in message:
+      return True
+    if re.search(r"Error (reading|writing|opening)|Event loop is closed", message):
+      return False
+    # Orbax's own file writes (e.g. a metadata file on a full disk) fail in a thread pool
+    # whose futures nobody awaits once the save has failed.
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not (isinstance(error, OSError)
+                and any("orbax" in frame.filename for frame in frames))
 
 
 def _closed_loop(kind, value) -> bool:

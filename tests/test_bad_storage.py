@@ -5,6 +5,7 @@ benchmarks/chaos_resume.py."""
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 import subprocess
@@ -149,3 +150,32 @@ def test_full_disk_stops_the_run_and_the_rerun_resumes(trained, tmp_path, env):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "resuming from" in done.stdout and "at step 10" in done.stdout
     assert "step 22/22" in done.stdout and "done:" in done.stdout
+
+
+def test_failed_orbax_file_writes_are_not_reported_twice(tmp_path, caplog):
+  """A save that fails (e.g. on a full disk) leaves Orbax's own file writes failing in
+  futures nobody awaits; asyncio would log each with a traceback after our one-line error.
+  Those are dropped; a never-retrieved failure of anything else is still reported."""
+  import asyncio
+  import gc
+  from etils import epath
+  from orbax.checkpoint._src.path import async_path
+
+  checkpoint.quiet_abandoned_io()
+
+  async def abandon(coroutine):
+    future = asyncio.ensure_future(coroutine)
+    await asyncio.wait([future])
+    del future
+
+  async def other_failure():
+    raise OSError(28, "No space left on device")
+
+  missing = epath.Path(tmp_path / "missing" / "_sharding")
+  for coroutine, reported in ((async_path.write_text(missing, "{}"), False),
+                              (other_failure(), True)):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      asyncio.run(abandon(coroutine))
+      gc.collect()
+    assert any("never retrieved" in r.getMessage() for r in caplog.records) == reported
