@@ -4,12 +4,20 @@ for bit.
 
     python benchmarks/chaos_resume.py                      # 8 kills, seed 0
     python benchmarks/chaos_resume.py --kills=20 --seed=3
+    python benchmarks/chaos_resume.py --processes=4        # a pod of 4 CPU processes
+    python benchmarks/chaos_resume.py --processes=4 --signal=term   # preemption notices
 
 The run is tests/configs/digits_tiny.py (the embedded digits, 44 steps, a checkpoint every
 10 steps, 2 kept). Half of the kills (drawn with the seed) come at a random moment of the
 run, the others a random 0-300 ms after the log line of a step that saves a checkpoint,
-that is in the middle of the asynchronous checkpoint write. Prints one line per attempt
-and the comparison; exits 1 if the parameters differ. A few minutes on 2 CPU cores.
+that is in the middle of the asynchronous checkpoint write. With --processes=N, train.py
+runs as N processes (one CPU device each, gloo) and each kill hits one process drawn with
+the seed: every other process must then exit on its own with exit code 1 and one line
+naming the lost process, no traceback (the seconds from the kill to the last exit are
+printed). With --signal=term, one process drawn with the seed gets SIGTERM (a preemption
+notice on one host): all must save the same step and exit 0. Prints one line per attempt
+and the comparison; exits 1 if anything differs. Minutes on 2 CPU cores (1 process), tens
+of minutes for 4.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("kills", 8, "SIGKILLs before the run may finish.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
+flags.DEFINE_integer("processes", 1, "train.py processes (jax.distributed on CPU).",
+                     lower_bound=1)
+flags.DEFINE_enum("signal", "kill", ["kill", "term"], "SIGKILL (a lost process) or SIGTERM "
+                  "(a preemption notice).")
+flags.DEFINE_float("lost_process_timeout", 30.0, "--config.distributed.lost_process_timeout "
+                   "of the runs (seconds).")
 flags.DEFINE_string("workdir", None, "Where to put the two runs (default: a temporary "
                     "directory, removed afterwards).")
 
@@ -46,30 +60,77 @@ def _env():
               PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
-def _train(workdir: str, kill_after=None, at_checkpoint_step=False):
-  """One train.py run; with kill_after (seconds), SIGKILL that long after it starts, or
-  (at_checkpoint_step) that long after it logs a step that saves a checkpoint. Returns
-  (exit code, last step logged, seconds)."""
+def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
+  """One train.py run of FLAGS.processes processes; with kill_after (seconds), the signal
+  to process `victim` that long after the start, or (at_checkpoint_step) that long after
+  process 0 logs a step that saves a checkpoint. Returns (exit codes, stderr of each, last
+  step logged, seconds, seconds from the signal to the last exit)."""
+  import socket
+  n = FLAGS.processes
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  several = ([f"--coordinator_address=localhost:{port}", f"--num_processes={n}"]
+             if n > 1 else [])
   start = time.time()
-  proc = subprocess.Popen([sys.executable, "train.py", CONFIG, f"--workdir={workdir}"],
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  procs = [subprocess.Popen(
+      [sys.executable, "train.py", CONFIG, f"--workdir={workdir}",
+       f"--config.distributed.lost_process_timeout={FLAGS.lost_process_timeout}"] + several
+      + ([f"--process_id={i}"] if n > 1 else []),
+      cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(n)]
+  sig = signal.SIGKILL if FLAGS.signal == "kill" else signal.SIGTERM
+  sent = [None]
+
+  def send():
+    if procs[victim].poll() is None:
+      procs[victim].send_signal(sig)
+      sent[0] = time.time()
+  errs = [""] * n
+  readers = [threading.Thread(target=lambda i=i: errs.__setitem__(i, procs[i].stderr.read()))
+             for i in range(n)]
+  for t in readers:
+    t.start()
   last = [0]
   timer = None
   if kill_after is not None and not at_checkpoint_step:
-    timer = threading.Timer(kill_after, proc.kill)
+    timer = threading.Timer(kill_after, send)
     timer.start()
-  for line in proc.stdout:
+  for line in procs[0].stdout:
     if line.startswith("step "):
       last[0] = int(line.split()[1].split("/")[0])
       if (kill_after is not None and at_checkpoint_step and timer is None
               and last[0] % CHECKPOINT_EVERY == 0):
-        timer = threading.Timer(kill_after, proc.kill)
+        timer = threading.Timer(kill_after, send)
         timer.start()
-  proc.wait()
+  for p in procs[1:]:
+    p.stdout.read()
+  for p in procs:
+    p.wait()
+  for t in readers:
+    t.join()
   if timer is not None:
     timer.cancel()
-  return proc.returncode, last[0], time.time() - start
+  end = time.time()
+  return ([p.returncode for p in procs], errs, last[0], end - start,
+          end - sent[0] if sent[0] else None)
+
+
+def _check_attempt(attempt, codes, errs, victim, signalled) -> str | None:
+  """What is wrong with how the processes ended, or None."""
+  if not signalled:
+    return None if all(c == 0 for c in codes) else f"exit codes {codes} without a signal"
+  if FLAGS.signal == "term":
+    return None if all(c == 0 for c in codes) else f"exit codes {codes} after SIGTERM"
+  for i, (code, err) in enumerate(zip(codes, errs)):
+    if i == victim:
+      continue
+    lines = err.strip().splitlines()
+    if code == 0 and not lines:   # it had finished before the kill
+      continue
+    if code != 1 or len(lines) != 1 or not lines[0].startswith("error: "):
+      return f"process {i} ended with exit {code} and stderr:\n{err}"
+  return None
 
 
 def main(argv):
@@ -86,30 +147,40 @@ def main(argv):
   for path in (reference, chaos):
     if os.path.exists(path):
       shutil.rmtree(path)
-  code, _, seconds = _train(reference)
-  if code:
-    raise SystemExit(f"the uninterrupted run failed (exit {code})")
-  print(f"uninterrupted run: {seconds:.1f} s")
+  codes, errs, _, seconds, _ = _train(reference)
+  if any(codes):
+    raise SystemExit(f"the uninterrupted run failed (exit {codes}): {errs}")
+  print(f"uninterrupted run ({FLAGS.processes} process(es)): {seconds:.1f} s")
   rng = random.Random(FLAGS.seed)
-  attempt = 0
+  attempt, to_fail = 0, []
   while True:
     attempt += 1
+    victim = rng.randrange(FLAGS.processes)
     if attempt <= FLAGS.kills:
       at_checkpoint = rng.random() < 0.5
       delay = rng.uniform(0.0, 0.3) if at_checkpoint else rng.uniform(0.0, seconds)
     else:
       at_checkpoint, delay = False, None
-    code, last, took = _train(chaos, delay, at_checkpoint)
-    how = ("no kill" if delay is None else
-           f"kill {delay * 1000:.0f} ms after a checkpoint step" if at_checkpoint else
-           f"kill at {delay:.1f} s")
-    print(f"attempt {attempt:2d}: {how:<34s} exit {code:4d}, last step logged {last:2d}, "
-          f"{took:.1f} s", flush=True)
-    if code == 0:
+    codes, errs, last, took, after = _train(chaos, delay, at_checkpoint, victim)
+    what = f"SIG{FLAGS.signal.upper()} to process {victim}" if FLAGS.processes > 1 else (
+        f"SIG{FLAGS.signal.upper()}")
+    how = ("no signal" if delay is None else
+           f"{what} {delay * 1000:.0f} ms after a checkpoint step" if at_checkpoint else
+           f"{what} at {delay:.1f} s")
+    ended = "" if after is None else f", all ended {after:.1f} s after it"
+    print(f"attempt {attempt:2d}: {how:<48s} exits {codes}, last step logged {last:2d}, "
+          f"{took:.1f} s{ended}", flush=True)
+    if after is not None and FLAGS.processes > 1:
+      to_fail.append(after)
+    wrong = _check_attempt(attempt, codes, errs, victim, after is not None)
+    if wrong:
+      raise SystemExit(f"attempt {attempt}: {wrong}\n(rerun {CONFIG} --workdir={chaos} to see "
+                       f"more)")
+    if all(c == 0 for c in codes) and os.path.isdir(os.path.join(chaos, "checkpoints", "44")):
       break
-    if code != -signal.SIGKILL:
-      raise SystemExit(f"attempt {attempt} failed with exit {code}: rerun {CONFIG} "
-                       f"--workdir={chaos} to see why")
+  if to_fail:
+    print(f"{len(to_fail)} signal(s) to one of {FLAGS.processes} processes: all processes "
+          f"ended {min(to_fail):.1f}-{max(to_fail):.1f} s after it")
   same = True
   for ema in (False, True):
     a = checkpoint.load_params(reference, MODEL, ema=ema)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mctf_jax import processes
 from mctf_jax.config import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
@@ -30,12 +31,30 @@ def _several_processes() -> bool:
               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
 
 
+def distributed_requested(flag_values) -> bool:
+  """Whether ``setup_runtime`` will start the distributed runtime for these flags."""
+  mode = flag_values.distributed
+  return mode == "true" or (mode == "auto" and (flag_values.coordinator_address is not None
+                                                or _several_processes()))
+
+
+def process_label(flag_values) -> str:
+  """'process I of N' as the flags give them (a cluster's environment tells JAX, not us)."""
+  if flag_values.process_id is not None:
+    return f"process {flag_values.process_id} of {flag_values.num_processes}"
+  return "this process"
+
+
 def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
                                  num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+                                 process_id: int | None = None,
+                                 lost_process_timeout: float = processes.DEFAULT_TIMEOUT
+                                 ) -> bool:
   """jax.distributed.initialize() when asked ('true'), when a coordinator is given, or, for
   'auto', when the environment describes several processes (a TPU pod slice, SLURM, Open
-  MPI, or JAX_COORDINATOR_ADDRESS). On CPUs the processes talk through gloo."""
+  MPI, or JAX_COORDINATOR_ADDRESS). On CPUs the processes talk through gloo. The processes
+  then watch each other (``processes.ProcessWatch``): one silent for `lost_process_timeout`
+  seconds stops the others, with exit code 1."""
   if mode not in ("auto", "true", "false"):
     raise ValueError(f"--distributed must be auto, true or false, got {mode!r}")
   explicit = coordinator_address is not None
@@ -48,7 +67,9 @@ def maybe_initialize_distributed(mode: str = "auto", coordinator_address: str | 
       raise ValueError("--coordinator_address needs --num_processes and --process_id")
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id)
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=processes.jax_heartbeat_timeout(
+      lost_process_timeout))
+  processes.start(lost_process_timeout)
   return True
 
 
@@ -114,12 +135,14 @@ def quiet_library_logs(flag_values) -> None:
         lambda record: record.levelno >= logging.CRITICAL or "orbax" not in record.pathname)
 
 
-def setup_runtime(flag_values) -> None:
+def setup_runtime(flag_values, lost_process_timeout: float = processes.DEFAULT_TIMEOUT
+                  ) -> None:
   """Starts the distributed runtime and the compilation cache as ``define_runtime_flags``'
   flags say, with the libraries' logs quiet (``quiet_library_logs``)."""
   quiet_library_logs(flag_values)
   maybe_initialize_distributed(flag_values.distributed, flag_values.coordinator_address,
-                               flag_values.num_processes, flag_values.process_id)
+                               flag_values.num_processes, flag_values.process_id,
+                               lost_process_timeout)
   cache = flag_values.compilation_cache
   enable_compilation_cache(default_compilation_cache() if cache is None else cache)
 

@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint="",              # pretrained DeiT: Orbax dir from mctf_jax.convert or .pth
   ))
   config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices that shard parameters
+  # Multi-process runs: a process silent this many seconds (killed, host or network lost)
+  # stops the others with exit code 1 (mctf_jax.processes).
+  config.distributed = ml_collections.ConfigDict(dict(lost_process_timeout=30.0))
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000

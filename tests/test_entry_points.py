@@ -173,29 +173,126 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, env)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_two_processes(tmp_path, env):
-  """train.py as two processes (one CPU device each) joined by a local coordinator: each
-  reads its half of the data, the global batch spans both, and evaluation scores every
-  image once."""
+def _processes(workdir, env, n=2, extra=(), kill=None):
+  """train.py as `n` processes (one CPU device each) joined by a local coordinator, one
+  epoch. kill=(victim, line prefix): SIGKILL process `victim` once process 0 prints that
+  line. Returns [(exit code, stdout, stderr, seconds from the kill to the exit)]."""
   import socket
+  import threading
+  import time
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  workdir = tmp_path / "two"
   procs = [subprocess.Popen(
       [sys.executable, "train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
-  lead = outs[0]
+       f"--coordinator_address=localhost:{port}", f"--num_processes={n}", f"--process_id={i}",
+       *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(n)]
+  outs, errs, ended, killed = [[] for _ in procs], [""] * n, [0.0] * n, [None]
+
+  def read(i):
+    for line in procs[i].stdout:
+      outs[i].append(line)
+      if kill and i == 0 and killed[0] is None and line.startswith(kill[1]):
+        procs[kill[0]].kill()
+        killed[0] = time.time()
+    errs[i] = procs[i].stderr.read()
+    procs[i].wait()
+    ended[i] = time.time()
+  threads = [threading.Thread(target=read, args=(i,)) for i in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(600)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  return [(p.returncode, "".join(o), e, ended[i] - (killed[0] or ended[i]))
+          for i, (p, o, e) in enumerate(zip(procs, outs, errs))]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, env):
+  """An uninterrupted run of train.py as two processes."""
+  workdir = tmp_path_factory.mktemp("two") / "run"
+  return workdir, _processes(workdir, env)
+
+
+def test_two_processes(two_processes):
+  """Each process reads its half of the data, the global batch spans both, evaluation
+  scores every image once."""
+  workdir, results = two_processes
+  assert [r[0] for r in results] == [0, 0], results
+  lead = results[0][1]
   assert "2 process(es), 2 device(s)" in lead
   assert "training 22 steps" in lead and "(360 images)" in lead and "done:" in lead
-  assert "step 22/22" not in outs[1]          # only process 0 prints progress
+  assert "step 22/22" not in results[1][1]          # only process 0 prints progress
   assert os.path.isdir(workdir / "checkpoints" / "22" / "params")
   params = _params(str(workdir))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_a_checkpoint_one_process_did_not_write_is_not_taken(two_processes, tmp_path, capsys):
+  """The newest step directory without process 1's files (a copy cut short, a store that
+  lost them): the resume takes the step before, with one warning, and sets it aside."""
+  import glob
+  import shutil
+  import orbax.checkpoint as ocp
+  from etils import epath
+  from ml_collections import ConfigDict
+  from mctf_jax.training import trainer
+  from mctf_jax.training.train_step import TrainState
+  workdir = tmp_path / "run"
+  shutil.copytree(two_processes[0], workdir)
+  newest = workdir / "checkpoints" / "22"
+  gone = glob.glob(str(newest / "*" / "ocdbt.process_1")) + glob.glob(
+      str(newest / "*" / "array_metadatas" / "process_1"))
+  assert len(gone) == 6   # params, opt_state, ema
+  for path in gone:
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+  def abstract(item):
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(workdir / "checkpoints" / "20"
+                                                               / item))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  state = TrainState(jax.ShapeDtypeStruct((), np.int32), abstract("params"),
+                     abstract("opt_state"), abstract("ema"), {})
+  manager = trainer._checkpoint_manager(str(workdir), ConfigDict(dict(keep_checkpoints=2,
+                                                                      ema_decay=0.9)))
+  capsys.readouterr()
+  _, step = trainer.restore_latest_readable(manager, state, str(workdir))
+  manager.close()
+  out = capsys.readouterr().out.strip().splitlines()
+  assert step == 20
+  assert len(out) == 1 and out[0].startswith("warning: the checkpoint of step 22 cannot be "
+                                             "restored") and "resuming from step 20" in out[0]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["20"]
+  assert os.listdir(workdir / "unreadable_checkpoints") == ["22"]
+
+
+def test_a_lost_coordinator_stops_the_others_and_the_rerun_resumes(two_processes, tmp_path,
+                                                                   env):
+  """Process 0 (the coordinator) SIGKILLed mid-run: JAX's runtime would abort process 1
+  from C++; it exits 1 at once with one line naming what it lost. Rerunning both resumes
+  from the newest complete checkpoint and ends with the uninterrupted run's parameters and
+  EMA, bit for bit."""
+  workdir = tmp_path / "run"
+  extra = ("--config.distributed.lost_process_timeout=10",)
+  results = _processes(workdir, env, extra=extra, kill=(0, "step 15/"))
+  code, _, err, seconds = results[1]
+  assert code == 1, results[1]
+  assert err.strip().splitlines() == [
+      "error: process 1 of 2 lost the coordinator (process 0): it is gone (killed, lost its "
+      "host or its network); stopping"], err
+  assert seconds < 10, seconds
+  results = _processes(workdir, env, extra=extra)
+  assert [r[0] for r in results] == [0, 0], results
+  assert "at step 10" in results[0][1] and "done:" in results[0][1]
+  reference = str(two_processes[0])
+  for ema in (False, True):
+    jax.tree.map(np.testing.assert_array_equal, _params(str(workdir), ema=ema),
+                 _params(reference, ema=ema))
 
 
 def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env):

@@ -38,12 +38,12 @@ CONFIG_FILE = "config.json"
 RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                      "eval_every_epochs", "eval_batch_size", "init.checkpoint", "data.data_dir",
                      "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp",
-                     "model.remat_policy")
+                     "model.remat_policy", "distributed.")
 # Fields added to the configs after runs were made without them, with the value those
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
                 "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0,
-                "model.remat_policy": "none"}
+                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0}
 
 
 def _log(msg: str, *args):
