@@ -34,6 +34,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # reading the results (libtpu may be installed)
 
 from absl import app, flags  # noqa: E402
 
