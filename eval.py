@@ -13,7 +13,6 @@ JSON and CSV to --output_dir (or config.eval.output_dir; default: PATH/eval, or
 import csv
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -21,8 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before jax and tensorflow load
-from mctf_jax import parallel, processes  # noqa: E402
-from mctf_jax.errors import MctfError, OutputError  # noqa: E402
+from mctf_jax import parallel  # noqa: E402
+from mctf_jax.errors import OutputError  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py.",
                                 lock_config=True)
@@ -153,27 +152,14 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if parallel.distributed_requested(FLAGS) and not processes.supervised():
-    sys.exit(processes.supervise(sys.argv, parallel.process_label(FLAGS)))
-  try:
-    timeout = processes.timeout_from(FLAGS.config)
-  except MctfError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  parallel.setup_runtime(FLAGS, timeout)
-  output_dir = (FLAGS.output_dir or FLAGS.config.eval.output_dir
-                or _default_output_dir(FLAGS.checkpoint))
-  try:
+
+  def evaluate():
+    output_dir = (FLAGS.output_dir or FLAGS.config.eval.output_dir
+                  or _default_output_dir(FLAGS.checkpoint))
     run(FLAGS.config, FLAGS.checkpoint, output_dir, ema=FLAGS.ema, split=FLAGS.split,
         throughput_batch=FLAGS.throughput_batch,
         config_name=config_flags.get_config_filename(FLAGS["config"]))
-  except MctfError as e:
-    processes.fail(str(e))
-  except Exception as e:  # noqa: BLE001 - with several processes, the others must stop too
-    if processes.current() is None:
-      raise
-    processes.fail(error=e)
-  processes.end()
+  parallel.run_entry_point(FLAGS, evaluate)
 
 
 if __name__ == "__main__":

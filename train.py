@@ -8,8 +8,6 @@ processes, or with ``--distributed=true``).
 """
 
 import os
-import sys
-import warnings
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,30 +26,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from mctf_jax import processes
-  if parallel.distributed_requested(FLAGS) and not processes.supervised():
-    sys.exit(processes.supervise(sys.argv, parallel.process_label(FLAGS)))
-  from mctf_jax.errors import MctfError
-  from mctf_jax.training import trainer
-  try:
-    timeout = processes.timeout_from(FLAGS.config)
-  except MctfError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  parallel.setup_runtime(FLAGS, timeout)
-  try:
+
+  def train():
+    from mctf_jax.training import trainer   # (not in the supervising parent: TensorFlow)
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except MctfError as e:
-    # A failed asynchronous checkpoint write can leave orbax's write coroutines unawaited;
-    # the failure is in the line above, so Python's warning about them at exit is noise.
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
-                            category=RuntimeWarning)
-    processes.fail(str(e))
-  except Exception as e:  # noqa: BLE001 - with several processes, the others must stop too
-    if processes.current() is None:
-      raise
-    processes.fail(error=e)
-  processes.end()
+  parallel.run_entry_point(FLAGS, train)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import os
+import sys
+import warnings
 
 import jax
 import numpy as np
@@ -133,6 +135,30 @@ def quiet_library_logs(flag_values) -> None:
     # report it themselves, in one line.
     logging.getLogger("absl").addFilter(
         lambda record: record.levelno >= logging.CRITICAL or "orbax" not in record.pathname)
+
+
+def run_entry_point(flag_values, body) -> None:
+  """The frame of train.py and eval.py around `body()`: with several processes, the
+  supervising parent (``processes.supervise``); the config's lost-process timeout checked
+  and the runtime started (``setup_runtime``); an MctfError as one line and exit code 1; with
+  several processes, any error of one process stopping the others (``processes.fail``)."""
+  from mctf_jax.errors import MctfError
+  if distributed_requested(flag_values) and not processes.supervised():
+    sys.exit(processes.supervise(sys.argv, process_label(flag_values)))
+  try:
+    setup_runtime(flag_values, processes.timeout_from(flag_values.config))
+    body()
+  except MctfError as e:
+    # A failed asynchronous checkpoint write can leave orbax's write coroutines unawaited;
+    # the failure is in this one line, so Python's warning about them at exit is noise.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    processes.fail(str(e))
+  except Exception as e:  # noqa: BLE001 - with several processes, the others must stop too
+    if processes.current() is None:
+      raise
+    processes.fail(error=e)
+  processes.end()
 
 
 def setup_runtime(flag_values, lost_process_timeout: float = processes.DEFAULT_TIMEOUT

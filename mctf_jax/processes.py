@@ -59,16 +59,15 @@ def jax_heartbeat_timeout(timeout: float) -> int:
 
 class ProcessWatch:
   """Heartbeats through `client` (a ``jax.distributed`` runtime client) for process `index`
-  of `count`; see the module docstring. `clock` and `exit` are for tests."""
+  of `count`; see the module docstring. `clock` is for tests."""
 
   def __init__(self, client, index: int, count: int, timeout: float, *,
-               interval: float | None = None, clock=time.monotonic, exit=None):
+               interval: float | None = None, clock=time.monotonic):
     if not timeout > 0:
       raise ValueError(f"the lost-process timeout must be positive, got {timeout!r} s")
     self.client, self.index, self.count, self.timeout = client, index, count, float(timeout)
     self.interval = interval if interval is not None else max(self.timeout / 10, 0.1)
     self._clock = clock
-    self._exit = exit or _exit_now
     self._beats = 0
     now = clock()
     self._seen = {p: (None, now) for p in range(count) if p != index}
@@ -129,8 +128,7 @@ class ProcessWatch:
     while not self._stopping.wait(self.interval):
       reason = self.check()
       if reason:
-        self._exit(reason)
-        return
+        _exit_now(reason)
 
   def finish(self, ok: bool) -> None:
     """Stops watching and tells the others whether this process ended normally (they go on

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mctf_jax import processes
+
 
 def deit_model(size: str) -> ml_collections.ConfigDict:
   """DeiT-Ti/S/B at 224x224, patch 16."""
@@ -151,7 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # devices that shard parameters
   # Multi-process runs: a process silent this many seconds (killed, host or network lost)
   # stops the others with exit code 1 (mctf_jax.processes).
-  config.distributed = ml_collections.ConfigDict(dict(lost_process_timeout=30.0))
+  config.distributed = ml_collections.ConfigDict(dict(
+      lost_process_timeout=processes.DEFAULT_TIMEOUT))
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000

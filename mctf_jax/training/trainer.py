@@ -43,7 +43,7 @@ RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoi
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
                 "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0,
-                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0}
+                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0}  # (processes.DEFAULT_TIMEOUT)
 
 
 def _log(msg: str, *args):
