@@ -15,7 +15,9 @@ runs as N processes (one CPU device each, gloo) and each kill hits one process d
 the seed: every other process must then exit on its own with exit code 1 and one line
 naming the lost process, no traceback (the seconds from the kill to the last exit are
 printed). With --signal=term, one process drawn with the seed gets SIGTERM (a preemption
-notice on one host): all must save the same step and exit 0. Prints one line per attempt
+notice on one host): all must save the same step and exit 0. With --signal=stop, one
+training process is held (SIGSTOP) for --stop_seconds, then resumed (a slow host): nothing
+may fail, and process 0's slowest progress line is printed beside its median. Prints one line per attempt
 and the comparison; exits 1 if anything differs. Minutes on 2 CPU cores (1 process), tens
 of minutes for 4.
 """
@@ -43,8 +45,10 @@ flags.DEFINE_integer("kills", 8, "SIGKILLs before the run may finish.", lower_bo
 flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
 flags.DEFINE_integer("processes", 1, "train.py processes (jax.distributed on CPU).",
                      lower_bound=1)
-flags.DEFINE_enum("signal", "kill", ["kill", "term"], "SIGKILL (a lost process) or SIGTERM "
-                  "(a preemption notice).")
+flags.DEFINE_enum("signal", "kill", ["kill", "term", "stop"], "SIGKILL (a lost process), "
+                  "SIGTERM (a preemption notice) or SIGSTOP for --stop_seconds, then SIGCONT "
+                  "(a slow host).")
+flags.DEFINE_float("stop_seconds", 5.0, "How long --signal=stop holds a process.")
 flags.DEFINE_float("lost_process_timeout", 30.0, "--config.distributed.lost_process_timeout "
                    "of the runs (seconds).")
 flags.DEFINE_string("workdir", None, "Where to put the two runs (default: a temporary "
@@ -80,19 +84,25 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
       + ([f"--process_id={i}"] if n > 1 else []),
       cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(n)]
-  sig = signal.SIGKILL if FLAGS.signal == "kill" else signal.SIGTERM
+  sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}[FLAGS.signal]
   sent = [None]
 
   def send():
     if procs[victim].poll() is None:
-      procs[victim].send_signal(sig)
+      target = procs[victim].pid
+      if FLAGS.signal == "stop" and n > 1:   # the training process, not its supervisor
+        import psutil
+        target = psutil.Process(target).children()[0].pid
+      os.kill(target, sig)
       sent[0] = time.time()
+      if FLAGS.signal == "stop":
+        threading.Timer(FLAGS.stop_seconds, os.kill, (target, signal.SIGCONT)).start()
   errs = [""] * n
   readers = [threading.Thread(target=lambda i=i: errs.__setitem__(i, procs[i].stderr.read()))
              for i in range(n)]
   for t in readers:
     t.start()
-  last = [0]
+  last, rates = [0], []
   timer = None
   if kill_after is not None and not at_checkpoint_step:
     timer = threading.Timer(kill_after, send)
@@ -100,6 +110,7 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
   for line in procs[0].stdout:
     if line.startswith("step "):
       last[0] = int(line.split()[1].split("/")[0])
+      rates.append(float(line.split(" img/s")[0].rsplit("| ", 1)[1]))
       if (kill_after is not None and at_checkpoint_step and timer is None
               and last[0] % CHECKPOINT_EVERY == 0):
         timer = threading.Timer(kill_after, send)
@@ -113,6 +124,9 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
   if timer is not None:
     timer.cancel()
   end = time.time()
+  if FLAGS.signal == "stop" and sent[0] and rates:
+    print(f"  progress lines (img/s): slowest {min(rates):.1f}, median "
+          f"{sorted(rates)[len(rates) // 2]:.1f}")
   return ([p.returncode for p in procs], errs, last[0], end - start,
           end - sent[0] if sent[0] else None)
 
@@ -121,8 +135,9 @@ def _check_attempt(attempt, codes, errs, victim, signalled) -> str | None:
   """What is wrong with how the processes ended, or None."""
   if not signalled:
     return None if all(c == 0 for c in codes) else f"exit codes {codes} without a signal"
-  if FLAGS.signal == "term":
-    return None if all(c == 0 for c in codes) else f"exit codes {codes} after SIGTERM"
+  if FLAGS.signal in ("term", "stop"):
+    return None if all(c == 0 for c in codes) else (
+        f"exit codes {codes} after SIG{FLAGS.signal.upper()}: {errs}")
   for i, (code, err) in enumerate(zip(codes, errs)):
     if i == victim:
       continue
@@ -171,7 +186,7 @@ def main(argv):
     ended = "" if after is None else f", all ended {after:.1f} s after it"
     print(f"attempt {attempt:2d}: {how:<48s} exits {codes}, last step logged {last:2d}, "
           f"{took:.1f} s{ended}", flush=True)
-    if after is not None and FLAGS.processes > 1:
+    if after is not None and FLAGS.processes > 1 and FLAGS.signal == "kill":
       to_fail.append(after)
     wrong = _check_attempt(attempt, codes, errs, victim, after is not None)
     if wrong:

@@ -183,10 +183,10 @@ def looks_like_lost_peer(error: BaseException) -> bool:
   return any(sign in text for sign in LOST_PEER_SIGNS)
 
 
-def end(ok: bool = True) -> None:
+def end() -> None:
   """The end of an entry point: tells the other processes this one finished normally."""
   if _current is not None:
-    _current.finish(ok)
+    _current.finish(ok=True)
 
 
 def fail(message: str | None = None, error: BaseException | None = None) -> None:
