@@ -178,6 +178,19 @@ def current() -> ProcessWatch | None:
   return _current
 
 
+def wait_for_all(name: str, timeout: float = 3600.0) -> None:
+  """Blocks until every process has called wait_for_all(name) (the coordination service's
+  barrier; a no-op in a single-process run). Called before the first collective of a
+  program that each process compiles on its own: gloo (CPU processes) gives the processes
+  30 s to meet in a collective's first use, less than a busy machine's compile times may
+  differ by. A lost process still ends the wait through the watch."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  if _current is None or client is None:
+    return
+  client.wait_at_barrier(f"mctf_jax/{name}", int(timeout * 1000))
+
+
 def looks_like_lost_peer(error: BaseException) -> bool:
   text = f"{type(error).__name__}: {error}"
   return any(sign in text for sign in LOST_PEER_SIGNS)

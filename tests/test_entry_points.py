@@ -271,6 +271,24 @@ def test_a_checkpoint_one_process_did_not_write_is_not_taken(two_processes, tmp_
   assert os.listdir(workdir / "unreadable_checkpoints") == ["22"]
 
 
+def test_a_run_resumes_on_another_number_of_processes(two_processes, tmp_path, env):
+  """The two-process run's checkpoint of step 20, resumed by one process with two devices,
+  ends at step 22 with the two-process run's parameters and EMA, bit for bit: the data
+  order is global (mctf_jax.data.pipeline), and an all-reduce of two terms is exact in
+  either order."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(two_processes[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "22")
+  two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
+  done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1"], two)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "1 process(es), 2 device(s)" in done.stdout and "at step 20" in done.stdout
+  for ema in (False, True):
+    jax.tree.map(np.testing.assert_array_equal, _params(str(workdir), ema=ema),
+                 _params(str(two_processes[0]), ema=ema))
+
+
 def test_a_lost_coordinator_stops_the_others_and_the_rerun_resumes(two_processes, tmp_path,
                                                                    env):
   """Process 0 (the coordinator) SIGKILLed mid-run: JAX's runtime would abort process 1

@@ -617,8 +617,17 @@ def _beta(seeds: Seeds, alpha: float):
   return a / tf.maximum(a + b, 1e-30)
 
 
-def mix_batch(images, labels, seeds: Seeds, spec: MixupSpec, num_classes: int):
-  """Mixup/CutMix of a batch (B, H, W, C) with its reverse; B must be even.
+def _reverse_groups(x, groups: int):
+  """x reversed within each of `groups` equal consecutive parts along its first axis."""
+  shape = tf.shape(x)
+  parts = tf.reshape(x, tf.concat([[groups, -1], shape[1:]], 0))
+  return tf.reshape(parts[:, ::-1], shape)
+
+
+def mix_batch(images, labels, seeds: Seeds, spec: MixupSpec, num_classes: int,
+              groups: int = 1):
+  """Mixup/CutMix of a batch (B, H, W, C) with its reverse, within each of `groups` equal
+  parts (a device's batch); each part's size must be even. One lambda (and box) for all.
 
   Returns (images, soft targets (B, num_classes) with label smoothing, mixed-in labels).
   CutMix corrects lambda to the box's actual area (timm's correct_lam=True).
@@ -635,7 +644,7 @@ def mix_batch(images, labels, seeds: Seeds, spec: MixupSpec, num_classes: int):
     lam = _beta(seeds, spec.mixup_alpha)
   lam = tf.where(mix_on, lam, 1.0)
   use_cutmix = use_cutmix & mix_on
-  flipped = images[::-1]
+  flipped = _reverse_groups(images, groups)
   shape = tf.shape(images)
   height, width = shape[1], shape[2]
   # timm rand_bbox: cut = int(size * sqrt(1 - lam)), centre uniform, clipped to the image.
@@ -659,7 +668,7 @@ def mix_batch(images, labels, seeds: Seeds, spec: MixupSpec, num_classes: int):
   lam = tf.where(use_cutmix, box_lam, lam)
   off = spec.label_smoothing / num_classes
   on = 1.0 - spec.label_smoothing + off
-  mixed_labels = labels[::-1]
+  mixed_labels = _reverse_groups(labels, groups)
   y1h = tf.one_hot(labels, num_classes, on, off)
   y2h = tf.one_hot(mixed_labels, num_classes, on, off)
   return mixed, y1h * lam + y2h * (1.0 - lam), mixed_labels

@@ -1,15 +1,21 @@
 """Training and evaluation input pipelines (tf.data, numpy batches per process).
 
-Training epochs. Process p reads its own part of the train split. Epoch e is a
-permutation of that part, seeded by (seed, p, e) (in-memory sources: an exact permutation;
-tfds: file order plus a shuffle buffer), cut to `steps_per_epoch` local batches. With
-repeated augmentation r > 1 (DeiT's RASampler) an epoch takes the first ceil(length / r)
-records of the permutation and repeats each r times in a row, so the epoch length stays
-the same and each image in it appears r times. Every example then gets a running number
-(its position in this process's stream, epoch * length + position) and its augmentation is
-drawn from stateless random ops keyed by (seed, p, number). Resuming at a step therefore
-only skips raw records (paths or encoded bytes) of the interrupted epoch, and an
-interrupted run and an uninterrupted one see identical batches.
+Training epochs. In-memory sources (digits, image folders: lists of images or paths) have
+one global order, whatever the number of processes: epoch e is a permutation of the whole
+train split seeded by (seed, e), cut into `steps_per_epoch` global batches, and process p
+takes the p-th slice of each; an example's running number is its global position
+(e * epoch length + position) and its augmentation is drawn from stateless random ops keyed
+by (seed, number). The batches of a step are therefore the same on 1, 2 or 8 processes, and
+a run resumes bit-identically on another number of processes (with as many devices in all).
+tfds datasets are read per process instead (each reads its own 1/P of the files, shuffled by
+(seed, p, e) with a buffer, numbers and keys per process): reading a global order would
+make every host read every record, so their order depends on the number of processes.
+With repeated augmentation r > 1 (DeiT's RASampler) an epoch takes the first
+ceil(length / r) records of the permutation and repeats each r times in a row, so the epoch
+length stays the same and each image in it appears r times. Mixup/CutMix pair each image
+with the reverse of its device's batch (timm's per-GPU batch), one lambda per global batch.
+Resuming at a step only skips raw records (paths or encoded bytes) of the interrupted
+epoch, and an interrupted run and an uninterrupted one see identical batches.
 """
 
 from __future__ import annotations
@@ -167,13 +173,15 @@ class TrainPipeline:
   `iterate(start_step)` yields dicts of numpy arrays with the process's share of each global
   batch: 'image' float32 (B, S, S, 3) normalised, 'label' int32 (B,), and with mixup/cutmix
   'targets' float32 (B, num_classes) (label smoothing folded in) and 'mixed_label' int32.
+  mix_groups: the local batch's devices; mixup/cutmix pair each image with the reverse of
+  its group (default 1: the whole local batch).
   num_threads: a private tf.data thread pool of that size (default: the shared one); the
   batches are the same with any.
   """
 
   def __init__(self, config: Any, global_batch_size: int, seed: int, process_index: int = 0,
                process_count: int = 1, label_smoothing: float = 0.0,
-               num_threads: Optional[int] = None):
+               num_threads: Optional[int] = None, mix_groups: int = 1):
     self.settings = s = settings(config)
     self.local_batch_size = _check_processes(global_batch_size, process_index, process_count)
     self.global_batch_size = global_batch_size
@@ -187,18 +195,24 @@ class TrainPipeline:
     self._source = _source(s)
     self.num_classes = self._source.num_classes
     self.num_examples = self._source.num_examples(s.train_split)
-    # Every process runs the same number of steps: the smallest part decides.
-    self.steps_per_epoch = (self.num_examples // process_count) // self.local_batch_size
+    # Whole global batches (tfds: each process's part has at least this many local ones).
+    self.steps_per_epoch = self.num_examples // global_batch_size
     if self.steps_per_epoch < 1:
       raise DataError(f"train split {s.train_split!r} of {self._source.name} has "
                       f"{self.num_examples} examples, fewer than one global batch of "
                       f"{global_batch_size}; expected a smaller config.batch_size")
     self._epoch_length = self.steps_per_epoch * self.local_batch_size
-    self._mixup = None
+    self._mixup, self.mix_groups = None, mix_groups
     if s.mixup > 0 or s.cutmix > 0:
-      if self.local_batch_size % 2:
-        raise ValueError(f"mixup/cutmix pair each image with the batch reversed; expected an "
-                         f"even local batch, got {self.local_batch_size}")
+      if (isinstance(mix_groups, bool) or not isinstance(mix_groups, int) or mix_groups < 1
+          or self.local_batch_size % mix_groups):
+        raise ValueError(f"mix_groups={mix_groups!r}: expected an int >= 1 dividing the local "
+                         f"batch {self.local_batch_size}")
+      group = self.local_batch_size // mix_groups
+      if group % 2:
+        raise ValueError(f"mixup/cutmix pair each image with its device's batch reversed; "
+                         f"expected an even batch per device, got {group} (local batch "
+                         f"{self.local_batch_size} on {mix_groups} device(s))")
       self._mixup = MixupSpec(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, prob=s.mixup_prob,
                               switch_prob=s.mixup_switch_prob, label_smoothing=label_smoothing)
 
@@ -218,29 +232,47 @@ class TrainPipeline:
     return records.take(self._epoch_length)
 
   def _stream(self, epoch: int, offset: int, whole_run: bool) -> tf.data.Dataset:
-    """(number, (data, label)) from epoch `epoch`, skipping `offset` raw records; all later
-    epochs too when whole_run (in-memory sources), else epoch `epoch` only (tfds)."""
-    s, source = self.settings, self._source
-    first = epoch * self._epoch_length
+    """(number, (data, label)) from epoch `epoch`, skipping `offset` raw records: in-memory
+    sources (whole_run) in the global order, all later epochs too; tfds this process's part
+    of epoch `epoch` only."""
     if whole_run:
-      permuted = source.permuted_records_fn(s.train_split, self.process_index,
-                                            self.process_count, self._key(_TAG_SHUFFLE))
-      stream = tf.data.Dataset.range(epoch, 2**62).flat_map(
-          _plain(lambda e: self._one_epoch(permuted(e))))
-    else:
-      shuffle_seed = int(np.random.SeedSequence(
-          [self.seed, self.process_index, epoch, _TAG_SHUFFLE]).generate_state(1)[0] >> 1)
-      stream = self._one_epoch(source.records(
-          s.train_split, self.process_index, self.process_count, shuffle_seed=shuffle_seed))
-    return stream.enumerate(first).skip(offset)
+      return self._global_epochs(epoch).skip(offset)
+    shuffle_seed = int(np.random.SeedSequence(
+        [self.seed, self.process_index, epoch, _TAG_SHUFFLE]).generate_state(1)[0] >> 1)
+    stream = self._one_epoch(self._source.records(
+        self.settings.train_split, self.process_index, self.process_count,
+        shuffle_seed=shuffle_seed))
+    return stream.enumerate(epoch * self._epoch_length).skip(offset)
+
+  def _global_epochs(self, epoch: int) -> tf.data.Dataset:
+    """This process's slices of the global batches of epochs `epoch`, `epoch` + 1, ..."""
+    data, labels = self._source.tensors(self.settings.train_split)
+    size, local, repeats = self.global_batch_size, self.local_batch_size, self.settings.repeated_aug
+    length = self.steps_per_epoch * size
+    positions = tf.constant((np.arange(self.steps_per_epoch)[:, None] * size
+                             + self.process_index * local + np.arange(local)).reshape(-1),
+                            tf.int64)
+    key = self._key(_TAG_SHUFFLE, process_index=0)
+
+    def one_epoch(e):
+      seed = tf.random.experimental.stateless_fold_in(key, e)
+      order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels)[0]), seed)
+      if repeats > 1:
+        order = tf.repeat(order[:-(-length // repeats)], repeats)
+      mine = tf.gather(order, positions)
+      return tf.data.Dataset.from_tensor_slices(
+          (e * length + positions, (tf.gather(data, mine), tf.gather(labels, mine))))
+
+    return tf.data.Dataset.range(epoch, 2**62).flat_map(_plain(one_epoch))
 
   # ---- per-example transform and batching
 
   def _example(self, number, record):
     s = self.settings
     data, label = record
-    seeds = augment.Seeds(tf.random.experimental.stateless_fold_in(
-        self._key(_TAG_AUGMENT), number))
+    # Numbers are global positions for in-memory sources, this process's for tfds.
+    key = self._key(_TAG_AUGMENT, process_index=0 if self._source.graph_epochs else None)
+    seeds = augment.Seeds(tf.random.experimental.stateless_fold_in(key, number))
     if self._source.kind == "path":
       data = tf.io.read_file(data)
     image = augment.random_resized_crop(data, seeds, s.img_size, s.crop_scale, s.crop_ratio,
@@ -260,7 +292,7 @@ class TrainPipeline:
     key = tf.random.experimental.stateless_fold_in(self._key(_TAG_MIX, process_index=0), step)
     images, targets, mixed = augment.mix_batch(batch["image"], batch["label"],
                                                augment.Seeds(key), self._mixup,
-                                               self.num_classes)
+                                               self.num_classes, groups=self.mix_groups)
     return dict(batch, image=images, targets=targets, mixed_label=mixed)
 
   def _batches(self, stream: tf.data.Dataset, first_step: int) -> Iterator[dict]:

@@ -3,8 +3,10 @@
 
 A source lists a split's examples as raw records, (data, label int32) pairs that are cheap
 to skip: encoded image bytes (tfds), file paths (folders, read in the parallel map) or
-small decoded images kept in memory (digits). Each process reads a disjoint part of a
-split: tfds.even_splits for tfds, every process_count-th example for the in-memory lists.
+small decoded images kept in memory (digits). For evaluation each process reads a disjoint
+part of a split: tfds.even_splits for tfds, every process_count-th example for the
+in-memory lists; in training, in-memory lists are ordered globally (each process holds the
+whole list) and tfds splits per process (mctf_jax.data.pipeline).
 """
 
 from __future__ import annotations
@@ -62,19 +64,12 @@ class InMemorySource(abc.ABC):
     return tf.data.Dataset.from_tensor_slices(
         self._host_tensors(split, process_index, process_count))
 
-  def permuted_records_fn(self, split: str, process_index: int, process_count: int,
-                          shuffle_key) -> Callable[[Any], tf.data.Dataset]:
-    """epoch (int64 tensor) -> this process's records permuted by (shuffle_key, epoch), for
-    use inside tf.data functions (the data tensors are built once, here)."""
-    data, labels = self._host_tensors(split, process_index, process_count)
-
-    def permuted(epoch):
-      seed = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
-      order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(labels)[0]), seed)
-      return tf.data.Dataset.from_tensor_slices((tf.gather(data, order),
-                                                 tf.gather(labels, order)))
-
-    return permuted
+  def tensors(self, split: str):
+    """The whole split as (data, int32 labels) tensors. Training reads these on every
+    process: its order is global (mctf_jax.data.pipeline), each process takes its slice of
+    every global batch."""
+    data, labels = self.arrays(split)
+    return tf.constant(data), tf.constant(labels, tf.int32)
 
 
 # ----------------------------------------------------------------------------- digits

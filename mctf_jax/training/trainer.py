@@ -24,7 +24,7 @@ import numpy as np
 
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
-from mctf_jax import parallel
+from mctf_jax import parallel, processes
 from mctf_jax.errors import ConfigError, TrainingError, is_number
 from mctf_jax.tools import flops
 from mctf_jax.training import evaluation, optim, programs
@@ -426,7 +426,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
                           f"--config.model.num_classes={info.num_classes}")
     pipeline = data_lib.TrainPipeline(config, config.batch_size, config.seed,
                                       jax.process_index(), jax.process_count(),
-                                      label_smoothing=config.loss.label_smoothing)
+                                      label_smoothing=config.loss.label_smoothing,
+                                      mix_groups=mesh.devices.size // jax.process_count())
     steps_per_epoch = pipeline.steps_per_epoch
     batches = pipeline.iterate
     eval_batches_fn = lambda: data_lib.eval_batches(config, config.eval_batch_size,
@@ -502,6 +503,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           train_step = train_step.lower(state, batch).compile()
           _log("compiled the train step (student + %d teacher branch(es)) in %.1f s",
                plan.num_branches, time.time() - t0)
+          processes.wait_for_all(f"train step compiled {step}")
           t_log = t_run = time.time()
         state, metrics = train_step(state, batch)
         history.append((step, metrics))
