@@ -72,9 +72,9 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
         config_name: str | None = None):
   import jax
   import mctf_jax
-  from mctf_jax import checkpoint as ckpt_lib, data, parallel
+  from mctf_jax import checkpoint as ckpt_lib, cost, data, parallel
   from mctf_jax.fusion.config import normalize_r
-  from mctf_jax.tools import benchmark, flops
+  from mctf_jax.tools import benchmark
   from mctf_jax.training import evaluation, programs
 
   if isinstance(throughput_batch, bool) or not isinstance(throughput_batch, int) or \
@@ -87,7 +87,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   mesh = parallel.create_mesh(config.mesh.fsdp)
   model = programs.model_for_mesh(config, mesh)
   evaluation.check_image_outputs(model, "eval.py")
-  budget = flops.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
+  budget = cost.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
   r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)
   if not model.fusion.layers and any(r for r in r_values):
@@ -115,7 +115,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   rows = []
   for r in r_values:
     model_r = model.with_fusion(r=r)
-    report = flops.model_flops(model_r)
+    report = cost.model_flops(model_r)
     throughput = None
     if throughput_batch:
       local = jax.device_put(variables, jax.local_devices()[0])

@@ -11,7 +11,7 @@ The paper's tables, on the cluttered digits (``configs/cluttered_digits.py``: 64
 2. "no training": that model evaluated with ToMe (``fusion.method='tome'``) and with MCTF at
    each FLOP level of ``--levels`` (fractions of the plain model's FLOPs; each method gets
    the r whose FLOPs, counted as fvcore counts the official code, come closest to the level
-   from below: ``mctf_jax.tools.flops.budget_choice``), and the MCTF ablations (no
+   from below: ``mctf_jax.cost.budget_choice``), and the MCTF ablations (no
    one-step-ahead attention, no size criterion, no informativeness criterion; a level a
    method cannot reach is skipped and listed);
 3. "fine-tuned": the plain model fine-tuned ``--finetune_steps`` steps from its checkpoint
@@ -111,7 +111,7 @@ def method_config(base, method: str, level: float | None):
   """`base` with `method`'s fusion at the r whose FLOPs meet `level` (level None: no
   fusion); None when no r of the method comes down to the level."""
   from mctf_jax.errors import ConfigError
-  from mctf_jax.tools import flops
+  from mctf_jax import cost
   config = base.copy_and_resolve_references()
   layers = base.fusion.layers
   if method == "plain" or level is None:
@@ -119,7 +119,7 @@ def method_config(base, method: str, level: float | None):
     return config
   config.fusion = fusion_section(method, layers, r=0, target_fraction=level)
   try:
-    choice = flops.budget_choice(config)
+    choice = cost.budget_choice(config)
   except ConfigError:
     return None    # the level is out of the method's reach (e.g. fusing after the MLP)
   config.fusion = fusion_section(method, layers, r=choice.r)
@@ -127,8 +127,8 @@ def method_config(base, method: str, level: float | None):
 
 
 def gflops(config) -> float:
-  from mctf_jax.tools import flops
-  return flops.count_flops(config).gflops
+  from mctf_jax import cost
+  return cost.count_flops(config).gflops
 
 
 # ----------------------------------------------------------------------------- runs

@@ -146,7 +146,8 @@ def main(argv):
   import jax.numpy as jnp
   import mctf_jax
   import numpy as np
-  from mctf_jax.tools import benchmark, flops
+  from mctf_jax import cost
+  from mctf_jax.tools import benchmark
   from mctf_jax.training.plan import teacher_plan
 
   # Compile times are cold ones: no persistent compilation cache, even where the
@@ -214,8 +215,8 @@ def main(argv):
   per_value = {v: statistics.median(times[("mctf", v)]) for v in values}
   mctf_s = statistics.mean(per_value.values())
   plain_info, mctf_info = steps["plain"][1], steps["mctf"][1]
-  flop = lambda r: flops.model_flops(model, r).gflops
-  plain_flops = flops.model_flops(model, 0)
+  flop = lambda r: cost.model_flops(model, r).gflops
+  plain_flops = cost.model_flops(model, 0)
   shared = plan.shared
   # The step runs the patch embedding and the shared blocks once for both paths.
   shared_gflops = sum(s.flops for s in plain_flops.stages[:1 + shared]) / 1e9

@@ -4,7 +4,8 @@
     models/    the backbones on it (DeiT), by config.model.arch
     training/  the train step, the training loop, losses, optimizer, evaluation
     data/      the tf.data input pipelines
-    tools/     FLOP counter, benchmark, profiles, pictures
+    cost.py    FLOPs as the paper counts them, and the r a FLOP budget picks
+    tools/     command lines: FLOP counter, TPU compiler, benchmark, profiles, pictures
     config.py, errors.py, checkpoint.py, convert/, torch_pickle.py, parallel.py
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
+from mctf_jax import cost, models
 from mctf_jax.config import fusion_config, load_config, model_config
 from mctf_jax.errors import ConfigError, MctfError
 from mctf_jax.fusion import FusionConfig, LayerPlan, Schedule, compute_schedule
 from mctf_jax.models import Backbone, BackboneConfig, DeiT, DeiTConfig, EncoderOutput
-from mctf_jax import models
 
 __version__ = "0.1.0"
 
@@ -39,10 +42,8 @@ def create_model(config: Any, **fusion_changes) -> Backbone:
     fusion_cfg = dataclasses.replace(fusion_cfg, **fusion_changes)
   fusion_cfg.check_depth(model_cfg.depth)
   if fusion_cfg.has_budget:
-    from mctf_jax.tools import flops
-    fusion_cfg = flops.apply_budget(model_cfg, fusion_cfg)
+    fusion_cfg = cost.apply_budget(model_cfg, fusion_cfg)
   if "float64" in (model_cfg.dtype, model_cfg.param_dtype):
-    import jax
     if not jax.config.jax_enable_x64:
       raise ConfigError("model.dtype/param_dtype float64 needs 64-bit JAX: set "
                         "jax.config.update('jax_enable_x64', True) or JAX_ENABLE_X64=1 first")

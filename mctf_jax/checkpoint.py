@@ -21,6 +21,7 @@ against the config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,8 +33,11 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
 from mctf_jax import convert
+from mctf_jax.convert import big_vision
 from mctf_jax.config import model_config
 from mctf_jax.errors import CheckpointError, CheckpointNotFoundError, OutputError
 
@@ -45,7 +49,6 @@ CHECKPOINTS_DIR = "checkpoints"
 
 
 def _config_dict(config: Any) -> dict:
-  import dataclasses
   out = {"model": dataclasses.asdict(model_config(config))}
   fusion = getattr(config, "fusion", None)
   if fusion is not None and hasattr(fusion, "to_dict"):
@@ -75,7 +78,6 @@ def save_params(path: str, params, config: Any, *, overwrite: bool = False,
   """Writes params (the model's state collections too, if any, and the config they belong
   to) as a parameter checkpoint at `path` (with `overwrite`, replacing one written before;
   see ``check_save_target``)."""
-  import orbax.checkpoint as ocp
   path = check_save_target(path, overwrite=overwrite)
   if os.path.lexists(path):
     shutil.rmtree(path)
@@ -173,9 +175,7 @@ def _closed_loop(kind, value) -> bool:
 
 
 def _restore_tree(item_path: str):
-  import orbax.checkpoint as ocp
   quiet_abandoned_io()
-  from etils import epath
   # The item's own metadata (a directory saved by a CheckpointManager has no step metadata).
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_path))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -265,7 +265,6 @@ def load_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = F
   holds no checkpoint, CheckpointMismatchError (listing every weight) when the shapes do
   not fit the config, and CheckpointError for a file it cannot read.
   """
-  from mctf_jax.convert import big_vision
   cfg = model_config(config)
   path = os.fspath(path)
   file, _ = big_vision.split_path(path)   # 'FILE.npz:SUBTREE': a sub-tree of a .npz

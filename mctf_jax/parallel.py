@@ -17,10 +17,12 @@ import warnings
 
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mctf_jax import processes
 from mctf_jax.config import ConfigError
+from mctf_jax.errors import MctfError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -91,7 +93,6 @@ def enable_compilation_cache(path: str | None) -> None:
 def define_runtime_flags() -> None:
   """The command-line flags of train.py and eval.py that set up the JAX runtime:
   --distributed, --coordinator_address, --num_processes, --process_id, --compilation_cache."""
-  from absl import flags
   flags.DEFINE_string("compilation_cache", None, "Directory of JAX's persistent compilation "
                       "cache (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/mctf_jax/xla); "
                       "'' turns it off.")
@@ -142,7 +143,6 @@ def run_entry_point(flag_values, body) -> None:
   supervising parent (``processes.supervise``); the config's lost-process timeout checked
   and the runtime started (``setup_runtime``); an MctfError as one line and exit code 1; with
   several processes, any error of one process stopping the others (``processes.fail``)."""
-  from mctf_jax.errors import MctfError
   if distributed_requested(flag_values) and not processes.supervised():
     sys.exit(processes.supervise(sys.argv, process_label(flag_values)))
   try:

@@ -91,7 +91,7 @@ def mctf_fusion(**changes) -> ml_collections.ConfigDict:
       teacher_group_size=128,
       train_scan_blocks=True,     # train step: alike padded blocks as one lax.scan
       # A FLOP budget that picks r (of fusion.r's kind) instead: GFLOPs per image, or a
-      # fraction of the unfused model's FLOPs (0: none; see mctf_jax/tools/flops.py).
+      # fraction of the unfused model's FLOPs (0: none; see mctf_jax/cost.py).
       target_gflops=0.0,
       target_fraction=0.0,
   ))

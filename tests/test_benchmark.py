@@ -12,6 +12,7 @@ import pytest
 
 import mctf_jax
 from conftest import tiny_config
+from mctf_jax import cost
 from mctf_jax.tools import benchmark, flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def test_compare_bfloat16_and_r_override(tiny_variables):
   assert fused["dtype"] == plain["dtype"] == "bfloat16"
   assert (fused["r"], fused["tokens_in"], fused["tokens_out"]) == (4, 65, 61)
   assert (plain["r"], plain["tokens_out"]) == (0, 65)
-  expected = flops.count_flops(config, r=4).gflops
+  expected = cost.count_flops(config, r=4).gflops
   assert fused["gflops"] == pytest.approx(expected)
   assert result["speedup"] == pytest.approx(fused["img_per_s"] / plain["img_per_s"])
   pairs = result["speedup_pairs"]

@@ -14,6 +14,7 @@ import mctf_jax
 from mctf_jax import checkpoint, convert
 from mctf_jax.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from mctf_jax.models.vit import ViTConfig, decode_variant
+from mctf_jax import cost
 from mctf_jax.tools import flops
 from conftest import run
 
@@ -248,7 +249,7 @@ def test_variants_and_config_errors():
 def test_configs_remove_about_40_percent_of_the_flops(name, ratio):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config()
-  fused, plain = flops.count_flops(config), flops.count_flops(config, r=0)
+  fused, plain = cost.count_flops(config), cost.count_flops(config, r=0)
   assert fused.total / plain.total == pytest.approx(ratio, abs=5e-4)
   assert mctf_jax.create_model(config).schedule().fuses
 
@@ -260,7 +261,7 @@ def test_flops_of_the_tail_against_the_traced_program():
     config = case_config(case, r=8, layers=(1,), merge_impl="scatter")
     model = mctf_jax.create_model(config)
     for r in (None, 0):
-      report = flops.count_flops(config, r=r, implementation="mctf_jax")
+      report = cost.count_flops(config, r=r, implementation="mctf_jax")
       assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
 
 
@@ -376,9 +377,9 @@ def test_pool_none_flops_and_the_scripts_refusal(tmp_path):
   config["model"].update(pool_type="none", rep_size=32)
   model = mctf_jax.create_model(config)
   for r in (None, 0):
-    report = flops.count_flops(config, r=r, implementation="mctf_jax")
+    report = cost.count_flops(config, r=r, implementation="mctf_jax")
     assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
-  head = flops.count_flops(config).stages[-1]   # 64 - 8 tokens, each through the head
+  head = cost.count_flops(config).stages[-1]   # 64 - 8 tokens, each through the head
   assert (head.name, head.tokens_in, head.ops) == ("head", 56, (("head", 56 * 32 * 10),))
   with pytest.raises(ConfigError, match=r"eval.py trains and evaluates image classifiers, "
                      r"but model.pool_type='none' gives an output per token"):

@@ -12,7 +12,7 @@ import pytest
 from mctf_jax import load_config
 from mctf_jax.errors import ConfigError
 from mctf_jax.tools import compile as aot
-from mctf_jax.tools import flops
+from mctf_jax import cost
 from mctf_jax.training import programs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +75,7 @@ def test_tpu_train_step_fits(v5e):
   # Student, teacher (its costliest branch) and their backward passes: more than three
   # forward passes of the student, less than three of the plain model, both paths.
   per_chip = config.batch_size // len(v5e.devices)
-  forward = 2 * per_chip * flops.count_flops(config, r=0, implementation="mctf_jax").matmul
+  forward = 2 * per_chip * cost.count_flops(config, r=0, implementation="mctf_jax").matmul
   assert 2 * forward < train.traced_flops < 6 * forward
 
 

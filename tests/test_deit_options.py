@@ -12,6 +12,7 @@ import jax
 import mctf_jax
 from mctf_jax import convert, models
 from mctf_jax.errors import ConfigError
+from mctf_jax import cost
 from mctf_jax.tools import flops
 
 BASE = dict(arch="deit", img_size=32, patch_size=4, embed_dim=16, depth=3, num_heads=2,
@@ -131,16 +132,16 @@ def test_bad_values_and_flops():
     with pytest.raises(ConfigError, match=message):
       mctf_jax.create_model({"model": dict(BASE, **fields)})
   # Registers are tokens: the blocks' FLOPs grow with them; LayerScale adds no product.
-  plain = flops.count_flops({"model": BASE, "fusion": dict(r=0)}).total
-  scaled = flops.count_flops({"model": dict(BASE, init_values=1e-6), "fusion": dict(r=0)})
-  with_regs = flops.count_flops({"model": dict(BASE, reg_tokens=4), "fusion": dict(r=0)})
+  plain = cost.count_flops({"model": BASE, "fusion": dict(r=0)}).total
+  scaled = cost.count_flops({"model": dict(BASE, init_values=1e-6), "fusion": dict(r=0)})
+  with_regs = cost.count_flops({"model": dict(BASE, reg_tokens=4), "fusion": dict(r=0)})
   assert scaled.total == plain and with_regs.schedule.tokens_in == 69
   assert with_regs.total > plain
   model = mctf_jax.create_model({"model": dict(BASE, reg_tokens=4, init_values=1e-5),
                                  "fusion": dict(r=6, layers=(1, 2))})
   assert "LayerScale, 4 registers" in model.describe(model.config)
   for r in (None, 0):
-    report = flops.count_flops(model.config, model.fusion, r=r, implementation="mctf_jax")
+    report = cost.count_flops(model.config, model.fusion, r=r, implementation="mctf_jax")
     assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
 
 

@@ -13,6 +13,7 @@ import mctf_jax
 from conftest import tiny_config
 from mctf_jax.config import FusionConfig, fusion_config
 from mctf_jax.models import DeiTConfig
+from mctf_jax import cost
 from mctf_jax.tools import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def _config(name):
     ("deit_s", 0, 4.608), ("deit_s", None, 2.602), ("deit_s_fast", None, 2.756),
 ])
 def test_official_numbers(name, r, target):
-  report = flops.count_flops(_config(name), r=r)
+  report = cost.count_flops(_config(name), r=r)
   assert abs(report.gflops - target) / target < 0.005
   assert round(report.gflops, 3) == target
 
@@ -58,7 +59,7 @@ def test_official_numbers(name, r, target):
 def test_matches_fvcore_on_official_code(size, fusion, r_eval, img_size, expected):
   width, heads = DEIT[size]
   model = DeiTConfig(img_size=img_size, embed_dim=width, num_heads=heads)
-  assert flops.count_flops(model, FusionConfig(**fusion), r_eval).total == expected
+  assert cost.count_flops(model, FusionConfig(**fusion), r_eval).total == expected
 
 
 def test_plain_deit_by_hand():
@@ -66,14 +67,14 @@ def test_plain_deit_by_hand():
   t, c, m = 197, 384, 1536
   block = 2 * 5 * t * c + t * c * 3 * c + 2 * t * t * c + t * c * c + 2 * t * c * m
   total = 12 * block + 196 * c * 3 * 16 * 16 + 5 * t * c + c * 1000
-  report = flops.count_flops(DeiTConfig())
+  report = cost.count_flops(DeiTConfig())
   assert report.total == total
-  assert flops.count_flops(_config("deit_s"), r=0).total == total
+  assert cost.count_flops(_config("deit_s"), r=0).total == total
 
 
 def test_report_structure():
   config = _config("deit_s")
-  report = flops.count_flops(config)
+  report = cost.count_flops(config)
   schedule = mctf_jax.create_model(config).schedule()
   assert report.schedule == schedule
   blocks = [s for s in report.stages if s.name.startswith("block")]
@@ -94,20 +95,20 @@ def test_report_structure():
 
 def test_port_costs_the_full_attention_product():
   config = _config("deit_s")
-  official = flops.count_flops(config)
-  port = flops.count_flops(config, implementation="mctf_jax", merge_impl="scatter")
+  official = cost.count_flops(config)
+  port = cost.count_flops(config, implementation="mctf_jax", merge_impl="scatter")
   # The port attends with (T, T) @ (T, d) per head instead of the merged (O, O) map.
   extra = sum((p.tokens_in ** 2 - p.tokens_out ** 2) * 384
               for p in official.schedule.layers if p.fuses)
   assert port.total - official.total == extra
   maxpool = dataclasses.replace(fusion_config(config), pooling="max")
-  assert flops.count_flops(config, maxpool, implementation="mctf_jax",
-                           merge_impl="scatter").total == flops.count_flops(config, maxpool).total
+  assert cost.count_flops(config, maxpool, implementation="mctf_jax",
+                           merge_impl="scatter").total == cost.count_flops(config, maxpool).total
 
 
 def test_bad_implementation():
   with pytest.raises(ValueError, match="implementation must be one of"):
-    flops.count_flops(_config("deit_s"), implementation="torch")
+    cost.count_flops(_config("deit_s"), implementation="torch")
 
 
 @pytest.mark.parametrize("one_step_ahead,pooling,merge_impl", [
@@ -120,16 +121,16 @@ def test_count_equals_traced_matmuls(one_step_ahead, pooling, merge_impl):
   config = tiny_config(one_step_ahead=one_step_ahead, pooling=pooling, merge_impl=merge_impl)
   model = mctf_jax.create_model(config)
   traced = flops.traced_matmul_flops(model, batch_size=2)
-  assert traced == 2 * flops.count_flops(config, implementation="mctf_jax").matmul
+  assert traced == 2 * cost.count_flops(config, implementation="mctf_jax").matmul
 
 
 def test_deit_s_count_equals_traced_matmuls():
   config = _config("deit_s")
   config.fusion.merge_impl = "scatter"
   model = mctf_jax.create_model(config)
-  report = flops.count_flops(config, implementation="mctf_jax")
+  report = cost.count_flops(config, implementation="mctf_jax")
   assert flops.traced_matmul_flops(model) == report.matmul
-  assert flops.traced_matmul_flops(model, r=0) == flops.count_flops(config, r=0).matmul
+  assert flops.traced_matmul_flops(model, r=0) == cost.count_flops(config, r=0).matmul
 
 
 # XLA counts 2 per multiply-add plus the elementwise ops: between 2x and (2 + 2e)x the traced
@@ -144,11 +145,11 @@ def test_xla_cost_analysis(name, r, tolerance):
     config = _config(name)
   model = mctf_jax.create_model(config)
   traced = flops.traced_matmul_flops(model, 1, r)
-  cost = flops.xla_cost(model, 1, r)
-  assert 2 * traced <= cost["flops"] <= (1 + tolerance) * 2 * traced
+  xla = flops.xla_cost(model, 1, r)
+  assert 2 * traced <= xla["flops"] <= (1 + tolerance) * 2 * traced
   if name != "tiny":  # against the official convention too
-    official = flops.count_flops(config, r=r).total
-    assert 1.0 < cost["flops"] / (2 * official) < 1 + tolerance
+    official = cost.count_flops(config, r=r).total
+    assert 1.0 < xla["flops"] / (2 * official) < 1 + tolerance
 
 
 def _cli(*args):
@@ -190,14 +191,14 @@ def _less_fused(r):
   """The candidate next to r with less fusion (None at no fusion)."""
   if r == 0:
     return None
-  return r - 1 if isinstance(r, int) else round(r - flops.RATIO_STEP, 6) or 0
+  return r - 1 if isinstance(r, int) else round(r - cost.RATIO_STEP, 6) or 0
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_flop_budget_met_from_below_for_every_config(name):
   config = _config(name)
-  unfused = flops.count_flops(config, r=0).total
-  least = min(flops.count_flops(config, r=r).total
+  unfused = cost.count_flops(config, r=0).total
+  least = min(cost.count_flops(config, r=r).total
               for r in (config.fusion.r, 0.99 if config.fusion.r < 1 else 1000))
   # Budgets a quarter, half and three quarters of the way from the least FLOPs any r reaches
   # (at most the config's r's) to the unfused model's.
@@ -205,7 +206,7 @@ def test_flop_budget_met_from_below_for_every_config(name):
                  dict(target_fraction=(least + 0.5 * (unfused - least)) / unfused),
                  dict(target_gflops=(least + 0.25 * (unfused - least)) / 1e9)):
     config.fusion.update({"target_gflops": 0.0, "target_fraction": 0.0, **budget})
-    choice = flops.budget_choice(config)
+    choice = cost.budget_choice(config)
     target = budget.get("target_gflops", 0) * 1e9 or budget.get("target_fraction", 0) * unfused
     assert choice.budget == pytest.approx(target) and choice.unfused == unfused
     assert type(choice.r) is (float if 0 < config.fusion.r < 1 else int)   # fusion.r's kind
@@ -213,10 +214,10 @@ def test_flop_budget_met_from_below_for_every_config(name):
     assert model.fusion.r == choice.r and not model.fusion.has_budget
     # The model's FLOPs are the choice's, within the budget; the next r with less fusion
     # exceeds it (so no r comes closer from below, FLOPs falling as r grows).
-    assert flops.model_flops(model).total == choice.flops <= target
-    assert flops.count_flops(config).total == choice.flops
+    assert cost.model_flops(model).total == choice.flops <= target
+    assert cost.count_flops(config).total == choice.flops
     less = _less_fused(choice.r)
-    assert less is None or flops.count_flops(config, r=less).total > target
+    assert less is None or cost.count_flops(config, r=less).total > target
 
 
 def test_flop_budget_of_the_paper_setting_and_overrides():
@@ -224,19 +225,19 @@ def test_flop_budget_of_the_paper_setting_and_overrides():
   config.fusion.target_gflops = 2.61        # the paper's 2.60 (r=16: 2.602 GFLOPs)
   model = mctf_jax.create_model(config)
   assert model.fusion.r == 16 and model.schedule() == mctf_jax.create_model(_config("deit_s")).schedule()
-  assert "r=16, 2.602 GFLOPs" in str(flops.budget_choice(config))
+  assert "r=16, 2.602 GFLOPs" in str(cost.budget_choice(config))
   config.fusion.target_gflops = 2.6         # from below: 2.602 is over, so r=17
   assert mctf_jax.create_model(config).fusion.r == 17
   # ... and the choice names the r just over a budget it nearly meets.
-  choice = flops.budget_choice(config)
-  assert choice.above == (16, flops.count_flops(config, r=16).total)
+  choice = cost.budget_choice(config)
+  assert choice.above == (16, cost.count_flops(config, r=16).total)
   assert str(choice).endswith("; r=16 is 0.06% over the budget, at 2.602 GFLOPs")
   config.fusion.target_gflops = 2.5         # r=16 is 4% over: not named
-  assert "over the budget" not in str(flops.budget_choice(config))
+  assert "over the budget" not in str(cost.budget_choice(config))
   # An r given in code, or a later r change, replaces the budget.
   assert mctf_jax.create_model(config, r=8).fusion.r == 8
   assert mctf_jax.create_model(config).with_fusion(r=8).schedule().r == 8
-  assert flops.count_flops(config, r=4).schedule.r == 4
+  assert cost.count_flops(config, r=4).schedule.r == 4
   # A budget above the unfused FLOPs is met without fusion.
   config.fusion.target_gflops = 5.0
   assert mctf_jax.create_model(config).fusion.r == 0

@@ -1,5 +1,6 @@
-"""The package's layers, as docs/design.md draws them: no import cycles, and each layer
-imports only from the layers below it (imports inside functions included)."""
+"""The package's layers, as docs/design.md draws them: no import cycles, each layer
+imports only from the layers below it (imports inside functions included), and no library
+module imports the tools."""
 
 import ast
 import os
@@ -76,3 +77,12 @@ def test_no_import_cycles():
     if module not in state:
       visit(module, [module])
   assert not cycles, cycles
+
+
+def test_the_library_does_not_import_its_tools():
+  """tools/ holds command lines over the library (the FLOP model itself is mctf_jax.cost):
+  nothing below them imports them."""
+  bad = [f"{module} imports {m}" for module, imported in _graph().items()
+         if not module.startswith("mctf_jax.tools") for m in imported
+         if m.startswith("mctf_jax.tools")]
+  assert not bad, bad

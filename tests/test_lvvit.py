@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 import mctf_jax
 from mctf_jax import checkpoint, convert, parallel
 from mctf_jax.models.lvvit import LVViT
-from mctf_jax.tools import flops
+from mctf_jax import cost
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
 from torch_files import write_torch_file
@@ -90,7 +90,7 @@ def test_flops_of_the_official_models():
   from mctf_jax import recipes
   for size, want in (("tiny", 2.879), ("small", 6.569), ("medium", 12.704)):
     config = {"model": recipes.lvvit_model(size)}
-    assert round(flops.count_flops(config, r=0).gflops, 3) == want, size
+    assert round(cost.count_flops(config, r=0).gflops, 3) == want, size
 
 
 def test_mctf_lvvit_s_flops():
@@ -102,11 +102,11 @@ def test_mctf_lvvit_s_flops():
   config = lvvit_s.get_config()
   assert config.fusion.layers == tuple(range(1, 16))
   for r, want, paper in ((8, 4.956, 4.9), (12, 4.165, 4.2), (16, 3.582, 3.6)):
-    report = flops.count_flops(config, r=r)
+    report = cost.count_flops(config, r=r)
     assert round(report.gflops, 3) == want, r
     aux = (report.schedule.tokens_out - 1) * 384 * 1000
     assert round((report.total - aux) / 1e9, 1) == paper, r
-  assert round(flops.count_flops(config, r=0).gflops, 1) == 6.6
+  assert round(cost.count_flops(config, r=0).gflops, 1) == 6.6
 
 
 # ----------------------------------------------------------------------------- heads

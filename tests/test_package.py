@@ -50,16 +50,16 @@ def test_wheel_installs_and_loads_configs_from_anywhere(tmp_path):
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   env = dict(os.environ, PYTHONPATH=str(target), JAX_PLATFORMS="cpu")
-  code = (f"import mctf_jax; from mctf_jax.tools import flops\n"
+  code = (f"import mctf_jax; from mctf_jax import cost\n"
           f"assert mctf_jax.__file__.startswith({str(target)!r}), mctf_jax.__file__\n"
           f"config = mctf_jax.load_config({os.path.join(ROOT, 'configs', 'tome.py')!r}, "
           f"{{'fusion.r': 8}})\n"
-          f"print(config.fusion.method, round(flops.count_flops(config).gflops, 3))\n")
+          f"print(config.fusion.method, round(cost.count_flops(config).gflops, 3))\n")
   done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
-  from mctf_jax.tools import flops
-  here = flops.count_flops(mctf_jax.load_config(os.path.join(ROOT, "configs", "tome.py"),
+  from mctf_jax import cost
+  here = cost.count_flops(mctf_jax.load_config(os.path.join(ROOT, "configs", "tome.py"),
                                                 {"fusion.r": 8}))
   assert done.stdout.split() == ["tome", str(round(here.gflops, 3))]
   tool = subprocess.run([sys.executable, "-m", "mctf_jax.tools.flops",

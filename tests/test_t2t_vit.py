@@ -19,6 +19,7 @@ import mctf_jax
 from mctf_jax import checkpoint, convert, parallel
 from mctf_jax.errors import CheckpointError, ConfigError
 from mctf_jax.models.t2t_vit import CONSTANTS, T2TViT, T2TViTConfig, soft_split
+from mctf_jax import cost
 from mctf_jax.tools import flops
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
@@ -187,7 +188,7 @@ def t2t_config(variant):
 def test_flops_of_the_official_variants(variant):
   """fvcore's count of the official T2T-ViT-14/19/24 and T2T-ViT_t-14, to the 3 decimals
   given: the unfolds count nothing, the Performer's einsums their multiply-adds."""
-  report = flops.count_flops(t2t_config(variant), r=0)
+  report = cost.count_flops(t2t_config(variant), r=0)
   assert round(report.gflops, 3) == OFFICIAL_GFLOPS[variant]
 
 
@@ -195,7 +196,7 @@ def test_flops_of_the_mctf_configs():
   """configs/t2t_vit_14.py: r=10 on blocks 1..13, 3.322 GFLOPs (30.8% under 4.800; the
   paper: at least 31% faster); every variant of configs/t2t_vit.py as its table says."""
   config = importlib.import_module("configs.t2t_vit_14").get_config()
-  fused, plain = flops.count_flops(config), flops.count_flops(config, r=0)
+  fused, plain = cost.count_flops(config), cost.count_flops(config, r=0)
   assert config.fusion.r == 10 and tuple(config.fusion.layers) == tuple(range(1, 14))
   assert round(fused.gflops, 3) == 3.322 and round(plain.gflops, 3) == 4.800
   assert fused.total / plain.total == pytest.approx(0.692, abs=5e-4)
@@ -203,8 +204,8 @@ def test_flops_of_the_mctf_configs():
   for variant, (r, gflops, base) in CONFIG_GFLOPS.items():
     config = t2t_config(variant)
     assert config.fusion.r == r
-    assert round(flops.count_flops(config).gflops, 3) == gflops, variant
-    assert round(flops.count_flops(config, r=0).gflops, 3) == base, variant
+    assert round(cost.count_flops(config).gflops, 3) == gflops, variant
+    assert round(cost.count_flops(config, r=0).gflops, 3) == base, variant
 
 
 def test_flops_of_the_transformer_module_against_the_traced_program():
@@ -213,7 +214,7 @@ def test_flops_of_the_transformer_module_against_the_traced_program():
             "fusion": dict(r=4, layers=(1, 2), merge_impl="scatter")}
   model = mctf_jax.create_model(config)
   for r in (None, 0):
-    report = flops.count_flops(config, r=r, implementation="mctf_jax")
+    report = cost.count_flops(config, r=r, implementation="mctf_jax")
     assert flops.traced_matmul_flops(model, 2, r) == 2 * report.matmul
 
 

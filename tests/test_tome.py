@@ -17,6 +17,7 @@ from mctf_jax import convert
 from mctf_jax.errors import ConfigError
 from mctf_jax.fusion import FusionConfig
 from mctf_jax.fusion.config import TOME_FIXED
+from mctf_jax import cost
 from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
@@ -142,8 +143,8 @@ def test_configs():
   assert mctf_jax.config.fusion_config(tome).method == "tome"
   assert mctf_jax.config.fusion_config(like).method == "mctf"
   # ToMe's DeiT-S at r=13: 2.71 GFLOPs (its paper: 2.7); the MLP runs on the merged tokens.
-  assert round(flops.count_flops(tome).total / 1e9, 3) == 2.712
-  assert round(flops.count_flops(like).total / 1e9, 3) == 2.913
+  assert round(cost.count_flops(tome).total / 1e9, 3) == 2.712
+  assert round(cost.count_flops(like).total / 1e9, 3) == 2.913
 
 
 @pytest.mark.parametrize("merge_impl", ["scatter", "matmul"])
@@ -152,11 +153,11 @@ def test_flops_are_the_traced_programs(merge_impl):
   config = tome_config(meta, "float32", merge_impl=merge_impl, trace_source=False)
   model = mctf_jax.create_model(config)
   traced = flops.traced_matmul_flops(model, 2, None)
-  report = flops.count_flops(config, implementation="mctf_jax")
+  report = cost.count_flops(config, implementation="mctf_jax")
   assert traced == 2 * report.matmul
   # ToMe's own count (fvcore on its code) is the same where the merges are gathers.
   if merge_impl == "scatter":
-    assert report.total == flops.count_flops(config).total
+    assert report.total == cost.count_flops(config).total
 
 
 def test_gradients_flow_through_the_merges(x64):

@@ -95,9 +95,9 @@ class FusionConfig:
     one r' for the whole batch. Several groups need the padded teacher
     (train_token_step None or > 0).
   target_gflops: a FLOP budget (GFLOPs per image, counted as fvcore counts the official
-    code: ``mctf_jax.tools.flops``) that picks r instead of the r given: the r, of the
+    code: ``mctf_jax.cost``) that picks r instead of the r given: the r, of the
     kind fusion.r is (a count; a ratio if fusion.r is one), whose FLOPs come closest to
-    the budget from below (``mctf_jax.tools.flops.apply_budget``; ``create_model`` applies
+    the budget from below (``mctf_jax.cost.apply_budget``; ``create_model`` applies
     it). 0: no budget.
   target_fraction: the same budget as a fraction in (0, 1] of the unfused model's FLOPs.
   train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks

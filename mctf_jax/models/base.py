@@ -56,7 +56,7 @@ from mctf_jax.fusion.schedule import Schedule, compute_schedule
 from mctf_jax.models.layers import DTYPES
 
 DTYPE_NAMES = tuple(DTYPES)
-# FLOPs are counted as fvcore counts them (mctf_jax.tools.flops): one multiply-add is one
+# FLOPs are counted as fvcore counts them (mctf_jax.cost): one multiply-add is one
 # FLOP, and a LayerNorm with its affine parameters is 5 per element.
 LAYER_NORM_FLOPS_PER_ELEMENT = 5
 
@@ -455,7 +455,7 @@ class Backbone(nn.Module):
   @classmethod
   def flops_embed(cls, cfg) -> tuple:
     """FLOPs of the embedding (fvcore convention): (stage name, tokens in, tokens out,
-    ops), ops as (op, count) pairs with op in ``mctf_jax.tools.flops.OPS``."""
+    ops), ops as (op, count) pairs with op in ``mctf_jax.cost.OPS``."""
     raise NotImplementedError
 
   @classmethod

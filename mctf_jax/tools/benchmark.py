@@ -41,8 +41,16 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
 
+import mctf_jax
+from mctf_jax import checkpoint, cost, parallel
+from mctf_jax.errors import ConfigError, MctfError
+from mctf_jax.fusion.config import normalize_r
+from mctf_jax.fusion.merge import attend
 from mctf_jax.models.base import DTYPE_NAMES
+from mctf_jax.tools import profiling
 from mctf_jax.tools.cli import check_output_file, fail, write_json
 
 MIB = 2 ** 20
@@ -166,7 +174,6 @@ def steps_free_forward(model) -> Callable:
     raise ValueError(f"steps_free_forward follows MCTF's one-step-ahead attention "
                      f"(fusion.method='mctf', one_step_ahead='approx'); this model has "
                      f"method={fusion.method!r}, one_step_ahead={fusion.one_step_ahead!r}")
-  from mctf_jax.fusion.merge import attend
   plans = model.schedule().layers
 
   def body(m, images):
@@ -257,8 +264,6 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
   (its img/s / plain) and 'steps_share' (the fraction of the fused forward's median time
   that the fusion steps take: 1 - steps-free time / fused time).
   """
-  import mctf_jax
-  from mctf_jax.tools import flops
 
   model = mctf_jax.create_model(config)
   if r is not None:
@@ -281,7 +286,7 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
                                          prepared.items()})
   result = {"fused": None, "plain": None, "speedup": None, "flop_ratio": None}
   for name, mdl in models.items():
-    report = flops.model_flops(mdl)
+    report = cost.model_flops(mdl)
     s = report.schedule
     result[name] = dict(_figures(prepared[name][1], timings[name], repeats), r=s.r,
                         tokens_in=s.tokens_in, tokens_out=s.tokens_out, gflops=report.gflops)
@@ -300,7 +305,6 @@ def compare(config, variables=None, *, batch_size: int, r=None, repeats: int = 1
       result["speedup_steps_free"] = free["img_per_s"] / result["plain"]["img_per_s"]
       result["steps_share"] = 1 - free["median_s"] / result["fused"]["median_s"]
     if profile:
-      from mctf_jax.tools import profiling
       call = prepared["fused"][0]
       try:
         result["fused"]["profile"] = profiling.profile_call(call.func, call)
@@ -360,8 +364,6 @@ def machine_summary(device) -> str:
 
 
 def main(argv=None):
-  from absl import app, flags
-  from ml_collections import config_flags
 
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
@@ -384,12 +386,9 @@ def main(argv=None):
   flags.mark_flags_as_required(["config"])
 
   def run(argv_):
-    from mctf_jax import parallel
     parallel.quiet_library_logs(FLAGS)
     if len(argv_) > 1:
       fail(f"unexpected arguments {argv_[1:]}; all options are --flags")
-    from mctf_jax.errors import ConfigError, MctfError
-    from mctf_jax.fusion.config import normalize_r
     config = FLAGS.config
     if FLAGS.batch_size < 1:
       fail(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
@@ -413,11 +412,9 @@ def main(argv=None):
           raise ConfigError(str(e) if isinstance(e, ConfigError) else
                             f"--r must be a number (a token count or a ratio < 1), got "
                             f"{FLAGS.r!r}")
-      import mctf_jax
       mctf_jax.create_model(config)  # validates the config before anything is timed
       variables = None
       if FLAGS.checkpoint:
-        from mctf_jax import checkpoint
         variables = checkpoint.load_variables(FLAGS.checkpoint, config)
     except MctfError as e:
       fail(str(e))

@@ -50,6 +50,7 @@ from jax.sharding import Mesh  # noqa: E402
 from mctf_jax import parallel  # noqa: E402
 from mctf_jax.errors import ConfigError, MctfError  # noqa: E402
 from mctf_jax.fusion.config import normalize_r  # noqa: E402
+from mctf_jax import cost  # noqa: E402
 from mctf_jax.tools import flops  # noqa: E402
 from mctf_jax.training import programs  # noqa: E402
 
@@ -192,10 +193,10 @@ def uncosted_instructions(hlo_text: str) -> int:
 
 def compiled_cost(compiled) -> dict:
   """XLA's cost analysis of a compiled program (per device), as a flat dict."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return dict(cost or {})
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return dict(analysis or {})
 
 
 def measure(name: str, r, lower, traced_flops: float, num_devices: int,
@@ -217,9 +218,9 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
   seconds = time.time() - t0
   stats = compiled.memory_analysis()
-  cost = compiled_cost(compiled)
+  xla = compiled_cost(compiled)
   estimate, uncosted, note = None, 0, ""
-  if tgt.platform == "tpu" and "optimal_seconds" in cost:
+  if tgt.platform == "tpu" and "optimal_seconds" in xla:
     text = compiled.as_text()
     loops = [kind for kind in ("conditional", "while") if f" {kind}(" in text]
     if loops:
@@ -228,15 +229,15 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
       note = f"no estimate: XLA's leaves out the {' and '.join(loops)} bodies"
     else:
       uncosted = uncosted_instructions(text)
-      estimate = float(cost["optimal_seconds"]) + uncosted
+      estimate = float(xla["optimal_seconds"]) + uncosted
   result = ProgramCost(
       name=name, r=r, compile_s=seconds,
       argument_bytes=int(stats.argument_size_in_bytes),
       output_bytes=int(stats.output_size_in_bytes),
       alias_bytes=int(stats.alias_size_in_bytes), temp_bytes=int(stats.temp_size_in_bytes),
       code_bytes=int(stats.generated_code_size_in_bytes),
-      xla_flops=float(cost.get("flops", float("nan"))),
-      bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
+      xla_flops=float(xla.get("flops", float("nan"))),
+      bytes_accessed=float(xla.get("bytes accessed", float("nan"))),
       traced_flops=traced_flops / num_devices, estimate_s=estimate, uncosted=uncosted,
       estimate_note=note)
   if result.hbm_bytes > tgt.memory_bytes:
@@ -310,7 +311,7 @@ def eval_r_values(config) -> tuple:
   """eval.py's r values (config.eval.r_values, else fusion.r and 0), with 0 included."""
   import mctf_jax
   fusion = mctf_jax.fusion_config(config)
-  r = flops.apply_budget(mctf_jax.model_config(config), fusion).r
+  r = cost.apply_budget(mctf_jax.model_config(config), fusion).r
   values = tuple(config.eval.r_values) or ((r, 0) if r else (0,))
   values = tuple(normalize_r(v, "eval.r_values") for v in values)
   return values if 0 in values else values + (0,)

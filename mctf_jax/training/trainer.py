@@ -21,12 +21,16 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
 import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
-from mctf_jax import parallel, processes
+from mctf_jax import cost, parallel, processes
+from mctf_jax import data as data_lib   # lazy: TensorFlow loads when a pipeline is built
 from mctf_jax.errors import ConfigError, TrainingError, is_number
-from mctf_jax.tools import flops
 from mctf_jax.training import evaluation, optim, programs
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, count_params, tree_is_finite
@@ -95,7 +99,6 @@ def check_training_config(config) -> None:
 def _flat_config(tree: dict) -> dict:
   """{'model.arch': 'deit', ...}: a JSON config's fields by dotted name, with the fields
   added since (``ADDED_FIELDS``) where it lacks them."""
-  from flax import traverse_util
   return {**ADDED_FIELDS, **traverse_util.flatten_dict(tree, sep=".")}
 
 
@@ -203,7 +206,6 @@ class PreemptionWatch:
     if jax.process_count() > 1:
       stop = False
       if sync:
-        from jax.experimental import multihost_utils
         stop = bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
     return stop or bool(manager.reached_preemption(step))
 
@@ -214,7 +216,6 @@ class PreemptionWatch:
 def _checkpoint_manager(workdir: str, config, model_state: bool = False):
   """The workdir's CheckpointManager; items params, opt_state, meta, and ema and
   model_state when the run keeps them."""
-  import orbax.checkpoint as ocp
   ckpt_lib.quiet_abandoned_io()
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                          enable_async_checkpointing=True)
@@ -225,7 +226,6 @@ def _checkpoint_manager(workdir: str, config, model_state: bool = False):
 
 
 def save_checkpoint(manager, state: TrainState, epoch: float):
-  import orbax.checkpoint as ocp
   step = int(state.step)
   items = dict(params=ocp.args.StandardSave(state.params),
                opt_state=ocp.args.StandardSave(state.opt_state),
@@ -319,12 +319,10 @@ def _save_error(manager, workdir: str, error: BaseException) -> TrainingError:
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
 def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainState:
-  import orbax.checkpoint as ocp
   items = dict(params=ocp.args.StandardRestore(abstract_state.params),
                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
                meta=ocp.args.JsonRestore())
@@ -355,7 +353,6 @@ def _summary_writer(workdir: str):
   """TensorBoard event files in WORKDIR/tensorboard (process 0 only)."""
   if jax.process_index() != 0:
     return None
-  from tensorboardX import SummaryWriter
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
@@ -412,13 +409,12 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   _log("config:\n%s", config)
   _log("model: %s", model.describe(model.config))
   if mctf_jax.fusion_config(config).has_budget:
-    _log("%s", flops.budget_choice(config))
+    _log("%s", cost.budget_choice(config))
   _log("student %s", plan.student)
   if plan.values:
     _log("%s", plan)
 
   if batches is None:
-    from mctf_jax import data as data_lib
     info = data_lib.dataset_info(config)
     if info.num_classes != config.model.num_classes:
       raise TrainingError(f"dataset {info.name} has {info.num_classes} classes but "
