@@ -1,4 +1,5 @@
-"""Parameter checkpoints: what the converter writes and what train.py / eval.py read.
+"""Checkpoints: parameter checkpoints (what the converter writes and eval.py reads) and
+train.py's checkpoints of the whole training state (written, resumed and set aside here).
 
 A *parameter checkpoint* is a directory with an Orbax ``params`` item (and a
 ``model_state`` item for models with state, e.g. BatchNorm statistics) and a
@@ -10,7 +11,9 @@ A *parameter checkpoint* is a directory with an Orbax ``params`` item (and a
 
 train.py keeps its checkpoints in ``WORKDIR/checkpoints/<step>/`` (an Orbax
 CheckpointManager) with the items ``params``, ``ema`` (when it keeps an EMA),
-``model_state`` (when the model has state), ``opt_state`` and ``meta``.
+``model_state`` (when the model has state), ``opt_state`` and ``meta``: ``train_manager``,
+``save_train_state``, ``restore_latest_readable``. A step that no longer restores is moved
+to ``WORKDIR/unreadable_checkpoints/``.
 
 ``load_variables`` (and ``load_params``, its params) reads a parameter checkpoint, a
 train.py work directory (its latest checkpoint), a PyTorch file (.pth/.npz/.safetensors)
@@ -32,20 +35,24 @@ import traceback
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mctf_jax import convert
 from mctf_jax.convert import big_vision
 from mctf_jax.config import model_config
-from mctf_jax.errors import CheckpointError, CheckpointNotFoundError, OutputError
+from mctf_jax.errors import (CheckpointError, CheckpointNotFoundError, OutputError,
+                             TrainingError)
 
 METADATA = "mctf_jax.json"
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema"
 STATE_ITEM = "model_state"
 CHECKPOINTS_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"
 
 
 def _config_dict(config: Any) -> dict:
@@ -295,3 +302,137 @@ def load_variables(path: str, config: Any, *, ema: bool = False, adapt: bool = F
 def load_params(path: str, config: Any, *, ema: bool = False, adapt: bool = False):
   """The params of ``load_variables`` (same arguments and errors)."""
   return load_variables(path, config, ema=ema, adapt=adapt)["params"]
+
+
+# ----------------------------------------------------------------------------- training
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def train_manager(workdir: str, config, model_state: bool = False):
+  """The work directory's CheckpointManager (config.keep_checkpoints kept); items params,
+  opt_state, meta, and ema and model_state when the run keeps them."""
+  quiet_abandoned_io()
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  items = (("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
+           + ((STATE_ITEM,) if model_state else ()))
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
+                               item_names=items, options=options)
+
+
+def save_train_state(manager, state, epoch: float):
+  """Starts the asynchronous save of a TrainState at its step."""
+  step = int(state.step)
+  items = dict(params=ocp.args.StandardSave(state.params),
+               opt_state=ocp.args.StandardSave(state.opt_state),
+               meta=ocp.args.JsonSave({"step": step, "epoch": epoch}))
+  if state.ema is not None:
+    items["ema"] = ocp.args.StandardSave(state.ema)
+  if state.model_state:
+    items[STATE_ITEM] = ocp.args.StandardSave(state.model_state)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_latest_readable(manager, abstract_state, workdir: str):
+  """The newest checkpoint of `manager` that restores, as (TrainState, step), or (None,
+  None) when there is none. Newer ones that cannot be restored (missing or truncated
+  files, wrong shapes, unreadable metadata) are reported in one warning line each and moved
+  to WORKDIR/unreadable_checkpoints/, so that they are neither read again, nor counted
+  among the kept checkpoints, nor in the way of the next save. When no checkpoint
+  restores, TrainingError lists them all (a workdir that holds a run never restarts from
+  scratch silently)."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  failed = []
+  for step in steps:
+    try:
+      state = restore_train_state(manager, abstract_state, step)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported, not raised
+      quiet_abandoned_io()
+      failed.append((step, failure_reason(e)))
+      continue
+    for bad_step, reason in failed:
+      moved = _set_aside(manager, bad_step, workdir)
+      _say(f"warning: the checkpoint of step {bad_step} cannot be restored ({reason}); moved "
+           f"to {moved}, resuming from step {step}")
+    if failed:
+      _sync("mctf_jax unreadable checkpoints set aside")
+      manager.reload()
+    return state, step
+  if failed:
+    listing = "; ".join(f"step {s}: {reason}" for s, reason in failed)
+    raise TrainingError(f"none of the {len(failed)} checkpoint(s) in {manager.directory} can "
+                        f"be restored ({listing}); move them away to start afresh, or "
+                        f"restore a copy")
+  return None, None
+
+
+def _set_aside(manager, step: int, workdir: str) -> str:
+  """Moves checkpoint `step` out of the manager's directory (process 0 only); returns
+  where it went."""
+  source = os.path.join(str(manager.directory), str(step))
+  target = os.path.join(workdir, UNREADABLE_DIR, str(step))
+  n = 1
+  while os.path.lexists(target):
+    target = os.path.join(workdir, UNREADABLE_DIR, f"{step}.{n}")
+    n += 1
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(source, target)
+  return target
+
+
+def save_or_stop(manager, state, epoch: float, workdir: str) -> None:
+  """save_train_state, with a failure (this save's, or the previous asynchronous one's) as
+  one TrainingError line."""
+  try:
+    save_train_state(manager, state, epoch)
+  except Exception as e:  # noqa: BLE001 - full disks and lost permissions raise many types
+    raise _save_error(manager, workdir, e) from None
+
+
+def finish_saves(manager, workdir: str) -> None:
+  """Waits for the asynchronous saves; a failure as in ``save_or_stop``."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001
+    raise _save_error(manager, workdir, e) from None
+
+
+def _save_error(manager, workdir: str, error: BaseException) -> TrainingError:
+  directory = str(manager.directory)
+  try:
+    intact = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  except OSError:
+    intact = []
+  kept = (f"the checkpoint of step {max(intact)} is intact: rerun the same command to resume "
+          f"from it" if intact else "no checkpoint had been saved before")
+  return TrainingError(f"saving a checkpoint in {workdir} failed ({failure_reason(error)})"
+                       f"; stopping, {kept} once there is space or permission to write")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_train_state(manager, abstract_state, step: int):
+  """Checkpoint `step` restored into the shapes and shardings of `abstract_state` (a
+  TrainState of ShapeDtypeStructs)."""
+  items = dict(params=ocp.args.StandardRestore(abstract_state.params),
+               opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+               meta=ocp.args.JsonRestore())
+  if abstract_state.ema is not None:
+    items["ema"] = ocp.args.StandardRestore(abstract_state.ema)
+  if abstract_state.model_state:
+    items[STATE_ITEM] = ocp.args.StandardRestore(abstract_state.model_state)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if restored.meta["step"] != step:
+    raise TrainingError(f"checkpoint {step} records step {restored.meta['step']}")
+  return abstract_state.replace(
+      step=jnp.asarray(step, jnp.int32), params=restored.params,
+      opt_state=restored.opt_state,
+      ema=restored.ema if abstract_state.ema is not None else None,
+      model_state=restored[STATE_ITEM] if abstract_state.model_state else {})

@@ -13,12 +13,10 @@ import pytest
 from ml_collections import ConfigDict
 
 import mctf_jax
-from mctf_jax import checkpoint, convert, models
+from mctf_jax import checkpoint, convert, cost, models
 from mctf_jax.fusion import padded
 from mctf_jax.fusion.config import TOME_FIXED
-from mctf_jax import cost
 from mctf_jax.tools import flops
-from mctf_jax.training import trainer
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import ROOT, digits_config, run
@@ -256,13 +254,13 @@ def test_model_state_goes_through_checkpoints(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, {"params": params, **state})
 
   recipe = ConfigDict(dict(keep_checkpoints=2, ema_decay=0.0))
-  manager = trainer._checkpoint_manager(str(tmp_path / "run"), recipe, model_state=True)
+  manager = checkpoint.train_manager(str(tmp_path / "run"), recipe, model_state=True)
   tx = optax.sgd(0.1)
   train_state = TrainState(jnp.asarray(3, jnp.int32), params, tx.init(params), None, state)
-  trainer.save_checkpoint(manager, train_state, 0.5)
+  checkpoint.save_train_state(manager, train_state, 0.5)
   manager.wait_until_finished()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), train_state)
-  restored = trainer.restore_checkpoint(manager, abstract, 3)
+  restored = checkpoint.restore_train_state(manager, abstract, 3)
   manager.close()
   jax.tree.map(np.testing.assert_array_equal, restored.model_state, state)
   jax.tree.map(np.testing.assert_array_equal, restored.params, params)

@@ -18,7 +18,6 @@ from ml_collections import ConfigDict
 
 from mctf_jax import checkpoint
 from mctf_jax.errors import CheckpointError, TrainingError
-from mctf_jax.training import trainer
 from mctf_jax.training.train_step import TrainState
 from conftest import digits_config, run
 
@@ -104,11 +103,11 @@ def test_unreadable_checkpoints(trained, tmp_path, env):
   for step in ("40", "44"):
     _truncate(workdir / "checkpoints" / step, seed=1)
   config = ConfigDict(dict(keep_checkpoints=2, ema_decay=0.9))
-  manager = trainer._checkpoint_manager(str(workdir), config)
+  manager = checkpoint.train_manager(str(workdir), config)
   with pytest.raises(TrainingError, match=r"none of the 2 checkpoint\(s\) in .* can be restored "
                      r"\(step 44: OUT_OF_RANGE reading .*; step 40: OUT_OF_RANGE reading .*\); "
                      r"move them away to start afresh"):
-    trainer.restore_latest_readable(manager, abstract, str(workdir))
+    checkpoint.restore_latest_readable(manager, abstract, str(workdir))
   manager.close()
   assert sorted(os.listdir(workdir / "checkpoints")) == ["40", "44"]
 

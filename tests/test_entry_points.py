@@ -240,7 +240,6 @@ def test_a_checkpoint_one_process_did_not_write_is_not_taken(two_processes, tmp_
   import orbax.checkpoint as ocp
   from etils import epath
   from ml_collections import ConfigDict
-  from mctf_jax.training import trainer
   from mctf_jax.training.train_step import TrainState
   workdir = tmp_path / "run"
   shutil.copytree(two_processes[0], workdir)
@@ -258,10 +257,10 @@ def test_a_checkpoint_one_process_did_not_write_is_not_taken(two_processes, tmp_
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   state = TrainState(jax.ShapeDtypeStruct((), np.int32), abstract("params"),
                      abstract("opt_state"), abstract("ema"), {})
-  manager = trainer._checkpoint_manager(str(workdir), ConfigDict(dict(keep_checkpoints=2,
+  manager = checkpoint.train_manager(str(workdir), ConfigDict(dict(keep_checkpoints=2,
                                                                       ema_decay=0.9)))
   capsys.readouterr()
-  _, step = trainer.restore_latest_readable(manager, state, str(workdir))
+  _, step = checkpoint.restore_latest_readable(manager, state, str(workdir))
   manager.close()
   out = capsys.readouterr().out.strip().splitlines()
   assert step == 20

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint, convert, parallel
-from mctf_jax.errors import ConfigError
-from mctf_jax.training import trainer
+from mctf_jax.errors import ConfigError, TrainingError
+from mctf_jax.training import run_config, trainer
 from configs import default
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -81,14 +81,14 @@ def test_random_init_without_checkpoint():
 ])
 def test_training_config_check(field, value, says):
   config = tiny_config()
-  trainer.check_training_config(config)
+  run_config.check_training_config(config)
   *parents, name = field.split(".")
   node = config
   for parent in parents:
     node = node[parent]
   node[name] = value
   with pytest.raises(ConfigError, match=says):
-    trainer.check_training_config(config)
+    run_config.check_training_config(config)
 
 
 def test_batch_size_check():
@@ -102,30 +102,30 @@ def test_training_config_needs_an_epoch():
   config = tiny_config()
   config.num_epochs, config.cooldown_epochs = 0, 0
   with pytest.raises(ConfigError, match="nothing to train"):
-    trainer.check_training_config(config)
+    run_config.check_training_config(config)
 
 
 def test_workdir_config_check(tmp_path):
   config = tiny_config()
-  trainer.check_workdir_config(str(tmp_path), config)
-  trainer.check_workdir_config(str(tmp_path), config)        # same config: fine
+  run_config.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)        # same config: fine
   config.log_every_steps = 7                                  # operational: fine
   config.data.data_dir = "/elsewhere"
-  trainer.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)
   config.fusion.r = 4.0
-  with pytest.raises(trainer.TrainingError, match=r"fusion\.r: 8\.0 there, 4\.0 now"):
-    trainer.check_workdir_config(str(tmp_path), config)
+  with pytest.raises(TrainingError, match=r"fusion\.r: 8\.0 there, 4\.0 now"):
+    run_config.check_workdir_config(str(tmp_path), config)
   # A run made before fields were added resumes with their values of that time.
-  path = tmp_path / trainer.CONFIG_FILE
+  path = tmp_path / run_config.CONFIG_FILE
   stored = json.loads(path.read_text())
   for section, field in [("model", "arch"), ("fusion", "method"), ("fusion", "inflection")]:
     del stored[section][field]
   path.write_text(json.dumps(stored))
   config.fusion.r = 8.0
-  trainer.check_workdir_config(str(tmp_path), config)
+  run_config.check_workdir_config(str(tmp_path), config)
   config.fusion.method = "tome"
-  with pytest.raises(trainer.TrainingError, match=r"fusion\.method: 'mctf' there, 'tome' now"):
-    trainer.check_workdir_config(str(tmp_path), config)
+  with pytest.raises(TrainingError, match=r"fusion\.method: 'mctf' there, 'tome' now"):
+    run_config.check_workdir_config(str(tmp_path), config)
 
 
 def test_other_processes_find_the_workdir_config_whole_or_absent(tmp_path, monkeypatch):
@@ -154,16 +154,16 @@ def test_other_processes_find_the_workdir_config_whole_or_absent(tmp_path, monke
 
     def write(self, text):
       with monkeypatch.context() as m:
-        m.setattr(trainer.jax, "process_index", lambda: 1)
-        trainer.check_workdir_config(workdir, config)
+        m.setattr(run_config.jax, "process_index", lambda: 1)
+        run_config.check_workdir_config(workdir, config)
       looked.append(text)
       return self._f.write(text)
 
-  monkeypatch.setattr(trainer, "open", lambda *a, **k: LookFirst(open(*a, **k)), raising=False)
-  trainer.check_workdir_config(workdir, config)
+  monkeypatch.setattr(run_config, "open", lambda *a, **k: LookFirst(open(*a, **k)), raising=False)
+  run_config.check_workdir_config(workdir, config)
   monkeypatch.undo()
   assert looked                                        # process 1 looked mid-write
-  with open(os.path.join(workdir, trainer.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, run_config.CONFIG_FILE)) as f:
     assert json.load(f) == json.loads(config.to_json_best_effort())
-  assert os.listdir(workdir) == [trainer.CONFIG_FILE]  # nothing else left behind
-  trainer.check_workdir_config(workdir, config)        # and the same config resumes
+  assert os.listdir(workdir) == [run_config.CONFIG_FILE]  # nothing else left behind
+  run_config.check_workdir_config(workdir, config)        # and the same config resumes

@@ -1,15 +1,14 @@
 """MCTF fine-tuning on one device, many devices and many hosts: ``train_and_evaluate``.
 
 The loop around ``train_step``: data, mesh and shardings, initialisation (random or from a
-converted/PyTorch checkpoint), Orbax checkpoints with exact resumption, preemption
-(SIGTERM) handling, a stop on a non-finite loss that keeps the last good checkpoint,
-progress lines, TensorBoard events and per-epoch evaluation at the student r and without
-fusion.
+converted/PyTorch checkpoint), exact resumption from its checkpoints (written and read by
+mctf_jax.checkpoint), preemption (SIGTERM) handling, a stop on a non-finite loss that keeps
+the last good checkpoint, progress lines, TensorBoard events and per-epoch evaluation at
+the student r and without fusion.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -21,8 +20,6 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-from flax import traverse_util
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
@@ -30,112 +27,16 @@ import mctf_jax
 from mctf_jax import checkpoint as ckpt_lib
 from mctf_jax import cost, parallel, processes
 from mctf_jax import data as data_lib   # lazy: TensorFlow loads when a pipeline is built
-from mctf_jax.errors import ConfigError, TrainingError, is_number
-from mctf_jax.training import evaluation, optim, programs
+from mctf_jax.errors import TrainingError
+from mctf_jax.training import evaluation, optim, programs, run_config
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, count_params, tree_is_finite
 
 logger = logging.getLogger("mctf_jax.train")
 
-CONFIG_FILE = "config.json"
-# Fields that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                     "eval_every_epochs", "eval_batch_size", "init.checkpoint", "data.data_dir",
-                     "data.prefetch", "eval.", "fusion.merge_impl", "mesh.fsdp",
-                     "model.remat_policy", "distributed.")
-# Fields added to the configs after runs were made without them, with the value those
-# runs had: a workdir whose config.json lacks one resumes as if it held that value.
-ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
-                "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0,
-                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0}  # (processes.DEFAULT_TIMEOUT)
-
-
 def _log(msg: str, *args):
   if jax.process_index() == 0:
     print(msg % args if args else msg, flush=True)
-
-
-# ----------------------------------------------------------------------------- workdir
-
-
-# The training loop's own settings: (field, smallest value, whether it must be an int).
-# (Batch sizes: parallel.check_batch_size.)
-_LOOP_SETTINGS = (("num_epochs", 0, True), ("cooldown_epochs", 0, True),
-                  ("warmup_epochs", 0, True), ("log_every_steps", 1, True),
-                  ("checkpoint_every_steps", 1, True), ("keep_checkpoints", 1, True),
-                  ("eval_every_epochs", 1, True), ("min_lr", 0, False),
-                  ("warmup_lr", 0, False), ("weight_decay", 0, False), ("grad_clip", 0, False))
-
-
-def check_training_config(config) -> None:
-  """ConfigError naming the first training-loop setting out of range, before anything
-  starts (a step or checkpoint interval of 0 failed only once training had started)."""
-  for name, low, whole in _LOOP_SETTINGS:
-    value = config[name]
-    if not is_number(value, whole) or value < low:
-      raise ConfigError(f"{name}={value!r}: expected {'an int' if whole else 'a number'} "
-                        f">= {low}")
-  if config.num_epochs + config.cooldown_epochs < 1:
-    raise ConfigError(f"num_epochs={config.num_epochs}, cooldown_epochs="
-                      f"{config.cooldown_epochs}: nothing to train; expected at least one epoch")
-  if not is_number(config.base_lr) or not config.base_lr > 0:
-    raise ConfigError(f"base_lr={config.base_lr!r}: expected a number > 0")
-  for name, value, low, high, closed in (
-      ("ema_decay", config.ema_decay, 0, 1, False),
-      ("loss.label_smoothing", config.loss.label_smoothing, 0, 1, False),
-      ("loss.consistency_threshold", config.loss.consistency_threshold, 0, 1, True)):
-    if not is_number(value) or not (low <= value <= high if closed else low <= value < high):
-      raise ConfigError(f"{name}={value!r}: expected a number in [{low}, {high}"
-                        f"{']' if closed else ')'}")
-  for name in ("weight_student", "weight_teacher", "weight_consistency"):
-    value = config.loss[name]
-    if not is_number(value) or value < 0:
-      raise ConfigError(f"loss.{name}={value!r}: expected a number >= 0")
-  seed = config.seed
-  if not is_number(seed, whole=True) or not 0 <= seed < 2 ** 63:
-    raise ConfigError(f"seed={seed!r}: expected an int in [0, 2**63)")
-
-
-def _flat_config(tree: dict) -> dict:
-  """{'model.arch': 'deit', ...}: a JSON config's fields by dotted name, with the fields
-  added since (``ADDED_FIELDS``) where it lacks them."""
-  return {**ADDED_FIELDS, **traverse_util.flatten_dict(tree, sep=".")}
-
-
-def check_workdir_config(workdir: str, config) -> None:
-  """Records the config in the workdir; refuses a workdir that holds another config's run."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  current = _flat_config(json.loads(config.to_json_best_effort()))
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = _flat_config(json.load(f))
-    differ = sorted(k for k in set(stored) | set(current)
-                    if stored.get(k) != current.get(k)
-                    and not any(k == c or (c.endswith(".") and k.startswith(c))
-                                for c in RESUMABLE_CHANGES))
-    if differ:
-      details = "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now"
-                          for k in differ[:8])
-      raise TrainingError(
-          f"workdir {workdir} holds a run of another config ({len(differ)} field(s) differ: "
-          f"{details}). Use a new --workdir, or the same config to resume that run.")
-  elif os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise TrainingError(f"the workdir {workdir} is a file; give a directory as --workdir")
-  elif jax.process_index() == 0:
-    # Written whole, then renamed into place: the other processes of a multi-process run
-    # check this file at about the same time, and must find it absent or complete (an
-    # empty file, created but not yet written, failed their json.load).
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-      os.makedirs(workdir, exist_ok=True)
-      with open(tmp, "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
-      os.replace(tmp, path)
-    except OSError as e:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise TrainingError(f"cannot write to the workdir {workdir}: {e.strerror or e}; give "
-                          f"a writable --workdir") from None
 
 
 # ----------------------------------------------------------------------------- input
@@ -213,133 +114,6 @@ class PreemptionWatch:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_manager(workdir: str, config, model_state: bool = False):
-  """The workdir's CheckpointManager; items params, opt_state, meta, and ema and
-  model_state when the run keeps them."""
-  ckpt_lib.quiet_abandoned_io()
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
-  items = (("params", "opt_state", "meta") + (("ema",) if config.ema_decay > 0 else ())
-           + ((ckpt_lib.STATE_ITEM,) if model_state else ()))
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), ckpt_lib.CHECKPOINTS_DIR),
-                               item_names=items, options=options)
-
-
-def save_checkpoint(manager, state: TrainState, epoch: float):
-  step = int(state.step)
-  items = dict(params=ocp.args.StandardSave(state.params),
-               opt_state=ocp.args.StandardSave(state.opt_state),
-               meta=ocp.args.JsonSave({"step": step, "epoch": epoch}))
-  if state.ema is not None:
-    items["ema"] = ocp.args.StandardSave(state.ema)
-  if state.model_state:
-    items[ckpt_lib.STATE_ITEM] = ocp.args.StandardSave(state.model_state)
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-
-UNREADABLE_DIR = "unreadable_checkpoints"
-
-
-def restore_latest_readable(manager, abstract_state: TrainState, workdir: str):
-  """The newest checkpoint of `manager` that restores, as (TrainState, step), or (None,
-  None) when there is none. Newer ones that cannot be restored (missing or truncated
-  files, wrong shapes, unreadable metadata) are reported in one warning line each and moved
-  to WORKDIR/unreadable_checkpoints/, so that they are neither read again, nor counted
-  among the kept checkpoints, nor in the way of the next save. When no checkpoint
-  restores, TrainingError lists them all (a workdir that holds a run never restarts from
-  scratch silently)."""
-  steps = sorted(manager.all_steps(), reverse=True)
-  failed = []
-  for step in steps:
-    try:
-      state = restore_checkpoint(manager, abstract_state, step)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported, not raised
-      ckpt_lib.quiet_abandoned_io()
-      failed.append((step, ckpt_lib.failure_reason(e)))
-      continue
-    for bad_step, reason in failed:
-      moved = _set_aside(manager, bad_step, workdir)
-      _log("warning: the checkpoint of step %d cannot be restored (%s); moved to %s, "
-           "resuming from step %d", bad_step, reason, moved, step)
-    if failed:
-      _sync("mctf_jax unreadable checkpoints set aside")
-      manager.reload()
-    return state, step
-  if failed:
-    listing = "; ".join(f"step {s}: {reason}" for s, reason in failed)
-    raise TrainingError(f"none of the {len(failed)} checkpoint(s) in {manager.directory} can "
-                        f"be restored ({listing}); move them away to start afresh, or "
-                        f"restore a copy")
-  return None, None
-
-
-def _set_aside(manager, step: int, workdir: str) -> str:
-  """Moves checkpoint `step` out of the manager's directory (process 0 only); returns
-  where it went."""
-  source = os.path.join(str(manager.directory), str(step))
-  target = os.path.join(workdir, UNREADABLE_DIR, str(step))
-  n = 1
-  while os.path.lexists(target):
-    target = os.path.join(workdir, UNREADABLE_DIR, f"{step}.{n}")
-    n += 1
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(source, target)
-  return target
-
-
-def _save(manager, state: TrainState, epoch: float, workdir: str) -> None:
-  """save_checkpoint, with a failure (this save's, or the previous asynchronous one's) as
-  one TrainingError line."""
-  try:
-    save_checkpoint(manager, state, epoch)
-  except Exception as e:  # noqa: BLE001 - full disks and lost permissions raise many types
-    raise _save_error(manager, workdir, e) from None
-
-
-def _finish_saves(manager, workdir: str) -> None:
-  """Waits for the asynchronous saves; a failure as in ``_save``."""
-  try:
-    manager.wait_until_finished()
-  except Exception as e:  # noqa: BLE001
-    raise _save_error(manager, workdir, e) from None
-
-
-def _save_error(manager, workdir: str, error: BaseException) -> TrainingError:
-  directory = str(manager.directory)
-  try:
-    intact = [int(d) for d in os.listdir(directory) if d.isdigit()]
-  except OSError:
-    intact = []
-  kept = (f"the checkpoint of step {max(intact)} is intact: rerun the same command to resume "
-          f"from it" if intact else "no checkpoint had been saved before")
-  return TrainingError(f"saving a checkpoint in {workdir} failed ({ckpt_lib.failure_reason(error)})"
-                       f"; stopping, {kept} once there is space or permission to write")
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
-def restore_checkpoint(manager, abstract_state: TrainState, step: int) -> TrainState:
-  items = dict(params=ocp.args.StandardRestore(abstract_state.params),
-               opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-               meta=ocp.args.JsonRestore())
-  if abstract_state.ema is not None:
-    items["ema"] = ocp.args.StandardRestore(abstract_state.ema)
-  if abstract_state.model_state:
-    items[ckpt_lib.STATE_ITEM] = ocp.args.StandardRestore(abstract_state.model_state)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  if restored.meta["step"] != step:
-    raise TrainingError(f"checkpoint {step} records step {restored.meta['step']}")
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=restored.params,
-                    opt_state=restored.opt_state,
-                    ema=restored.ema if abstract_state.ema is not None else None,
-                    model_state=(restored[ckpt_lib.STATE_ITEM] if abstract_state.model_state
-                                 else {}))
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -392,14 +166,14 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   workdir = os.path.abspath(workdir)
   # Every check of the config before the workdir records it: a workdir whose first start
   # failed on a bad value would otherwise refuse the corrected config as another run's.
-  check_training_config(config)
+  run_config.check_training_config(config)
   mesh = parallel.create_mesh(config.mesh.fsdp, devices)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = programs.model_for_mesh(config, mesh)
   evaluation.check_image_outputs(model, "train.py")
   plan = teacher_plan(model, config.batch_size)
-  check_workdir_config(workdir, config)
+  run_config.check_workdir_config(workdir, config)
 
   _log("mctf-jax %s | jax %s | %d process(es), %d device(s): %s", mctf_jax.__version__,
        jax.__version__, jax.process_count(), mesh.devices.size,
@@ -439,8 +213,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   model_state_shape = abstract.model_state
   _log("parameters: %s", f"{count_params(abstract.params):,}")
 
-  manager = _checkpoint_manager(workdir, config, model_state=bool(model_state_shape))
-  state, latest = restore_latest_readable(manager, abstract, workdir)
+  manager = ckpt_lib.train_manager(workdir, config, model_state=bool(model_state_shape))
+  state, latest = ckpt_lib.restore_latest_readable(manager, abstract, workdir)
   if latest is not None:
     _log("resuming from %s at step %d", manager.directory, latest)
     state = state.replace(step=jax.device_put(state.step, parallel.replicated(mesh)))
@@ -529,7 +303,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           if not bool(all_finite(state.params)):
             raise TrainingError(f"non-finite parameters after step {done}; stopping, the last "
                                 f"good checkpoint (step {last_good}) is kept")
-          _save(manager, state, done / steps_per_epoch, workdir)
+          ckpt_lib.save_or_stop(manager, state, done / steps_per_epoch, workdir)
           last_good = done
         if epoch_end and (done // steps_per_epoch) % config.eval_every_epochs == 0:
           t_eval = time.time()
@@ -546,11 +320,11 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           _write_scalars(writer, done, {f"eval/top1_r{r}": v["top1"] for r, v in results.items()}
                          | {f"eval/top5_r{r}": v["top5"] for r, v in results.items()})
         if stop:
-          _finish_saves(manager, workdir)
+          ckpt_lib.finish_saves(manager, workdir)
           _log("stopped at step %d on request; checkpoint saved in %s. Rerun the same command "
                "to resume.", done, manager.directory)
           return state
-      _finish_saves(manager, workdir)
+      ckpt_lib.finish_saves(manager, workdir)
       _log("done: %d steps in %s; checkpoints in %s", total_steps,
            _format_eta(time.time() - (t_run or time.time())), manager.directory)
       return state
