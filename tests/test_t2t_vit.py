@@ -21,8 +21,7 @@ from mctf_jax.errors import CheckpointError, ConfigError
 from mctf_jax.models.t2t_vit import CONSTANTS, T2TViT, T2TViTConfig, soft_split
 from mctf_jax import cost
 from mctf_jax.tools import flops
-from mctf_jax.training import optim
-from mctf_jax.training.train_step import TrainState, make_train_step
+from mctf_jax.training import optim, programs
 import torch_files
 from conftest import ROOT
 
@@ -143,32 +142,23 @@ def test_train_step_on_eight_devices():
       "ema_decay": 0.0, "num_epochs": 2, "cooldown_epochs": 0, "warmup_epochs": 0,
       "base_lr": 1e-3, "min_lr": 1e-5, "warmup_lr": 1e-6, "weight_decay": 0.05,
       "grad_clip": 0.0})
-  model = mctf_jax.create_model(config)
   mesh = parallel.create_mesh(2)
   assert mesh.devices.size == 8
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
-  variables = jax.device_put(variables, parallel.tree_shardings(mesh, variables))
-  params = variables["params"]
-  state_in = {CONSTANTS: variables[CONSTANTS]}
-  tx = optim.make_optimizer(config, steps_per_epoch=2)
-  opt_state = jax.jit(tx.init, out_shardings=parallel.tree_shardings(
-      mesh, jax.eval_shape(tx.init, params)))(params)
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)),
-                     params, opt_state, None, state_in)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(make_train_step(model, tx, config), in_shardings=(
-      state_sh, parallel.batch_sharding(mesh)), out_shardings=(state_sh,
-                                                               parallel.replicated(mesh)))
+  program = programs.train_program(config, mesh, steps_per_epoch=2)   # train.py's own
+  variables = jax.jit(program.model.init, out_shardings=program.variables_shardings)(
+      jax.random.key(0), program.model.dummy_images())
+  before = jax.device_get(variables)
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({
-      "image": rng.standard_normal((16,) + model.config.image_shape).astype(np.float32),
+      "image": rng.standard_normal((16,) + program.model.config.image_shape).astype(np.float32),
       "label": np.arange(16, dtype=np.int32) % 10}, mesh)
-  new, metrics = jax.device_get(step(state, batch))
+  new, metrics = jax.device_get(program.step(program.init_state(variables), batch))
   assert bool(metrics["finite"])
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), new.params,
-                       jax.device_get(params))
+                       before["params"])
   assert all(jax.tree.leaves(moved)), moved
-  jax.tree.map(np.testing.assert_array_equal, new.model_state, jax.device_get(state_in))
+  jax.tree.map(np.testing.assert_array_equal, new.model_state,
+               {CONSTANTS: before[CONSTANTS]})
 
 
 # fvcore on the official models at 224x224 (tests/golden/backbones/README.md).

@@ -13,7 +13,7 @@ from mctf_jax import parallel
 from mctf_jax.config import ConfigError
 from mctf_jax.fusion import padded
 from mctf_jax.models import DeiT
-from mctf_jax.training import losses, optim
+from mctf_jax.training import losses, optim, programs
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
 from configs import default
@@ -234,23 +234,14 @@ def test_scanned_step_equals_unrolled():
 
 
 def _run(config, mesh, steps=3):
-  model = mctf_jax.create_model(config)
-  tx = optim.make_optimizer(config, steps_per_epoch=2)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  param_sh = parallel.tree_shardings(mesh, params)
-  params = jax.device_put(params, param_sh)
-  opt_state = jax.jit(tx.init, out_shardings=parallel.tree_shardings(
-      mesh, jax.eval_shape(tx.init, params)))(params)
-  ema = jax.tree.map(jnp.copy, params)
-  state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh)),
-                     params, opt_state, ema)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(make_train_step(model, tx, config), in_shardings=(state_sh,
-                 parallel.batch_sharding(mesh)), out_shardings=(state_sh,
-                 parallel.replicated(mesh)), donate_argnums=(0,))
+  """`steps` steps of train.py's own program (programs.train_program) on `mesh`."""
+  program = programs.train_program(config, mesh, steps_per_epoch=2)
+  variables = jax.jit(program.model.init, out_shardings=program.variables_shardings)(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  state = program.init_state(variables)
   history = []
   for i in range(steps):
-    state, metrics = step(state, parallel.global_batch(_batch(10 + i), mesh))
+    state, metrics = program.step(state, parallel.global_batch(_batch(10 + i), mesh))
     history.append(jax.device_get(metrics))
   return jax.device_get(state), history
 

@@ -68,6 +68,17 @@ class TrainProgram:
   def use_ema(self) -> bool:
     return self.abstract_state.ema is not None
 
+  def init_state(self, variables) -> TrainState:
+    """Step 0 of training from `variables` ({'params': ..., state collections}, placed with
+    ``variables_shardings``): the optimizer's initial state and the EMA (a copy of the
+    parameters), sharded as ``step`` takes them."""
+    params = variables["params"]
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.state_shardings.ema)(
+        params) if self.use_ema else None
+    return TrainState(jax.device_put(jnp.asarray(0, jnp.int32), parallel.replicated(self.mesh)),
+                      params, opt_state, ema, {k: v for k, v in variables.items() if k != "params"})
+
   def lower(self, batch=None):
     """The step lowered for `batch` (default: ``train_batch`` of the config's batch)."""
     return self.step.lower(self.abstract_state, batch if batch is not None else

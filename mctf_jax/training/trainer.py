@@ -18,7 +18,6 @@ import time
 from typing import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
@@ -207,9 +206,7 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
   total_steps = optim.total_epochs(config) * steps_per_epoch
   # Shapes and shardings of the state and the jitted step, before anything is allocated.
   program = programs.train_program(config, mesh, steps_per_epoch, model=model, plan=plan)
-  tx, abstract, state_sh = program.tx, program.abstract_state, program.state_shardings
-  variables_sh, param_sh = program.variables_shardings, program.state_shardings.params
-  opt_sh, use_ema = program.state_shardings.opt_state, program.use_ema
+  abstract, variables_sh = program.abstract_state, program.variables_shardings
   model_state_shape = abstract.model_state
   _log("parameters: %s", f"{count_params(abstract.params):,}")
 
@@ -219,14 +216,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
     _log("resuming from %s at step %d", manager.directory, latest)
     state = state.replace(step=jax.device_put(state.step, parallel.replicated(mesh)))
   else:
-    variables = initial_variables(model, config, jax.random.PRNGKey(config.seed), variables_sh)
-    params = variables["params"]
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_sh)(
-        params) if use_ema else None
-    state = TrainState(jax.device_put(jnp.asarray(0, jnp.int32), parallel.replicated(mesh)),
-                       params, opt_state, ema,
-                       {k: v for k, v in variables.items() if k != "params"})
+    state = program.init_state(initial_variables(model, config,
+                                                 jax.random.PRNGKey(config.seed), variables_sh))
   start_step = int(state.step)
   if start_step >= total_steps:   # before anything is compiled or written
     _log("the run in %s is complete (step %d of %d)", workdir, start_step, total_steps)
