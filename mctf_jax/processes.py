@@ -165,7 +165,7 @@ def start(timeout: float) -> ProcessWatch | None:
   """Starts the watch of this process (after ``jax.distributed.initialize``); None in a
   single-process run."""
   global _current
-  import jax
+  import jax   # here: config files import this module (through recipes) without JAX
   from jax._src import distributed
   client = distributed.global_state.client
   if jax.process_count() == 1 or client is None:

@@ -108,7 +108,7 @@ def _read_checkpoint_file(path: str, ext: str):
         raw = {k[len(prefix):]: v for k, v in raw.items()}
     return raw
   if ext == ".safetensors":
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError   # here: only .safetensors files need it
     from safetensors.numpy import load_file
     try:
       return load_file(path)

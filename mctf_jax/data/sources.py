@@ -80,7 +80,7 @@ def load_digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
   test_images, test_labels): uint8 RGB (N, 8, 8, 3) (values 0..16 scaled to 0..255, grey
   repeated) and int32 labels, split by train_test_split(test_size=0.2, stratify=y,
   random_state=0) into 1,437 train and 360 test images."""
-  from sklearn.datasets import load_digits
+  from sklearn.datasets import load_digits   # here: scikit-learn's import is felt (~1 s)
   from sklearn.model_selection import train_test_split
   digits = load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
@@ -338,7 +338,7 @@ class TfdsSource:
   graph_epochs = False  # tfds decides its file order in Python, so one pipeline per epoch
 
   def __init__(self, name: str, data_dir: Optional[str], shuffle_buffer: int):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds   # here: only tfds sources pay its import
     self._tfds = tfds
     try:
       builder = tfds.builder(name, data_dir=data_dir)

@@ -45,13 +45,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import mesh_utils, topologies  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from mctf_jax import parallel  # noqa: E402
+import mctf_jax  # noqa: E402
+from mctf_jax import cost, parallel  # noqa: E402
 from mctf_jax.errors import ConfigError, MctfError  # noqa: E402
 from mctf_jax.fusion.config import normalize_r  # noqa: E402
-from mctf_jax import cost  # noqa: E402
-from mctf_jax.tools import flops  # noqa: E402
+from mctf_jax.tools import cli, flops  # noqa: E402
 from mctf_jax.training import programs  # noqa: E402
 
 GiB = 1024 ** 3
@@ -112,7 +115,6 @@ def target(topology: str) -> Target:
   chips = int(np.prod([int(d) for d in dims.split("x")]))
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{accelerator}-{4 if chip in ('v5e', 'v6e') else 8}")
   try:
-    from jax.experimental import topologies
     desc = topologies.get_topology_desc(topology_name=f"{chip}:{dims}", platform="tpu",
                                         chip_config_name=chip_config)
   except Exception as e:  # noqa: BLE001 - libtpu missing or the topology refused
@@ -134,7 +136,6 @@ def make_mesh(config, tgt: Target) -> Mesh:
   devices, in the order the TPU topology lays them out."""
   devices = tgt.devices
   if tgt.platform == "tpu":
-    from jax.experimental import mesh_utils
     devices = mesh_utils.create_device_mesh((len(devices),), list(devices)).reshape(-1)
   return parallel.create_mesh(config.mesh.fsdp, devices)
 
@@ -309,7 +310,6 @@ def compile_forward(config, tgt: Target, r, *, name: str | None = None) -> Progr
 
 def eval_r_values(config) -> tuple:
   """eval.py's r values (config.eval.r_values, else fusion.r and 0), with 0 included."""
-  import mctf_jax
   fusion = mctf_jax.fusion_config(config)
   r = cost.apply_budget(mctf_jax.model_config(config), fusion).r
   values = tuple(config.eval.r_values) or ((r, 0) if r else (0,))
@@ -403,10 +403,6 @@ def report(results: list, tgt: Target) -> str:
 
 
 def main(argv=None):
-  from absl import app, flags
-  from ml_collections import config_flags
-
-  from mctf_jax.tools import cli
 
   flags_ = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "

@@ -28,8 +28,18 @@ import math
 import os
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+import mctf_jax
+from mctf_jax import checkpoint, parallel
+from mctf_jax import data as data_lib   # lazy: TensorFlow loads when a pipeline is built
+from mctf_jax.errors import ConfigError, MctfError
+from mctf_jax.fusion.config import normalize_r
+from mctf_jax.tools.benchmark import random_variables
 from mctf_jax.tools.cli import fail
 
 CAPTION_PX = 24
@@ -194,9 +204,6 @@ def compose(panels: Sequence[np.ndarray], captions: Sequence[str], cols: int = 6
 def trace_token_maps(model, variables, image_HxWx3: np.ndarray) -> list[tuple[int, np.ndarray]]:
   """(block, token_map_N) after every fused block, for one normalised image; variables:
   {'params': ...} and the model's state collections, if any."""
-  import jax
-  import jax.numpy as jnp
-
   schedule = model.schedule()
   fused = [plan.layer for plan in schedule.layers if plan.fuses]
   encode = jax.jit(lambda v, x: [m for _, m in model.apply(
@@ -237,10 +244,8 @@ def draw_merges(crop_HxWx3: np.ndarray, token_maps: Sequence[tuple[int, np.ndarr
 def split_images(config, count: int) -> np.ndarray:
   """The first `count` images of the config's evaluation split, preprocessed as the
   evaluation does: float32 (count, S, S, 3), normalised."""
-  from mctf_jax import data
-  from mctf_jax.errors import MctfError
   try:
-    batch = next(data.eval_batches(config, count))
+    batch = next(data_lib.eval_batches(config, count))
   except MctfError as e:
     fail(str(e))
   available = int(batch["mask"].sum())
@@ -299,7 +304,7 @@ def _series_label(data: dict, path: str) -> str:
 def plot_results(paths: Sequence[str], out: str, *, title: str | None = None,
                  figsize=(6.4, 4.8), dpi: int = 150) -> None:
   """Top-1 against GFLOPs, one line per result file, points labelled with r; a PNG."""
-  import matplotlib
+  import matplotlib   # here, not at the top: a second of start-up the other commands skip
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -330,10 +335,6 @@ def plot_results(paths: Sequence[str], out: str, *, title: str | None = None,
 
 
 def _merges(FLAGS) -> None:
-  import mctf_jax
-  from mctf_jax.errors import ConfigError, MctfError
-  from mctf_jax.fusion.config import normalize_r
-
   config = FLAGS.config
   missing = [f"--{name}" for name in ("config", "out") if not getattr(FLAGS, name)]
   if not FLAGS.image and not FLAGS.examples:
@@ -374,13 +375,11 @@ def _merges(FLAGS) -> None:
       fail(f"cannot read image {FLAGS.image!r}: {e}")
     images, crops = [normalised], [crop]
   if FLAGS.checkpoint:
-    from mctf_jax import checkpoint
     try:
       variables = checkpoint.load_variables(FLAGS.checkpoint, config)
     except MctfError as e:
       fail(str(e))
   else:
-    from mctf_jax.tools.benchmark import random_variables
     print("no --checkpoint: random weights (tokens then fuse by colour and position only)")
     variables = random_variables(model, FLAGS.seed)
   figures = []
@@ -403,9 +402,6 @@ def _merges(FLAGS) -> None:
 
 
 def main(argv=None):
-  from absl import app, flags
-  from ml_collections import config_flags
-
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
                                   "fields may be overridden: --config.fusion.r=8.")
@@ -427,7 +423,6 @@ def main(argv=None):
 
   def run(argv_):
     command = argv_[1:]
-    from mctf_jax import parallel
     parallel.quiet_library_logs(FLAGS)
     if command == ["plot"]:
       if not FLAGS.results or not FLAGS.out:
