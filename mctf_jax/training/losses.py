@@ -74,6 +74,31 @@ class LossConfig:
   weights: tuple[float, float, float] = DEFAULT_WEIGHTS
 
 
+def student_loss(student_logits, labels, config: LossConfig = LossConfig(), targets=None,
+                 consistency=None, mixed_labels=None):
+  """The student's weighted terms: (loss, parts). loss = w_student * CE(student), plus
+  w_consistency * the confidence-masked consistency when `consistency` (the per-example
+  distance to the teacher, the teacher held fixed) is given; parts: loss_student, and
+  loss_consistency and pass_rate with it. The train step differentiates this with the
+  teacher's features as constants."""
+  w_student, _, w_cons = config.weights
+  loss = w_student * classification_loss(student_logits, labels, config.label_smoothing,
+                                         targets)
+  parts = {"loss_student": loss}
+  if consistency is not None:
+    cons, passed = consistency_loss(consistency, student_logits, labels, config.threshold,
+                                    mixed_labels)
+    parts.update(loss_consistency=w_cons * cons, pass_rate=jnp.mean(passed))
+    loss = loss + w_cons * cons
+  return loss, parts
+
+
+def teacher_loss(teacher_logits, labels, config: LossConfig = LossConfig(), targets=None):
+  """The teacher's weighted term: w_teacher * CE(teacher)."""
+  return config.weights[1] * classification_loss(teacher_logits, labels,
+                                                 config.label_smoothing, targets)
+
+
 def mctf_loss(outputs: Mapping[str, jax.Array], labels, config: LossConfig = LossConfig(),
               targets=None, mixed_labels=None):
   """The total MCTF training loss and its parts.
@@ -85,18 +110,11 @@ def mctf_loss(outputs: Mapping[str, jax.Array], labels, config: LossConfig = Los
   Returns (loss, parts) with parts: loss_student, loss_teacher, loss_consistency (weighted,
   as summed into loss), pass_rate.
   """
-  w_student, w_teacher, w_cons = config.weights
-  loss_student = w_student * classification_loss(outputs["student_logits"], labels,
-                                                  config.label_smoothing, targets)
-  parts = {"loss_student": loss_student}
-  loss = loss_student
+  _, parts = student_loss(outputs["student_logits"], labels, config, targets,
+                          outputs.get("consistency") if "teacher_logits" in outputs else None,
+                          mixed_labels)
+  loss = parts["loss_student"]
   if "teacher_logits" in outputs:
-    loss_teacher = w_teacher * classification_loss(outputs["teacher_logits"], labels,
-                                                    config.label_smoothing, targets)
-    cons, passed = consistency_loss(outputs["consistency"], outputs["student_logits"], labels,
-                                    config.threshold, mixed_labels)
-    loss_cons = w_cons * cons
-    loss = loss + loss_teacher + loss_cons
-    parts.update(loss_teacher=loss_teacher, loss_consistency=loss_cons,
-                 pass_rate=jnp.mean(passed))
+    parts["loss_teacher"] = teacher_loss(outputs["teacher_logits"], labels, config, targets)
+    loss = loss + parts["loss_teacher"] + parts["loss_consistency"]
   return loss, parts

@@ -70,7 +70,6 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule_fn
     plan = teacher_plan(model, int(config.batch_size))
   shared = plan.shared
   loss_cfg = loss_config(config)
-  w_student, w_teacher, w_cons = loss_cfg.weights
   ema_decay = float(config.ema_decay)
   base_key = jax.random.PRNGKey(config.seed)
   depth = len(plan.student.layers)
@@ -117,16 +116,13 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule_fn
     return (model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.train_logits),
             model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.features))
 
-  def ce(logits, batch):
-    return losses.classification_loss(logits, batch["label"], loss_cfg.label_smoothing,
-                                      batch.get("targets"))
-
   def teacher_branch(path):
     def run(params, model_state, h, batch, k_teacher, splits, first):
       def teacher_loss(params, h):
         logits, features = head(params, model_state,
                                 encode(params, model_state, h, path, k_teacher, splits, first))
-        return w_teacher * ce(logits, batch), features
+        return losses.teacher_loss(logits, batch["label"], loss_cfg,
+                                   batch.get("targets")), features
       (loss, features), grads = jax.value_and_grad(teacher_loss, argnums=(0, 1),
                                                    has_aux=True)(params, h)
       return loss, features, grads
@@ -135,14 +131,10 @@ def make_train_step(model, tx: optax.GradientTransformation, config, schedule_fn
   def student_loss(params, model_state, h, batch, teacher_features, k_student, first):
     out = encode(params, model_state, h, student_path, k_student, student_splits, first)
     logits, features = head(params, model_state, out)
-    loss = w_student * ce(logits, batch)
-    parts = {"loss_student": loss}
-    if teacher_features is not None:
-      cons, passed = losses.consistency_loss(consistency(features, teacher_features), logits,
-                                             batch["label"], loss_cfg.threshold,
-                                             batch.get("mixed_label"))
-      parts.update(loss_consistency=w_cons * cons, pass_rate=jnp.mean(passed))
-      loss = loss + w_cons * cons
+    loss, parts = losses.student_loss(
+        logits, batch["label"], loss_cfg, batch.get("targets"),
+        None if teacher_features is None else consistency(features, teacher_features),
+        batch.get("mixed_label"))
     return loss, (parts, logits)
 
   def train_step(state: TrainState, batch):
