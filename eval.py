@@ -87,7 +87,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   mesh = parallel.create_mesh(config.mesh.fsdp)
   model = programs.model_for_mesh(config, mesh)
   evaluation.check_image_outputs(model, "eval.py")
-  budget = cost.budget_choice(config) if mctf_jax.fusion_config(config).has_budget else None
+  budget = model.fusion.budget_choice   # how a FLOP budget chose r, if one did
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
   r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)
   if not model.fusion.layers and any(r for r in r_values):

@@ -30,19 +30,20 @@ def _to_dict(section: Any) -> dict:
     return {}
   if hasattr(section, "to_dict"):
     return section.to_dict()
-  if dataclasses.is_dataclass(section):
-    return dataclasses.asdict(section)
+  if dataclasses.is_dataclass(section):   # shallow: fields may hold objects (budget_choice)
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
   if isinstance(section, Mapping):
     return dict(section)
   raise ConfigError(f"expected a config section (ConfigDict or mapping), got {section!r}")
 
 
 def _build(cls, values: dict, where: str):
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
+  fields = dataclasses.fields(cls)
+  unknown = sorted(set(values) - {f.name for f in fields})
   if unknown:
+    known = sorted(f.name for f in fields if not f.metadata.get("internal"))
     raise ConfigError(f"unknown field(s) in config.{where}: {unknown}; "
-                      f"known fields: {sorted(known)}")
+                      f"known fields: {known}")
   if "layers" in values and values["layers"] is not None and not is_int(values["layers"]):
     values["layers"] = tuple(values["layers"])
   return cls(**values)

@@ -377,5 +377,6 @@ def apply_budget(model_cfg: Any, fusion_cfg: FusionConfig) -> FusionConfig:
   without one), so that the model's later r changes (``Backbone.with_fusion``) hold."""
   if not fusion_cfg.has_budget:
     return fusion_cfg
-  return dataclasses.replace(fusion_cfg, r=budget_choice(model_cfg, fusion_cfg).r,
-                             target_gflops=0.0, target_fraction=0.0)
+  choice = budget_choice(model_cfg, fusion_cfg)
+  return dataclasses.replace(fusion_cfg, r=choice.r, target_gflops=0.0, target_fraction=0.0,
+                             budget_choice=choice)

@@ -212,6 +212,10 @@ def test_flop_budget_met_from_below_for_every_config(name):
     assert type(choice.r) is (float if 0 < config.fusion.r < 1 else int)   # fusion.r's kind
     model = mctf_jax.create_model(config)
     assert model.fusion.r == choice.r and not model.fusion.has_budget
+    # The model carries the choice (what train.py and eval.py print) while its FLOPs hold.
+    assert model.fusion.budget_choice == choice
+    assert model.with_fusion(merge_impl="matmul").fusion.budget_choice == choice
+    assert model.with_fusion(r=choice.r).fusion.budget_choice is None
     # The model's FLOPs are the choice's, within the budget; the next r with less fusion
     # exceeds it (so no r comes closer from below, FLOPs falling as r grows).
     assert cost.model_flops(model).total == choice.flops <= target

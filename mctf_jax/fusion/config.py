@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from mctf_jax.errors import ConfigError, is_int, is_number
 
@@ -125,6 +126,20 @@ class FusionConfig:
   train_scan_blocks: bool = True
   target_gflops: float = 0.0
   target_fraction: float = 0.0
+  # How a FLOP budget chose r (mctf_jax.cost.BudgetChoice), kept by create_model; not a
+  # setting (neither compared nor hashed), and dropped when a change may move the FLOPs.
+  budget_choice: Any = dataclasses.field(default=None, compare=False, repr=False,
+                                         metadata={"internal": True})
+
+  # Fields whose change leaves the FLOPs, and so a budget choice, as they were.
+  FLOP_NEUTRAL = ("merge_impl", "trace_source", "train_token_step", "train_scan_blocks",
+                  "teacher_r_max", "teacher_group_size", "budget_choice")
+
+  def with_changes(self, **changes) -> "FusionConfig":
+    """dataclasses.replace, dropping the budget choice unless every change is FLOP-neutral."""
+    if any(name not in self.FLOP_NEUTRAL for name in changes):
+      changes.setdefault("budget_choice", None)
+    return dataclasses.replace(self, **changes)
 
   def __post_init__(self):
     object.__setattr__(self, "r", normalize_r(self.r, "fusion.r"))

@@ -256,7 +256,7 @@ class Backbone(nn.Module):
 
   def with_fusion(self, **changes) -> "Backbone":
     """The same model (same parameters) with other fusion settings, e.g. ``r=8``."""
-    return self.clone(fusion=dataclasses.replace(self.fusion, **changes))
+    return self.clone(fusion=self.fusion.with_changes(**changes))
 
   def dummy_images(self, batch_size: int = 1, dtype=jnp.float32) -> jax.Array:
     """Zeros of the images' shape, e.g. for ``init``."""

@@ -181,8 +181,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
        config.batch_size // mesh.devices.size)
   _log("config:\n%s", config)
   _log("model: %s", model.describe(model.config))
-  if mctf_jax.fusion_config(config).has_budget:
-    _log("%s", cost.budget_choice(config))
+  if model.fusion.budget_choice is not None:
+    _log("%s", model.fusion.budget_choice)
   _log("student %s", plan.student)
   if plan.values:
     _log("%s", plan)
