@@ -67,23 +67,20 @@ TARGETS = {"time": 1.4, "compile": 3.0, "memory": 1.5}
 
 
 def _jitted_step(config, variables, images, labels):
-  """The trainer's jitted, donated train step of `config`, with a fresh state and batch."""
+  """train.py's own jitted, donated train step of `config` (programs.train_program) on one
+  device, with a fresh state and batch."""
   import jax
   import jax.numpy as jnp
-  import mctf_jax
-  from mctf_jax.training import optim
-  from mctf_jax.training import train_step as ts
+  from mctf_jax import parallel
+  from mctf_jax.training import programs
 
-  model = mctf_jax.create_model(config)
-  tx = optim.make_optimizer(config, steps_per_epoch=1000)
-  params = variables["params"]
-  ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
-  state = ts.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, params),
-                        tx.init(params), ema,
-                        {k: v for k, v in variables.items() if k != "params"})
+  program = programs.train_program(config, parallel.create_mesh(1, jax.devices()[:1]),
+                                   steps_per_epoch=1000)
+  # Copies: the step donates its state, and the caller's variables serve the next config.
+  fresh = jax.tree.map(jnp.copy, variables)
+  state = program.init_state(jax.device_put(fresh, program.variables_shardings))
   batch = {"image": images, "label": labels}
-  step = jax.jit(ts.make_train_step(model, tx, config), donate_argnums=(0,))
-  return step, state, batch
+  return program.step, state, batch
 
 
 def prepare(config, variables, images, labels, warm: bool = True):
