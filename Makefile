@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 --dist worksteal -q --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist worksteal -q --durations=30 tests
 
 # The embedded default: a tiny DeiT with MCTF on scikit-learn's digits, then its evaluation
 # at several r (about 10 minutes on 2 CPU cores), its accuracy-vs-GFLOPs plot and the merges
