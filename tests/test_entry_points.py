@@ -211,11 +211,20 @@ def _processes(workdir, env, n=2, extra=(), kill=None):
           for i, (p, o, e) in enumerate(zip(procs, outs, errs))]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_processes(tmp_path_factory, env):
-  """An uninterrupted run of train.py as two processes."""
-  workdir = tmp_path_factory.mktemp("two") / "run"
-  return workdir, _processes(workdir, env)
+  """An uninterrupted run of train.py as two processes, shared by the tests of every xdist
+  worker (the first to get the lock runs it, the others read its workdir and outputs)."""
+  import fcntl
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent
+  workdir, outputs = shared / "two_processes", shared / "two_processes.json"
+  with open(shared / "two_processes.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not outputs.exists():
+      outputs.write_text(json.dumps(_processes(workdir, env)))
+  return workdir, [tuple(result) for result in json.loads(outputs.read_text())]
 
 
 def test_two_processes(two_processes):
@@ -280,7 +289,8 @@ def test_a_run_resumes_on_another_number_of_processes(two_processes, tmp_path, e
   shutil.copytree(two_processes[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "22")
   two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
-  done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1"], two)
+  done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1",
+              "--config.eval_every_epochs=2"], two)      # (no evaluation: not compared)
   assert done.returncode == 0, done.stdout + done.stderr
   assert "1 process(es), 2 device(s)" in done.stdout and "at step 20" in done.stdout
   for ema in (False, True):
