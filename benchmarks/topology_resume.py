@@ -11,7 +11,8 @@ checkpoints after --resume_step removed is rerun there (the same command, other
 first run's: identical, or the largest difference. An uninterrupted run on the last
 topology is compared too. The global batch order does not depend on the topology
 (mctf_jax.data.pipeline); what may differ is the order in which the gradients' all-reduce
-adds the devices' parts (docs/training.md). Minutes on 2 CPU cores; exits 1 if a run fails.
+adds the devices' parts (docs/training.md), by float rounding: exits 1 if a run fails or a
+difference exceeds --tolerance. Minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ flags.DEFINE_string("from", "4x2", "The topology of the first run: PROCESSESxDEV
 flags.DEFINE_list("to", ["2x4", "1x8"], "Topologies that resume it.")
 flags.DEFINE_integer("resume_step", 10, "The checkpoint the other topologies resume from "
                      "(a multiple of 10 below 22).", lower_bound=10, upper_bound=20)
+flags.DEFINE_float("tolerance", 1e-4, "The largest difference of a parameter or EMA value "
+                   "allowed between topologies (float rounding of the all-reduce).")
 flags.DEFINE_string("workdir", None, "Where to put the runs (default: a temporary "
                     "directory, removed afterwards).")
 
@@ -80,11 +83,12 @@ def _train(workdir: str, processes: int, devices: int) -> float:
   return time.time() - start
 
 
-def _compare(workdir: str, reference: str) -> str:
+def _compare(workdir: str, reference: str) -> tuple[str, float]:
+  """What differs between two runs' final parameters and EMA, and the largest difference."""
   import jax
   import numpy as np
   from mctf_jax import checkpoint
-  said = []
+  said, largest = [], 0.0
   for ema in (False, True):
     a = jax.tree.leaves(checkpoint.load_params(workdir, MODEL, ema=ema))
     b = jax.tree.leaves(checkpoint.load_params(reference, MODEL, ema=ema))
@@ -94,7 +98,8 @@ def _compare(workdir: str, reference: str) -> str:
       diff = max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                  for x, y in zip(a, b))
       said.append(f"{'EMA' if ema else 'parameters'} differ, max |diff| {diff:.2g}")
-  return ", ".join(said)
+      largest = max(largest, diff)
+  return ", ".join(said), largest
 
 
 def main(argv):
@@ -110,6 +115,7 @@ def main(argv):
     reference = os.path.join(root, name(first))
     shutil.rmtree(reference, ignore_errors=True)
     seconds = _train(reference, *first)
+    largest = 0.0
     print(f"{name(first)}: 22 steps in {seconds:.0f} s", flush=True)
     for topology in others:
       workdir = os.path.join(root, f"{name(first)}_to_{name(topology)}")
@@ -120,14 +126,21 @@ def main(argv):
         if int(step) > FLAGS.resume_step:
           shutil.rmtree(os.path.join(checkpoints, step))
       seconds = _train(workdir, *topology)
-      print(f"{name(first)} -> {name(topology)} from step {FLAGS.resume_step}: "
-            f"{_compare(workdir, reference)} ({seconds:.0f} s)", flush=True)
+      said, diff = _compare(workdir, reference)
+      largest = max(largest, diff)
+      print(f"{name(first)} -> {name(topology)} from step {FLAGS.resume_step}: {said} "
+            f"({seconds:.0f} s)", flush=True)
     last = others[-1] if others else first
     workdir = os.path.join(root, f"{name(last)}_uninterrupted")
     shutil.rmtree(workdir, ignore_errors=True)
     seconds = _train(workdir, *last)
-    print(f"{name(last)} uninterrupted against {name(first)}: "
-          f"{_compare(workdir, reference)} ({seconds:.0f} s)", flush=True)
+    said, diff = _compare(workdir, reference)
+    largest = max(largest, diff)
+    print(f"{name(last)} uninterrupted against {name(first)}: {said} ({seconds:.0f} s)",
+          flush=True)
+    if largest > FLAGS.tolerance:
+      sys.exit(f"error: the runs differ by up to {largest:.2g}, more than --tolerance="
+               f"{FLAGS.tolerance:g}")
   finally:
     if not FLAGS.workdir:
       shutil.rmtree(root, ignore_errors=True)
