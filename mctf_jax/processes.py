@@ -184,11 +184,8 @@ def wait_for_all(name: str, timeout: float = 3600.0) -> None:
   program that each process compiles on its own: gloo (CPU processes) gives the processes
   30 s to meet in a collective's first use, less than a busy machine's compile times may
   differ by. A lost process still ends the wait through the watch."""
-  from jax._src import distributed
-  client = distributed.global_state.client
-  if _current is None or client is None:
-    return
-  client.wait_at_barrier(f"mctf_jax/{name}", int(timeout * 1000))
+  if _current is not None:
+    _current.client.wait_at_barrier(f"mctf_jax/{name}", int(timeout * 1000))
 
 
 def looks_like_lost_peer(error: BaseException) -> bool:
