@@ -8,6 +8,7 @@ import pytest
 import mctf_jax
 from mctf_jax import convert
 from mctf_jax.training import losses
+from mctf_jax.training.train_step import loss_and_grads
 from conftest import (EVAL_CASES, golden_config, golden_images, golden_state_dict,
                       load_golden)
 
@@ -65,20 +66,19 @@ def test_train_outputs_losses_and_gradients(case, prec, merge_impl, x64):
   labels = jnp.asarray(data[f"{prec}/target"])
   teacher_r = meta["train"]["teacher_r"]
 
-  def loss_fn(p):
-    out = model.apply({"params": p}, images, train=True, teacher_r=teacher_r)
-    loss, parts = losses.mctf_loss(out, labels, loss_cfg)
-    return loss, (out, parts)
-
-  (loss, (out, parts)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-  np.testing.assert_allclose(out["student_logits"], data[f"{prec}/x_student"], atol=tol, rtol=0)
-  np.testing.assert_allclose(out["teacher_logits"], data[f"{prec}/x_teacher"], atol=tol, rtol=0)
+  # What train.py's step computes, with the teacher at the case's r'.
+  out, grads = jax.jit(lambda p: loss_and_grads(model, p, {"image": images, "label": labels},
+                                                jax.random.key(0), teacher_r=teacher_r,
+                                                loss_config=loss_cfg))(params)
+  loss, parts = out.loss, out.parts
+  np.testing.assert_allclose(out.student_logits, data[f"{prec}/x_student"], atol=tol, rtol=0)
+  np.testing.assert_allclose(out.teacher_logits, data[f"{prec}/x_teacher"], atol=tol, rtol=0)
   if prec == "f64":
-    for key, name in (("student_logits", "x_student"), ("teacher_logits", "x_teacher")):
-      np.testing.assert_allclose(out[key], data[f"f64/{name}"], atol=F64_ROUNDING, rtol=0)
-  np.testing.assert_allclose(out["consistency"], data[f"{prec}/loss_consistency"],
+    for got, name in ((out.student_logits, "x_student"), (out.teacher_logits, "x_teacher")):
+      np.testing.assert_allclose(got, data[f"f64/{name}"], atol=F64_ROUNDING, rtol=0)
+  np.testing.assert_allclose(out.consistency, data[f"{prec}/loss_consistency"],
                              rtol=1e-9 if prec == "f64" else 1e-4, atol=0)
-  _, passed = losses.consistency_loss(out["consistency"], out["student_logits"], labels,
+  _, passed = losses.consistency_loss(out.consistency, out.student_logits, labels,
                                       loss_cfg.threshold)
   np.testing.assert_array_equal(passed, data[f"{prec}/confidence_pass"])
   rtol = 1e-9 if prec == "f64" else 1e-5

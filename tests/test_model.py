@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import mctf_jax
+from mctf_jax.training.train_step import loss_and_grads
 from conftest import jit_apply, tiny_config
 
 
@@ -62,12 +63,10 @@ def test_every_mode_and_pooling_runs_and_differentiates(mode, pooling):
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
 
-  def loss(p):
-    out = model.apply({"params": p}, images, train=True, teacher_r=3)
-    return jnp.sum(out["student_logits"] ** 2) + jnp.sum(out["consistency"])
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  assert np.isfinite(value)
+  batch = {"image": images, "label": jnp.asarray([1, 7])}
+  out, grads = jax.jit(lambda p: loss_and_grads(model, p, batch, jax.random.key(2),
+                                                teacher_r=3))(params)
+  assert np.isfinite(out.loss) and out.loss > 0 and np.all(out.consistency > 0)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   # The fusion layers' q/k get gradients through the (merged) attention in every mode.
   assert np.any(np.asarray(grads["blocks_2"]["attn"]["qkv"]["kernel"]) != 0)
@@ -96,16 +95,28 @@ def test_attention_scale_is_not_a_broadcast_of_the_logits_shape(tiny):
                         hlo.as_text())
 
 
+def _train_outputs(model, params, images, teacher_r, key=0):
+  batch = {"image": images, "label": jnp.arange(images.shape[0]) % 10}
+  return jax.jit(lambda p, b, k: loss_and_grads(model, p, b, k, teacher_r=teacher_r)[0])(
+      params, batch, jax.random.key(key))
+
+
 def test_teacher_path(tiny):
+  """The training forward's teacher at r' = 0 is the plain model, its student the model at
+  fusion.r; at r' = r the two agree."""
   model, params, images = tiny
-  out = jit_apply(model, train=True, teacher_r=0)(params, images)
+  out = _train_outputs(model, params, images, 0)
   plain = jit_apply(model.with_fusion(r=0))(params, images)
-  np.testing.assert_allclose(out["teacher_logits"], plain, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out["student_logits"], jit_apply(model)(params, images),
+  np.testing.assert_allclose(out.teacher_logits, plain, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.student_logits, jit_apply(model)(params, images),
                              rtol=1e-5, atol=1e-5)
-  same = jit_apply(model, train=True, teacher_r=8)(params, images)
-  np.testing.assert_allclose(same["consistency"], 0, atol=1e-12)
-  assert out["consistency"].shape == (4,) and np.all(out["consistency"] > 0)
+  same = _train_outputs(model, params, images, 8)
+  np.testing.assert_allclose(same.consistency, 0, atol=1e-12)
+  assert out.consistency.shape == (4,) and np.all(out.consistency > 0)
+  no_teacher = _train_outputs(model, params, images, None)
+  assert no_teacher.teacher_logits is None and no_teacher.consistency is None
+  assert sorted(no_teacher.parts) == ["loss_student"]
+  np.testing.assert_allclose(no_teacher.student_logits, out.student_logits, rtol=1e-6)
 
 
 def test_dropout_and_drop_path_need_rngs_and_vary():
@@ -114,10 +125,12 @@ def test_dropout_and_drop_path_need_rngs_and_vary():
   model = mctf_jax.create_model(config)
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   params = jax.jit(model.init)(jax.random.key(0), images)["params"]
-  apply = jit_apply(model, train=True, teacher_r=2)
+  apply = jit_apply(model, train=True)
   a = apply(params, images, {"dropout": jax.random.key(1)})
   b = apply(params, images, {"dropout": jax.random.key(2)})
-  assert not np.allclose(a["student_logits"], b["student_logits"])
+  assert not np.allclose(a, b)
+  a, b = (_train_outputs(model, params, images, 2, key) for key in (1, 2))
+  assert not np.allclose(a.teacher_logits, b.teacher_logits)
   # Evaluation is deterministic and needs no rng.
   evaluate = jit_apply(model)
   np.testing.assert_array_equal(evaluate(params, images), evaluate(params, images))
@@ -141,12 +154,12 @@ def test_bfloat16_compute_with_float32_params(tiny):
   model = mctf_jax.create_model(config)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
       jax.eval_shape(model.init, jax.random.key(0), images)["params"]))
-  out = jit_apply(model, train=True, teacher_r=3)(params, images)
-  assert out["student_logits"].dtype == jnp.bfloat16
+  out = _train_outputs(model, params, images, 3)
+  assert out.student_logits.dtype == jnp.bfloat16
   ref = jit_apply(mctf_jax.create_model(tiny_config()))(params, images)
-  assert np.all(np.isfinite(np.asarray(out["student_logits"], np.float32)))
+  assert np.all(np.isfinite(np.asarray(out.student_logits, np.float32)))
   # bf16 keeps ~3 significant digits; the logits of this random model are O(1).
-  assert np.abs(np.asarray(out["student_logits"], np.float32) - ref).max() < 0.25
+  assert np.abs(np.asarray(out.student_logits, np.float32) - ref).max() < 0.25
   grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, images).astype(
       jnp.float32).sum()))(params)
   assert all(g.dtype == jnp.float32 and np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -173,12 +186,10 @@ def test_bad_images(tiny, shape, dtype, message):
     jax.eval_shape(lambda x: model.apply({"params": params}, x), jnp.zeros(shape, dtype))
 
 
-def test_teacher_needs_train(tiny):
+def test_bad_teacher_r(tiny):
   model, params, images = tiny
-  with pytest.raises(ValueError, match="teacher_r is for training"):
-    jax.eval_shape(lambda x: model.apply({"params": params}, x, teacher_r=2), images)
   with pytest.raises(ValueError, match="teacher_r must be >= 0"):
-    jax.eval_shape(lambda x: model.apply({"params": params}, x, train=True, teacher_r=-1), images)
+    _train_outputs(model, params, images, -1)
 
 
 def test_matmul_merges_keep_inference_tokens_token_major(tiny):

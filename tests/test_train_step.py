@@ -13,6 +13,7 @@ from mctf_jax import parallel
 from mctf_jax.config import ConfigError
 from mctf_jax.fusion import padded
 from mctf_jax.models import DeiT
+from mctf_jax.models.base import consistency
 from mctf_jax.training import losses, optim, programs
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
@@ -77,6 +78,34 @@ def test_shared_blocks():
                    variables, jnp.zeros((1, 17, 32)))
 
 
+def _reference_loss(model, batch, cfg, teacher_rs):
+  """loss_fn(params) -> (loss, parts): the MCTF loss as one function of the parameters,
+  differentiated as a whole, composed here of the model's own methods at exact shapes: the
+  student at fusion.r, the teacher of each consecutive group of the batch at its r' (the
+  outputs joined before the loss, which averages over the whole batch)."""
+  images, labels = batch["image"], batch["label"]
+  size = len(labels) // len(teacher_rs)
+
+  def outputs(v, x, r):
+    out = model.apply(v, x, train=True, r=r, method=model.encode)
+    return (model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.train_logits),
+            model.apply(v, out.tokens_BxTxC, out.size_BxT, method=model.features))
+
+  def loss_fn(p):
+    v = {"params": p}
+    student_logits, student_features = outputs(v, images, None)
+    teacher = [outputs(v, images[g * size:(g + 1) * size], r) for g, r in enumerate(teacher_rs)]
+    teacher_logits, teacher_features = (jnp.concatenate(t) for t in zip(*teacher))
+    loss, parts = losses.student_loss(student_logits, labels, cfg, batch.get("targets"),
+                                      consistency(student_features, teacher_features),
+                                      batch.get("mixed_label"))
+    parts["loss_teacher"] = losses.teacher_loss(teacher_logits, labels, cfg,
+                                                batch.get("targets"))
+    return loss + parts["loss_teacher"], parts
+
+  return loss_fn
+
+
 def _assert_sgd_step_is(new, metrics, params, loss_fn):
   """The step (SGD at lr 1, so params - grads) gave loss_fn's loss, parts and gradient."""
   (loss, parts), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
@@ -122,12 +151,7 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
     new, metrics = step(TrainState(jnp.asarray(i, jnp.int32), params, tx.init(params), None),
                         batch)
 
-    def loss_fn(p):
-      out = model.apply({"params": p}, batch["image"], train=True, teacher_r=r)
-      return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
-                              mixed_labels=batch.get("mixed_label"))
-
-    _assert_sgd_step_is(new, metrics, params, loss_fn)
+    _assert_sgd_step_is(new, metrics, params, _reference_loss(model, batch, cfg, [r]))
 
 
 def test_each_group_of_the_batch_draws_its_own_teacher_r():
@@ -168,14 +192,7 @@ def test_each_group_of_the_batch_draws_its_own_teacher_r():
                       batch)
   np.testing.assert_allclose(metrics["teacher_r"], np.mean(draws[i]), rtol=1e-6)
 
-  def loss_fn(p):
-    outs = [model.apply({"params": p}, batch["image"][8 * g:8 * g + 8], train=True,
-                        teacher_r=r) for g, r in enumerate(draws[i])]
-    out = {k: jnp.concatenate([o[k] for o in outs]) for k in outs[0]}
-    return losses.mctf_loss(out, batch["label"], cfg, targets=batch.get("targets"),
-                            mixed_labels=batch.get("mixed_label"))
-
-  _assert_sgd_step_is(new, metrics, params, loss_fn)
+  _assert_sgd_step_is(new, metrics, params, _reference_loss(model, batch, cfg, draws[i]))
 
 
 def test_teacher_groups_need_a_fitting_batch_and_the_padded_teacher():

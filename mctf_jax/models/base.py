@@ -26,8 +26,7 @@ those rows no weight.
 
 On that, this base class builds what the rest of the package uses (the train step, the
 evaluation, the tools), through the fusion engine's drivers (mctf_jax.fusion.stack):
-``schedule``, ``with_fusion``, ``encode``, ``__call__`` (logits; or with ``train=True,
-teacher_r=r'`` the student and teacher outputs and their consistency), ``run_unfused``,
+``schedule``, ``with_fusion``, ``encode``, ``__call__`` (logits), ``run_unfused``,
 ``run_blocks``, ``run_blocks_padded`` and ``dummy_images``.
 
 Model state other than parameters (e.g. BatchNorm statistics, in a 'batch_stats'
@@ -49,7 +48,7 @@ import jax.numpy as jnp
 
 from mctf_jax.errors import ConfigError, is_int, is_number
 from mctf_jax.fusion import stack
-from mctf_jax.fusion.config import FusionConfig, normalize_r
+from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.merge import source_map
 from mctf_jax.fusion.scopes import part_scope
 from mctf_jax.fusion.schedule import Schedule, compute_schedule
@@ -211,11 +210,9 @@ class Backbone(nn.Module):
   """A ViT whose blocks fuse tokens; see the module docstring for what a subclass supplies.
 
   ``model.apply({'params': p}, images, train=False)`` -> logits (B, num_classes), with
-  images NHWC floats of ``config.image_shape``. With ``train=True, teacher_r=r'`` (a static
-  Python number), it also runs the teacher path (same weights, r' tokens per fused layer)
-  and returns a dict: ``student_logits``, ``teacher_logits`` and ``consistency``, the
-  per-example mean squared difference between the features (the teacher's without
-  gradient), before the confidence mask of ``mctf_jax.training.losses``.
+  images NHWC floats of ``config.image_shape``. Training runs the student and teacher paths
+  through ``run_unfused``, ``run_blocks`` / ``run_blocks_padded``, ``train_logits`` and
+  ``features`` (``mctf_jax.training.train_step.loss_and_grads``).
   """
   config: Any
   fusion: FusionConfig
@@ -328,26 +325,15 @@ class Backbone(nn.Module):
     return self.run_blocks(x, self.schedule(r), deterministic=not train,
                            trace_source=trace_source)
 
-  def __call__(self, images, *, train: bool = False, teacher_r=None):
+  def __call__(self, images, *, train: bool = False):
+    """Logits (B, num_classes) at fusion.r: ``classify``'s, or with train=True (dropout and
+    stochastic depth on, keys from ``rngs={'dropout': key}``) ``train_logits``'. The training
+    loss with its teacher path is ``mctf_jax.training.train_step.loss_and_grads``."""
     deterministic = not train
     logits_of = self.train_logits if train else self.classify
     x = self.embed(images, deterministic)
-    student = self.run_blocks(x, self.schedule(), deterministic=deterministic)
-    student_logits = logits_of(student.tokens_BxTxC, student.size_BxT)
-    if teacher_r is None:
-      return student_logits
-    if not train:
-      raise ValueError("teacher_r is for training (train=True); evaluation runs the student "
-                       "path only")
-    teacher_r = normalize_r(teacher_r, "teacher_r")
-    teacher = self.run_blocks(x, self.schedule(teacher_r), deterministic=deterministic,
-                              trace_source=False)
-    return {
-        "student_logits": student_logits,
-        "teacher_logits": logits_of(teacher.tokens_BxTxC, teacher.size_BxT),
-        "consistency": consistency(self.features(student.tokens_BxTxC, student.size_BxT),
-                                   self.features(teacher.tokens_BxTxC, teacher.size_BxT)),
-    }
+    out = self.run_blocks(x, self.schedule(), deterministic=deterministic)
+    return logits_of(out.tokens_BxTxC, out.size_BxT)
 
   # ------------------------------------------------------------------ for the tools
 

@@ -8,13 +8,13 @@ the teacher's (no gradient) and the student's final class tokens, averaged over 
 examples the student already classifies confidently (softmax probability of the target
 above a threshold, 0.4 officially; with mixup the probability of the flipped target is
 added). Averages run over the global batch, so the same code is right under data parallel
-sharding.
+sharding. ``student_loss`` and ``teacher_loss`` weigh the terms; the train step
+(``mctf_jax.training.train_step.loss_and_grads``) differentiates their sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -97,24 +97,3 @@ def teacher_loss(teacher_logits, labels, config: LossConfig = LossConfig(), targ
   """The teacher's weighted term: w_teacher * CE(teacher)."""
   return config.weights[1] * classification_loss(teacher_logits, labels,
                                                  config.label_smoothing, targets)
-
-
-def mctf_loss(outputs: Mapping[str, jax.Array], labels, config: LossConfig = LossConfig(),
-              targets=None, mixed_labels=None):
-  """The total MCTF training loss and its parts.
-
-  outputs: the dict of ``model.apply(..., train=True, teacher_r=...)``; or a dict with only
-    ``student_logits`` (plain fine-tuning, no teacher).
-  targets: soft targets (mixup/cutmix) replacing the label-smoothed labels.
-  mixed_labels: the labels mixed in (labels[::-1] for timm's batch mixup), for confidence.
-  Returns (loss, parts) with parts: loss_student, loss_teacher, loss_consistency (weighted,
-  as summed into loss), pass_rate.
-  """
-  _, parts = student_loss(outputs["student_logits"], labels, config, targets,
-                          outputs.get("consistency") if "teacher_logits" in outputs else None,
-                          mixed_labels)
-  loss = parts["loss_student"]
-  if "teacher_logits" in outputs:
-    parts["loss_teacher"] = teacher_loss(outputs["teacher_logits"], labels, config, targets)
-    loss = loss + parts["loss_teacher"] + parts["loss_consistency"]
-  return loss, parts

@@ -143,17 +143,20 @@ def _groups(model, batch_size: int, values, padded_paths: bool) -> int:
   return batch_size // size
 
 
-def teacher_plan(model, batch_size: int) -> TeacherPlan:
+def teacher_plan(model, batch_size: int, values: tuple | None = None) -> TeacherPlan:
   """The plan of `model`'s train step on global batches of `batch_size` examples.
 
+  values: the r' to plan for (default: ``teacher_values(model.fusion)``, drawn for each
+  group of fusion.teacher_group_size examples); given, the batch is one group.
   ConfigError for a batch that is not a multiple of fusion.teacher_group_size, or groups
   without the padded teacher.
   """
   student = model.schedule()
-  values = teacher_values(model.fusion)
+  given = values is not None
+  values = tuple(values) if given else teacher_values(model.fusion)
   schedules = tuple(model.schedule(v) for v in values)
   pad = _padded(model, (student,) + schedules)
-  groups = _groups(model, batch_size, values, pad)
+  groups = 1 if given else _groups(model, batch_size, values, pad)
   if pad:
     grid = padded.token_grid(model.config.num_tokens, model.fusion.train_token_step)
     keys = [padded.layout_of(s, grid) for s in schedules]
