@@ -72,7 +72,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
         config_name: str | None = None):
   import jax
   import mctf_jax
-  from mctf_jax import checkpoint as ckpt_lib, cost, data, parallel
+  from mctf_jax import checkpoint as ckpt_lib, cost, data, parallel, processes
   from mctf_jax.fusion.config import normalize_r
   from mctf_jax.tools import benchmark
   from mctf_jax.training import evaluation, programs
@@ -121,7 +121,9 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
       local = jax.device_put(variables, jax.local_devices()[0])
       throughput = benchmark.benchmark_forward(model_r, local, throughput_batch,
                                                repeats=5)["img_per_s"]
-    step = evaluation.compile_eval_step(model_r, mesh, variables_sh)
+    step = evaluation.compiled_eval_step(model_r, mesh, variables,
+                                         programs.eval_batch(config, model_r, mesh))
+    processes.wait_for_all(f"eval step compiled r={r}")
     t0 = time.time()
     acc = evaluation.accuracy(step, variables, data.eval_batches(
         config, config.eval_batch_size, jax.process_index(), jax.process_count()),

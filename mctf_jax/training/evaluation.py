@@ -45,6 +45,18 @@ def compile_eval_step(model, mesh, variable_shardings):
                                                       parallel.batch_sharding(mesh)))
 
 
+def compiled_eval_step(model, mesh, variables, batch):
+  """The evaluation step of `model` compiled for `variables` and the global `batch`
+  (arrays, or ShapeDtypeStructs with their shardings, e.g. ``programs.eval_batch``).
+
+  Compiled before its first use because that use is a collective (the sums over the
+  global batch): the caller lets the processes meet (``processes.wait_for_all``) between
+  compiling and running, as gloo (CPU processes) waits only 30 s in a collective's first
+  use for a process still compiling."""
+  shardings = jax.tree.map(lambda x: x.sharding, variables)
+  return compile_eval_step(model, mesh, shardings).lower(variables, batch).compile()
+
+
 def accuracy(eval_step: Callable, variables, batches: Iterable[dict], mesh, *,
              progress: str | None = None, total: int | None = None) -> dict:
   """{'top1': %, 'top5': %, 'images': n} of the model's `variables` over the local `batches`

@@ -226,8 +226,8 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
 
   train_step = program.step
   eval_rs = [model.fusion.r] + ([0] if model.fusion.r != 0 and model.fusion.layers else [])
-  eval_fns = {r: evaluation.compile_eval_step(model.with_fusion(r=r), mesh, variables_sh)
-              for r in eval_rs}
+  eval_variables = {"params": abstract.params, **model_state_shape}
+  eval_batch = programs.eval_batch(config, model, mesh)
   all_finite = jax.jit(tree_is_finite)
 
   writer = _summary_writer(workdir)
@@ -264,7 +264,12 @@ def train_and_evaluate(config, workdir: str, *, batches=None, eval_batches_fn=No
           train_step = train_step.lower(state, batch).compile()
           _log("compiled the train step (student + %d teacher branch(es)) in %.1f s",
                plan.num_branches, time.time() - t0)
-          processes.wait_for_all(f"train step compiled {step}")
+          t0 = time.time()
+          eval_fns = {r: evaluation.compiled_eval_step(model.with_fusion(r=r), mesh,
+                                                       eval_variables, eval_batch)
+                      for r in eval_rs}
+          _log("compiled the evaluation step at r = %s in %.1f s", eval_rs, time.time() - t0)
+          processes.wait_for_all(f"train and eval steps compiled {step}")
           t_log = t_run = time.time()
         state, metrics = train_step(state, batch)
         history.append((step, metrics))
