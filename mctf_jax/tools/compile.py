@@ -4,6 +4,7 @@ r"""Compile train.py's and eval.py's programs ahead of time for a TPU slice, on 
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:2x2 \
         --config.batch_size=512 --programs=train --json=compiled.json
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=cpu:8
+    python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:2x2 --max_batch
 
 The programs are the entry points' own (``mctf_jax.training.programs``): train.py's train
 step (student and every teacher branch, the ``('data', 'fsdp')`` mesh of config.mesh,
@@ -21,6 +22,9 @@ trusted); and XLA's time estimate (``optimal_seconds``), which TPU's cost model 
 -1 s for every instruction it cannot cost (the ``ConcatBitcast`` custom calls that
 bfloat16 attention's head layout produces): those count 0 here, and how many there were is
 printed. Compiled figures, not run ones.
+
+With ``--max_batch`` it finds instead the largest train batch per device whose train step
+fits (``largest_train_batch``: a few compiles, each printed).
 
 Topologies: ``v4:2x2x1`` (megacore chips), ``v5e:2x2`` (the smallest v5e slice a host can
 describe), ``v5p:2x2x1``, ``v6e:2x2``, any larger slice of those (``v5e:16x16``), and
@@ -67,6 +71,10 @@ NOT_FIT_REMEDY = ("shard the parameters and optimizer state over more chips "
                   "(--config.mesh.fsdp=N), recompute activations in the backward pass "
                   "(--config.model.remat_policy=dots_with_no_batch_dims), or a smaller "
                   "--config.batch_size")
+
+
+class DoesNotFit(ConfigError):
+  """A program needs more memory per device than the target has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +250,7 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
       traced_flops=traced_flops / num_devices, estimate_s=estimate, uncosted=uncosted,
       estimate_note=note)
   if result.hbm_bytes > tgt.memory_bytes:
-    raise ConfigError(
+    raise DoesNotFit(
         f"{name} does not fit on {tgt.name}: it needs {result.hbm_bytes / GiB:.2f} GiB of "
         f"{tgt.memory_name} per device, {tgt.device_kind} has {tgt.memory_bytes / GiB:.4g} "
         f"GiB; {NOT_FIT_REMEDY}")
@@ -253,14 +261,14 @@ _HBM_NEED = re.compile(r"required for HLO temporaries \(([\d.]+)(\w)\) exceeds a
                        r"HBM \(([\d.]+)(\w)\)")
 
 
-def _memory_error(name: str, tgt: Target, message: str) -> ConfigError | None:
+def _memory_error(name: str, tgt: Target, message: str) -> DoesNotFit | None:
   if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
     return None
   need = _HBM_NEED.search(message)
   figures = (f"its temporaries alone need {need.group(1)} {need.group(2)}iB of HBM per chip, "
              f"{need.group(3)} {need.group(4)}iB are available" if need else
              "it needs more HBM per chip than there is")
-  return ConfigError(f"{name} does not fit on {tgt.name} ({tgt.device_kind}, "
+  return DoesNotFit(f"{name} does not fit on {tgt.name} ({tgt.device_kind}, "
                      f"{tgt.memory_bytes / GiB:.4g} GiB HBM): {figures}; {NOT_FIT_REMEDY}")
 
 
@@ -333,6 +341,85 @@ def compile_all(config, tgt: Target, what=("train", "eval"), *, say=print) -> li
       results.append(compile_forward(config, tgt, r))
       say(format_cost(results[-1]))
   return results
+
+
+# ----------------------------------------------------------------------------- batch search
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+  """One compile of the batch search: its batch per device, whether it fit, and what it
+  needs per device (None where the compiler refused it)."""
+  batch_per_device: int
+  fits: bool
+  hbm_bytes: int | None = None
+
+
+def search_largest_batch(probe, *, capacity: int, start: int, step: int,
+                         limit: int) -> tuple[int, list[Probe]]:
+  """The largest multiple of `step` (at most `limit`) for which ``probe(b) -> Probe`` fits,
+  and the probes made, in order; 0 when not even `step` fits.
+
+  Memory grows about linearly with the batch, so once two fitting batches are measured
+  each next probe goes where their trend meets `capacity` (then one step past it, to
+  confirm); before that it doubles from `start`, and where the trend misleads it bisects
+  between the largest batch that fits and the smallest that does not."""
+  probes: dict[int, Probe] = {}
+  lo, hi = 0, limit + step   # lo fits (0: nothing yet), hi does not
+  b = min(max(step, start // step * step), limit)
+  while True:
+    if b not in probes:
+      probes[b] = probe(b)
+    if probes[b].fits:
+      lo = b
+    else:
+      hi = b
+    if hi - lo <= step:
+      return lo, list(probes.values())
+    nxt = 2 * lo if hi > limit else (lo + hi) // 2
+    measured = sorted((p.batch_per_device, p.hbm_bytes) for p in probes.values()
+                      if p.fits and p.hbm_bytes is not None)
+    if len(measured) >= 2:
+      (b1, m1), (b2, m2) = measured[-2], measured[-1]
+      if m2 > m1:
+        nxt = int(b2 + (capacity - m2) * (b2 - b1) / (m2 - m1))
+    b = min(max(nxt // step * step, lo + step), hi - step)
+
+
+def batch_step(config, tgt: Target, multiple: int = 8) -> int:
+  """The granularity of the batch search: a multiple of `multiple` whose global batch
+  (times the devices) every teacher group size divides, so that every batch searched is
+  one train.py accepts."""
+  devices = len(tgt.devices)
+  group = int(config.fusion.teacher_group_size or 0)
+  if group and config.fusion.teacher_r_max:
+    need = group // np.gcd(group, devices)
+    return int(np.lcm(multiple, need))
+  return multiple
+
+
+def largest_train_batch(config, tgt: Target, *, start: int = 32, limit: int = 4096,
+                        say=print) -> tuple[int, list[Probe]]:
+  """The largest train batch per device whose train step (``compile_train``) fits the
+  target's memory, found by compiling (``search_largest_batch``)."""
+  step = batch_step(config, tgt)
+  devices = len(tgt.devices)
+
+  def probe(b):
+    trial = config.copy_and_resolve_references()
+    trial.batch_size = b * devices
+    say(f"compiling the train step at {b} per device (global batch {b * devices}) ...")
+    try:
+      result = compile_train(trial, tgt)
+    except DoesNotFit as e:
+      say(f"  does not fit: {e}")
+      return Probe(b, False)
+    say(f"  fits: {result.hbm_bytes / GiB:.2f} GiB of {tgt.memory_bytes / GiB:.4g} per device "
+        f"(compiled in {result.compile_s:.0f} s)")
+    return Probe(b, True, result.hbm_bytes)
+
+  return search_largest_batch(probe, capacity=tgt.memory_bytes, start=start, step=step,
+                              limit=limit)
 
 
 # ----------------------------------------------------------------------------- output
@@ -411,6 +498,8 @@ def main(argv=None):
                       "v5p:2x2x2, ...) or cpu:N.")
   flags.DEFINE_list("programs", ["train", "eval"], "Which programs: train, eval.")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+  flags.DEFINE_bool("max_batch", False, "Instead of the programs, find the largest train "
+                    "batch per device whose train step fits (compiles it several times).")
   flags.mark_flags_as_required(["config"])
 
   def run(argv):
@@ -419,13 +508,28 @@ def main(argv=None):
     if unknown:
       cli.fail(f"--programs={','.join(flags_.programs)}: expected train and/or eval")
     config = flags_.config
+    say = lambda s: print(s, flush=True)  # noqa: E731
     try:
       tgt = target(flags_.topology)
       print(tgt.describe(), flush=True)
-      results = compile_all(config, tgt, tuple(flags_.programs),
-                            say=lambda s: print(s, flush=True))
+      if flags_.max_batch:
+        best, probes = largest_train_batch(config, tgt, say=say)
+      else:
+        results = compile_all(config, tgt, tuple(flags_.programs), say=say)
     except MctfError as e:
       cli.fail(str(e))
+    if flags_.max_batch:
+      failed = min((p.batch_per_device for p in probes if not p.fits), default=None)
+      print(f"\nlargest train batch that fits on {tgt.name}: {best} per device (global "
+            f"{best * len(tgt.devices)})" + (f"; {failed} per device does not fit"
+                                              if failed is not None else "") +
+            f" ({len(probes)} compiles)")
+      if flags_.json:
+        cli.write_json(flags_.json, {
+            "topology": tgt.name, "devices": len(tgt.devices),
+            "memory_bytes_per_device": tgt.memory_bytes, "largest_batch_per_device": best,
+            "probes": [dataclasses.asdict(p) for p in probes]})
+      return
     print()
     print(report(results, tgt))
     if flags_.json:
