@@ -106,23 +106,31 @@ def digits_config(arch=None) -> str:
   return f"--config={DIGITS_TINY}" + (f":{arch}" if arch else "")
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, env):
-  """trained(arch=None) -> (workdir, stdout) of one uninterrupted train.py run of
-  ``digits_config(arch)``, shared by the tests of every xdist worker (the first to get the
-  lock trains, the others reuse its workdir)."""
+def run_once(tmp_path_factory, name: str, make) -> tuple[str, str]:
+  """(directory, text): make(directory) -> text run once per test session for every xdist
+  worker (the first to take the lock runs it and keeps its text; the others read it)."""
   shared = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     shared = shared.parent
+  directory, text = shared / name, shared / f"{name}.out"
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not text.exists():
+      text.write_text(make(directory))
+  return str(directory), text.read_text()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, env):
+  """trained(arch=None) -> (workdir, stdout) of one uninterrupted train.py run of
+  ``digits_config(arch)``, shared by the tests of every xdist worker (``run_once``)."""
 
   def get(arch=None):
+    def train(workdir):
+      done = run(["train.py", digits_config(arch), f"--workdir={workdir}"], env)
+      assert done.returncode == 0, done.stdout + done.stderr
+      return done.stdout
     name = "uninterrupted" + (f"_{arch.replace(':', '_')}" if arch else "")
-    workdir, log = shared / name, shared / f"{name}.log"
-    with open(shared / f"{name}.lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      if not log.exists():
-        done = run(["train.py", digits_config(arch), f"--workdir={workdir}"], env)
-        assert done.returncode == 0, done.stdout + done.stderr
-        log.write_text(done.stdout)
-    return str(workdir), log.read_text()
+    return run_once(tmp_path_factory, name, train)
+
   return get

@@ -7,6 +7,7 @@ from an earlier checkpoint: tests/test_bad_storage.py).
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint
-from conftest import FAST_COMPILE, ROOT, digits_config, run
+from conftest import FAST_COMPILE, ROOT, digits_config, run, run_once
 
 CONFIG = digits_config()
 TOTAL = 44   # 2 epochs of 22 steps
@@ -214,17 +215,10 @@ def _processes(workdir, env, n=2, extra=(), kill=None):
 @pytest.fixture(scope="session")
 def two_processes(tmp_path_factory, env):
   """An uninterrupted run of train.py as two processes, shared by the tests of every xdist
-  worker (the first to get the lock runs it, the others read its workdir and outputs)."""
-  import fcntl
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent
-  workdir, outputs = shared / "two_processes", shared / "two_processes.json"
-  with open(shared / "two_processes.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not outputs.exists():
-      outputs.write_text(json.dumps(_processes(workdir, env)))
-  return workdir, [tuple(result) for result in json.loads(outputs.read_text())]
+  worker (``run_once``)."""
+  workdir, outputs = run_once(tmp_path_factory, "two_processes",
+                              lambda workdir: json.dumps(_processes(workdir, env)))
+  return pathlib.Path(workdir), [tuple(result) for result in json.loads(outputs)]
 
 
 def test_two_processes(two_processes):
