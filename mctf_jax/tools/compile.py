@@ -321,7 +321,7 @@ def eval_r_values(config) -> tuple:
   fusion = mctf_jax.fusion_config(config)
   r = cost.apply_budget(mctf_jax.model_config(config), fusion).r
   values = tuple(config.eval.r_values) or ((r, 0) if r else (0,))
-  values = tuple(normalize_r(v, "eval.r_values") for v in values)
+  values = tuple(normalize_r(v, "eval.r_values", fusion.method) for v in values)
   return values if 0 in values else values + (0,)
 
 
@@ -500,6 +500,8 @@ def main(argv=None):
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
   flags.DEFINE_bool("max_batch", False, "Instead of the programs, find the largest train "
                     "batch per device whose train step fits (compiles it several times).")
+  flags.DEFINE_integer("start_batch", 32, "With --max_batch: the first batch per device "
+                       "to compile (a batch known to fit saves the compiles below it).")
   flags.mark_flags_as_required(["config"])
 
   def run(argv):
@@ -513,7 +515,9 @@ def main(argv=None):
       tgt = target(flags_.topology)
       print(tgt.describe(), flush=True)
       if flags_.max_batch:
-        best, probes = largest_train_batch(config, tgt, say=say)
+        if flags_.start_batch < 1:
+          cli.fail(f"--start_batch={flags_.start_batch}: expected a batch per device >= 1")
+        best, probes = largest_train_batch(config, tgt, start=flags_.start_batch, say=say)
       else:
         results = compile_all(config, tgt, tuple(flags_.programs), say=say)
     except MctfError as e:
