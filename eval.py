@@ -89,7 +89,7 @@ def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughpu
   evaluation.check_image_outputs(model, "eval.py")
   budget = model.fusion.budget_choice   # how a FLOP budget chose r, if one did
   r_values = tuple(config.eval.r_values) or ((model.fusion.r, 0) if model.fusion.r else (0,))
-  r_values = tuple(normalize_r(r, "eval.r_values") for r in r_values)
+  r_values = tuple(normalize_r(r, "eval.r_values", model.fusion.method) for r in r_values)
   if not model.fusion.layers and any(r for r in r_values):
     raise mctf_jax.ConfigError(f"eval.r_values {list(r_values)} asks for fusion, but "
                                f"fusion.layers is empty; set --config.fusion.layers")

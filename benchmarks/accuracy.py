@@ -1,4 +1,4 @@
-r"""Accuracy at equal FLOPs: MCTF against ToMe and no fusion, with and without training.
+r"""Accuracy at equal FLOPs: MCTF against ToMe, PiToMe and no fusion, with and without training.
 
     python benchmarks/accuracy.py --workdir=workdirs/accuracy --json=workdirs/accuracy/acc.json \
         --plot=workdirs/accuracy/acc_vs_gflops.png
@@ -8,14 +8,15 @@ The paper's tables, on the cluttered digits (``configs/cluttered_digits.py``: 64
 
 1. a DeiT trained without fusion (``--base_epochs`` epochs; one model shared by every seed
    with ``--shared_base``, the default, else one per seed);
-2. "no training": that model evaluated with ToMe (``fusion.method='tome'``) and with MCTF at
+2. "no training": that model evaluated with ToMe (``fusion.method='tome'``), PiToMe
+   (``'pitome'``: a keep ratio per block) and with MCTF at
    each FLOP level of ``--levels`` (fractions of the plain model's FLOPs; each method gets
    the r whose FLOPs, counted as fvcore counts the official code, come closest to the level
    from below: ``mctf_jax.cost.budget_choice``), and the MCTF ablations (no
    one-step-ahead attention, no size criterion, no informativeness criterion; a level a
    method cannot reach is skipped and listed);
 3. "fine-tuned": the plain model fine-tuned ``--finetune_steps`` steps from its checkpoint
-   with ToMe's merging and with MCTF plus token reduction consistency (teacher r' below
+   with ToMe's and PiToMe's merging and with MCTF plus token reduction consistency (teacher r' below
    r/2) at each level, the same steps for the plain model (the reference), and the
    ablations (no one-step-ahead, no size, no informativeness, no consistency loss) at
    ``--ablation_level``;
@@ -71,6 +72,7 @@ flags.DEFINE_string("plot", None, "Draw top-1 against GFLOPs to this PNG.")
 METHODS = {
     "plain": "no fusion",
     "tome": "ToMe",
+    "pitome": "PiToMe",
     "mctf": "MCTF",
     "mctf_no_osa": "MCTF w/o one-step-ahead",
     "mctf_no_size": "MCTF w/o size criterion",
@@ -95,6 +97,8 @@ def fusion_section(method: str, layers, r=0, target_fraction: float = 0.0):
     return recipes.mctf_fusion(r=0.0, layers=layers, teacher_r_max=0.0)
   if method == "tome":
     fusion = recipes.tome_fusion(r=float(r), layers=layers)
+  elif method == "pitome":   # r: the keep ratio (0 before a budget chooses it)
+    fusion = recipes.pitome_fusion(keep_ratio=float(r), layers=layers)
   else:
     changes = {"mctf_no_osa": dict(one_step_ahead="off"), "mctf_no_size": dict(tau_size=0.0),
                "mctf_no_info": dict(tau_info=0.0)}
@@ -238,7 +242,8 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
   unreachable = set()
   for seed, base_dir in base_dirs.items():
     variables = None
-    for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info"):
+    for method in ("plain", "tome", "pitome", "mctf", "mctf_no_osa", "mctf_no_size",
+                   "mctf_no_info"):
       for level in ([None] if method == "plain" else levels):
         config = method_config(base, method, level)
         if config is None:
@@ -259,7 +264,8 @@ def run_benchmark(base, workdir: str, seeds: list[int], levels: list[float],
 
   # 3. Fine-tuning from the plain model, per seed.
   t0 = time.time()
-  runs = [("plain", None)] + [(m, l) for l in train_levels for m in ("tome", "mctf")] + [
+  runs = [("plain", None)] + [(m, l) for l in train_levels
+                              for m in ("tome", "pitome", "mctf")] + [
       (m, ablation_level) for m in ABLATIONS]
   for seed in seeds:
     base_dir = base_dirs[base_seeds[0] if FLAGS.shared_base else seed]
@@ -344,7 +350,7 @@ def plot(rows: list[dict], out: str, title: str) -> None:
 
   settings = ("no training", "fine-tuned")
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110, sharey=True)
-  styles = {"tome": ("tab:blue", "s-"), "mctf": ("tab:red", "o-"),
+  styles = {"tome": ("tab:blue", "s-"), "pitome": ("tab:cyan", "P-"), "mctf": ("tab:red", "o-"),
             "mctf_no_osa": ("tab:orange", "^--"), "mctf_no_size": ("tab:green", "v--"),
             "mctf_no_info": ("tab:brown", "<--"),
             "mctf_no_consistency": ("tab:purple", "D--")}

@@ -31,6 +31,10 @@ models/modules/blocks.py, utils/mctf.py):
 * ``fusion.method='tome'``, as fvcore counts ToMe's own code (facebookresearch/ToMe's timm
   patch): an ordinary attention on the T tokens, the matching ``a @ b^T`` on the keys
   averaged over heads (C / heads wide), then norm2 and the MLP on the O fused tokens;
+* ``fusion.method='pitome'``, as fvcore would count PiToMe's code (hchautran/PiToMe's DeiT
+  patch): ToMe's block, with the similarity of every unprotected token to every other
+  (``k @ k^T``, U x U on the C / heads wide keys, U = T minus the class token) in place of
+  ToMe's a @ b^T; its energies, sorts and selections are not products;
 * a block that fuses no token (fusion off, or too few tokens left for r) is an ordinary
   block. The official code does execute more in a listed block whose r comes out 0: the q, k
   attention for the matching, before ``mctf`` returns unmerged tokens; but that attention
@@ -174,9 +178,13 @@ def _norm(m, tokens: int) -> int:
 
 def _matching(m, fusion: FusionConfig, tokens: int) -> int:
   """The similarity a @ b^T between the even and the odd tokens: a C-wide metric (the
-  block's tokens), or ToMe's, the keys averaged over heads (C / heads wide)."""
+  block's tokens), or ToMe's, the keys averaged over heads (C / heads wide); PiToMe's is
+  every unprotected token's to every other, on the same keys."""
   if fusion.method == "tome":
     return (tokens + 1) // 2 * (tokens // 2) * (m.embed_dim // m.num_heads)
+  if fusion.method == "pitome":
+    unprotected = tokens - m.num_protected
+    return unprotected * unprotected * (m.embed_dim // m.num_heads)
   return (tokens + 1) // 2 * (tokens // 2) * m.embed_dim if fusion.tau_sim else 0
 
 
@@ -211,7 +219,7 @@ def _block(m, fusion: FusionConfig, plan: LayerPlan, implementation: str,
     attend_width = c if fusion.pooling != "max" else m.num_heads * t
     merge = [("merge", _merge_onehot(m, fusion, plan, attend_width,
                                      mode == "approx" and fusion.method == "mctf"))]
-  if fusion.method == "tome":
+  if fusion.method in ("tome", "pitome"):
     # The attention on T tokens, the matching on its keys, the MLP on the O fused tokens.
     return [("norm", _norm(m, t)), ("qkv", t * c * 3 * c), ("scores", _attention(m, t, t)),
             ("attend", _attention(m, t, t)), ("proj", t * c * c), matching,
@@ -314,13 +322,18 @@ class BudgetChoice:
 
 
 def _kind(r):
-  """A representative of r's kind (count or ratio), so that the cache holds one entry."""
+  """A representative of r's kind (count or ratio; for PiToMe any keep ratio is of its
+  kind), so that the cache holds one entry."""
   return 0.5 if isinstance(r, float) else 0
 
 
 def _budget_candidates(m, fusion: FusionConfig) -> list:
-  """The r values a budget chooses among, in increasing order: counts 0..tokens (no count
-  above removes more), or ratios on the RATIO_STEP grid when fusion.r is a ratio."""
+  """The r values a budget chooses among, from the least fusion to the most: counts
+  0..tokens (no count above removes more), or ratios on the RATIO_STEP grid when fusion.r
+  is a ratio; for PiToMe, 0 (no fusion), then keep ratios from 1 - RATIO_STEP down to 0.5."""
+  if fusion.method == "pitome":
+    steps = round(0.5 / RATIO_STEP)
+    return [0] + [round(1 - i * RATIO_STEP, 6) for i in range(1, steps + 1)]
   if isinstance(fusion.r, float):
     steps = round(1 / RATIO_STEP)
     return [0] + [round(i * RATIO_STEP, 6) for i in range(1, steps)]

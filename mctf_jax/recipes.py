@@ -70,7 +70,8 @@ def big_vision_config(model: ml_collections.ConfigDict, r: float, crop_pct: floa
 def mctf_fusion(**changes) -> ml_collections.ConfigDict:
   """MCTF as the official scripts run it (mctf_type [16,8,0,1,1,1,20,40,1,1,0])."""
   fusion = ml_collections.ConfigDict(dict(
-      method="mctf",              # 'mctf' | 'tome' (ToMe itself; see configs/tome.py)
+      method="mctf",              # 'mctf' | 'tome' (ToMe itself; configs/tome.py) | 'pitome'
+                                  # (PiToMe; configs/pitome.py: r is then a keep ratio)
       r=16.0,                     # tokens removed per fused block (or a ratio < 1); a
                                   # float so that overrides may give either
       inflection=0.0,             # ToMe's decreasing schedule (r, inflection); 0: constant
@@ -94,6 +95,7 @@ def mctf_fusion(**changes) -> ml_collections.ConfigDict:
       # fraction of the unfused model's FLOPs (0: none; see mctf_jax/cost.py).
       target_gflops=0.0,
       target_fraction=0.0,
+      pitome_margin=0.75,         # method 'pitome': energy margin m (block l: m - m l / L)
   ))
   fusion.update(changes)
   return fusion
@@ -174,6 +176,15 @@ def tome_fusion(r=13, layers=tuple(range(12))) -> ml_collections.ConfigDict:
   from mctf_jax.fusion.config import TOME_FIXED
   return mctf_fusion(method="tome", r=r, layers=layers, prop_attn=True, teacher_r_max=0.0,
                      **TOME_FIXED)
+
+
+def pitome_fusion(keep_ratio=0.925, layers=tuple(range(12))) -> ml_collections.ConfigDict:
+  """PiToMe itself (``fusion.method='pitome'``) keeping the fraction `keep_ratio` of the
+  tokens in each of `layers`, with its DeiT margins 0.75 - 0.75 l / L: the MCTF fields it
+  ignores keep PiToMe's values, no consistency teacher."""
+  from mctf_jax.fusion.config import PITOME_FIXED, PITOME_MARGIN
+  return mctf_fusion(method="pitome", r=keep_ratio, layers=layers, teacher_r_max=0.0,
+                     pitome_margin=PITOME_MARGIN, **PITOME_FIXED)
 
 
 # ----------------------------------------------------------------------------- LV-ViT

@@ -21,7 +21,7 @@ def test_methods_meet_the_flop_level_with_their_own_r():
   base = cluttered_digits.get_config()
   plain = accuracy.gflops(accuracy.method_config(base, "plain", None))
   seen = {}
-  for method in ("tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info",
+  for method in ("tome", "pitome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info",
                  "mctf_no_consistency"):
     config = accuracy.method_config(base, method, 0.5)
     fraction = accuracy.gflops(config) / plain
@@ -29,6 +29,7 @@ def test_methods_meet_the_flop_level_with_their_own_r():
     assert config.fusion.target_fraction == 0 and config.fusion.layers == (0, 1, 2, 3)
     seen[method] = config.fusion
   assert seen["tome"].method == "tome" and seen["tome"].teacher_r_max == 0
+  assert seen["pitome"].method == "pitome" and 0.5 <= seen["pitome"].r < 1
   mctf = seen["mctf"]
   assert mctf.method == "mctf" and mctf.one_step_ahead == "approx" and mctf.tau_size == 40
   assert mctf.teacher_r_max == round(mctf.r / 2)
@@ -71,9 +72,11 @@ def test_accuracy_benchmark_runs_shrunk(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   figures = json.loads(out.read_text())
   rows = {(r["setting"], r["method"]) for r in figures["rows"]}
-  for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_info"):
+  for method in ("plain", "tome", "pitome", "mctf", "mctf_no_osa", "mctf_no_size",
+                 "mctf_no_info"):
     assert ("no training", method) in rows
-  for method in ("plain", "tome", "mctf", "mctf_no_osa", "mctf_no_size", "mctf_no_consistency"):
+  for method in ("plain", "tome", "pitome", "mctf", "mctf_no_osa", "mctf_no_size",
+                 "mctf_no_consistency"):
     assert ("fine-tuned", method) in rows
   for row in figures["rows"]:
     assert 0 <= row["mean"] <= 100 and row["n"] == 1

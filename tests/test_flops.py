@@ -187,10 +187,13 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                  if f.endswith(".py") and f not in ("__init__.py", "default.py"))
 
 
-def _less_fused(r):
-  """The candidate next to r with less fusion (None at no fusion)."""
+def _less_fused(r, method="mctf"):
+  """The candidate next to r with less fusion (None at no fusion); PiToMe's r is a keep
+  ratio, so less fusion is a larger one."""
   if r == 0:
     return None
+  if method == "pitome":
+    return round(r + cost.RATIO_STEP, 6) if r < 1 - cost.RATIO_STEP else 0
   return r - 1 if isinstance(r, int) else round(r - cost.RATIO_STEP, 6) or 0
 
 
@@ -198,8 +201,9 @@ def _less_fused(r):
 def test_flop_budget_met_from_below_for_every_config(name):
   config = _config(name)
   unfused = cost.count_flops(config, r=0).total
-  least = min(cost.count_flops(config, r=r).total
-              for r in (config.fusion.r, 0.99 if config.fusion.r < 1 else 1000))
+  pitome = config.fusion.method == "pitome"
+  most = 0.5 if pitome else 0.99 if config.fusion.r < 1 else 1000   # the most fusion
+  least = min(cost.count_flops(config, r=r).total for r in (config.fusion.r, most))
   # Budgets a quarter, half and three quarters of the way from the least FLOPs any r reaches
   # (at most the config's r's) to the unfused model's.
   for budget in (dict(target_fraction=(least + 0.75 * (unfused - least)) / unfused),
@@ -220,7 +224,7 @@ def test_flop_budget_met_from_below_for_every_config(name):
     # exceeds it (so no r comes closer from below, FLOPs falling as r grows).
     assert cost.model_flops(model).total == choice.flops <= target
     assert cost.count_flops(config).total == choice.flops
-    less = _less_fused(choice.r)
+    less = _less_fused(choice.r, config.fusion.method)
     assert less is None or cost.count_flops(config, r=less).total > target
 
 

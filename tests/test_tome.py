@@ -127,7 +127,8 @@ def test_r_forms():
     (dict(r=(4, 4), layers=(0,)), r"removes tokens at block\(s\) \[1\], which fusion.layers"),
     (dict(r=(4, 0.5)), r"holds token counts .* not ratios such as 0.5"),
     (dict(r=(1, 1, 1, 1, 0)), r"lists 5 per-block counts \[1, 1, 1, 1, 0\] for a model of 4"),
-    (dict(method="ToMe"), r"fusion.method must be one of \('mctf', 'tome'\), got 'ToMe'"),
+    (dict(method="ToMe"),
+     r"fusion.method must be one of \('mctf', 'tome', 'pitome'\), got 'ToMe'"),
 ])
 def test_bad_settings(fusion, message):
   with pytest.raises(ConfigError, match=message):

@@ -11,7 +11,7 @@ module of the backbone's own; the driver only calls these members:
     block.attention_values(h_BxTxC) -> v_BxHxTxd    the values, head-major
     block.attention_probs_and_keys(h_BxTxC, bias_BxT) -> (probs_BxHxTxT, k_BxHxTxd)
         the probabilities and the keys they came from, head-major (only
-        fusion.method='tome' calls it, instead of attention_probs: ToMe's metric)
+        fusion.method 'tome' and 'pitome' call it, instead of attention_probs: their metric)
     block.attention_output(out_BxTxHxd, deterministic) -> y_BxTxC
         the heads joined and projected (and the projection's dropout)
     block.norm2(x_BxTxC) -> h_BxTxC                  the MLP branch's norm
@@ -35,7 +35,8 @@ The three modes (``fusion.one_step_ahead``) on a block that fuses:
 
 With ``fusion.method='tome'`` a fusing block is ToMe's: the attention on the unfused
 tokens, then the fusion with the attention's keys averaged over heads as the metric, then
-the MLP on the fused tokens.
+the MLP on the fused tokens. ``fusion.method='pitome'`` runs the same block with PiToMe's
+matching (``fusion.pitome``).
 
 Every protocol call runs in a ``vit_<part>`` named scope (``scopes.PARTS``), so profiles
 split any backbone's time by part.
@@ -61,7 +62,8 @@ def run_block(block, state: TokenState, step, deterministic: bool = True,
   """
   mode = None
   if step.fuses:
-    mode = "tome" if step.config.method == "tome" else step.config.one_step_ahead
+    # PiToMe merges where ToMe does, on the same metric (its matching differs: steps.py).
+    mode = "tome" if step.config.method in ("tome", "pitome") else step.config.one_step_ahead
   x = state.x_BxTxC
 
   def probs_of(h, size):
@@ -123,5 +125,5 @@ def _probs_and_keys(block):
   method = getattr(block, "attention_probs_and_keys", None)
   if method is None:
     raise TypeError(f"{type(block).__name__} has no attention_probs_and_keys(h, bias), which "
-                    f"fusion.method='tome' needs (ToMe's metric is the attention's keys)")
+                    f"fusion.method 'tome' and 'pitome' need (their metric is the keys)")
   return method

@@ -13,7 +13,7 @@ from typing import Any
 
 from mctf_jax.errors import ConfigError, is_int, is_number
 
-METHODS = ("mctf", "tome")
+METHODS = ("mctf", "tome", "pitome")
 ONE_STEP_AHEAD_MODES = ("off", "approx", "precise")
 POOLING_MODES = ("size", "attn", "max", "mean")
 MERGE_IMPLS = ("auto", "scatter", "matmul")
@@ -29,15 +29,62 @@ TOME_FIXED = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
                   bidirectional=False, pooling="size")
 
 
-def normalize_r(r, name: str = "fusion.r") -> int | float | tuple[int, ...]:
+# method='pitome' merges as PiToMe (Tran et al. 2024) does: between the attention and the
+# MLP, size-weighted, one-directional, no proportional attention; these MCTF fields keep
+# the values that say so.
+PITOME_FIXED = dict(one_step_ahead="off", tau_sim=1.0, tau_info=0.0, tau_size=0.0,
+                    bidirectional=False, pooling="size", prop_attn=False)
+# PiToMe's own DeiT setting: every block keeps this fraction of its tokens, and block l of
+# L has the energy margin m - m l / L with this m.
+PITOME_KEEP_RATIO = 0.925
+PITOME_MARGIN = 0.75
+
+
+def normalize_keep_ratio(r, name: str = "fusion.r") -> int | float | tuple:
+  """Checks PiToMe's r, the fraction of its tokens each block keeps (PiToMe's `ratio`).
+
+  A value in [0.5, 1) keeps that fraction: a block of T unprotected tokens merges
+  floor(T - T * r) of them. 0 (the plain model) and 1 merge nothing. A list or tuple gives
+  each block its own fraction (the blocks beyond its end keep everything). PiToMe cannot
+  run below 0.5: its protected blocks take 2 r' candidates out of T tokens.
+  """
+  if isinstance(r, (list, tuple)):
+    return tuple(normalize_keep_ratio(v, f"{name}[{i}]") for i, v in enumerate(r))
+  if not is_number(r) or (isinstance(r, float) and not math.isfinite(r)):
+    raise ConfigError(f"{name} must be PiToMe's keep ratio, a number in [0.5, 1] (0: no "
+                      f"fusion), got {r!r}")
+  if r == 0 or r == 1:
+    return int(r)
+  if not 0.5 <= r < 1:
+    raise ConfigError(f"{name}={r!r}: with fusion.method='pitome' r is the fraction of the "
+                      f"tokens each block keeps (PiToMe's ratio), in [0.5, 1]; 0 or 1 for "
+                      f"no fusion")
+  return float(r)
+
+
+def pitome_margins(margin, depth: int) -> tuple[float, ...]:
+  """The energy margin of each of `depth` blocks: a number m gives PiToMe's schedule
+  m - m l / L (as its DeiT patch computes it), a sequence one margin per block."""
+  if isinstance(margin, tuple):
+    if len(margin) != depth:
+      raise ConfigError(f"fusion.pitome_margin lists {len(margin)} per-block margins "
+                        f"{list(margin)!r} for a model of {depth} blocks")
+    return margin
+  return tuple(margin - margin * layer / depth for layer in range(depth))
+
+
+def normalize_r(r, name: str = "fusion.r",
+                method: str = "mctf") -> int | float | tuple[int, ...]:
   """Checks an r and returns it as an int count, a float ratio in (0, 1) or a tuple of
-  per-block counts.
+  per-block counts; for method 'pitome', a keep ratio (``normalize_keep_ratio``).
 
   r >= 1 is a number of tokens removed per fused layer and must be a whole number
   (16 or 16.0); 0 < r < 1 is a ratio of the tokens (MCTF-Fast's 0.35); 0 disables fusion.
   A list or tuple gives each block its own count (ToMe's list form: entry l for block l,
   the blocks beyond its end remove none).
   """
+  if method == "pitome":
+    return normalize_keep_ratio(r, name)
   if isinstance(r, (list, tuple)):
     counts = tuple(normalize_r(v, f"{name}[{i}]") for i, v in enumerate(r))
     ratios = [v for v in counts if isinstance(v, float)]
@@ -101,6 +148,9 @@ class FusionConfig:
     the budget from below (``mctf_jax.cost.apply_budget``; ``create_model`` applies
     it). 0: no budget.
   target_fraction: the same budget as a fraction in (0, 1] of the unfused model's FLOPs.
+  pitome_margin: method 'pitome': the energy margin, a number m for PiToMe's schedule
+    m - m l / L over the L blocks (its DeiT setting: 0.75), or one margin per block, each
+    in [-1, 1] (a cosine similarity's range).
   train_scan_blocks: in the train step's padded paths, run each stretch of alike blocks
     (same array width in and out, all fusing or none: at full width, the teacher's fused
     blocks) as one ``lax.scan`` over stacked parameters, so that XLA compiles and
@@ -126,6 +176,7 @@ class FusionConfig:
   train_scan_blocks: bool = True
   target_gflops: float = 0.0
   target_fraction: float = 0.0
+  pitome_margin: float | tuple[float, ...] = PITOME_MARGIN
   # How a FLOP budget chose r (mctf_jax.cost.BudgetChoice), kept by create_model; not a
   # setting (neither compared nor hashed), and dropped when a change may move the FLOPs.
   budget_choice: Any = dataclasses.field(default=None, compare=False, repr=False,
@@ -142,7 +193,7 @@ class FusionConfig:
     return dataclasses.replace(self, **changes)
 
   def __post_init__(self):
-    object.__setattr__(self, "r", normalize_r(self.r, "fusion.r"))
+    object.__setattr__(self, "r", normalize_r(self.r, "fusion.r", self.method))
     object.__setattr__(self, "teacher_r_max",
                        normalize_r(self.teacher_r_max, "fusion.teacher_r_max"))
     layers = self.layers
@@ -161,7 +212,8 @@ class FusionConfig:
       raise ConfigError(f"fusion.layers lists block(s) {repeated} more than once: {layers!r}")
     object.__setattr__(self, "layers", tuple(sorted(layers)))
     if isinstance(self.r, tuple):
-      outside = [l for l, n in enumerate(self.r) if n and l not in layers]
+      merges = (lambda n: n not in (0, 1)) if self.method == "pitome" else bool
+      outside = [l for l, n in enumerate(self.r) if merges(n) and l not in layers]
       if outside:
         raise ConfigError(f"fusion.r={list(self.r)!r} removes tokens at block(s) {outside}, "
                           f"which fusion.layers={list(self.layers)!r} does not list")
@@ -226,6 +278,37 @@ class FusionConfig:
         raise ConfigError(
             f"fusion.method='tome' merges as ToMe does, so these MCTF fields have no effect "
             f"and must read {TOME_FIXED}; got {other}")
+
+    margin = self.pitome_margin
+    if isinstance(margin, list):
+      margin = tuple(margin)
+    values = margin if isinstance(margin, tuple) else (margin,)
+    if not values or any(not is_number(m) or not math.isfinite(m) or not -1 <= m <= 1
+                         for m in values):
+      raise ConfigError(f"fusion.pitome_margin must be a number in [-1, 1] (PiToMe's schedule "
+                        f"m - m l / L) or one such margin per block, got {self.pitome_margin!r}")
+    object.__setattr__(self, "pitome_margin", tuple(float(m) for m in margin)
+                       if isinstance(margin, tuple) else float(margin))
+    if self.method == "pitome":
+      other = {k: getattr(self, k) for k, v in PITOME_FIXED.items() if getattr(self, k) != v}
+      if other:
+        raise ConfigError(
+            f"fusion.method='pitome' merges as PiToMe does, so these MCTF fields have no "
+            f"effect and must read {PITOME_FIXED}; got {other}")
+      if self.teacher_r_max:
+        raise ConfigError(
+            f"fusion.method='pitome' trains without MCTF's consistency loss: "
+            f"fusion.teacher_r_max={self.teacher_r_max!r} asks for its teacher, which "
+            f"PiToMe does not have here; set it to 0")
+      if self.inflection:
+        raise ConfigError(f"fusion.inflection={self.inflection!r} shapes ToMe's and MCTF's "
+                          f"token counts; fusion.method='pitome' takes a keep ratio per block")
+
+  @classmethod
+  def pitome(cls, r: float | tuple = PITOME_KEEP_RATIO, layers=(), **changes) -> "FusionConfig":
+    """PiToMe itself (method 'pitome'), keeping the fraction r of the tokens in `layers`."""
+    return cls(r=r, layers=layers, **{**PITOME_FIXED, "method": "pitome",
+                                      "teacher_r_max": 0, **changes})
 
   @classmethod
   def tome(cls, r: int | tuple[int, ...] = 13, layers=(), **changes) -> "FusionConfig":

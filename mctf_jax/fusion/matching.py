@@ -99,13 +99,13 @@ def interleave(a_BxA: jax.Array, b_BxB: jax.Array) -> jax.Array:
   return jnp.concatenate([pairs, a_BxA[:, num_b:]], axis=-1)
 
 
-def _position_of(values_BxN: jax.Array, wanted: range) -> jax.Array:
+def position_of(values_BxN: jax.Array, wanted: range) -> jax.Array:
   """For each wanted value, the index n of the (unique) entry values[b, n] equal to it."""
   hit_BxKxN = values_BxN[:, None, :] == jnp.asarray(list(wanted), values_BxN.dtype)[None, :, None]
   return first_index(hit_BxKxN, axis=-1)
 
 
-def _prepend(prefix_K, local_BxL: jax.Array) -> jax.Array:
+def prepend(prefix_K, local_BxL: jax.Array) -> jax.Array:
   """The protected tokens' values (the same for every example) before the others'."""
   if not len(prefix_K):
     return local_BxL
@@ -120,8 +120,8 @@ def _token_dest(dest_a_BxA, dest_b_BxB, num_protected: int) -> jax.Array:
   protected_a, protected_b = protected_split(num_protected)
   if num_protected:
     dest_a_BxA, dest_b_BxB = dest_a_BxA + num_protected, dest_b_BxB + num_protected
-  return interleave(_prepend(range(0, 2 * protected_a, 2), dest_a_BxA),
-                    _prepend(range(1, 2 * protected_b, 2), dest_b_BxB))
+  return interleave(prepend(range(0, 2 * protected_a, 2), dest_a_BxA),
+                    prepend(range(1, 2 * protected_b, 2), dest_b_BxB))
 
 
 # ----------------------------------------------------------------------------- the core
@@ -200,19 +200,19 @@ def bipartite_matching(scores_BxAxB: jax.Array, *, r_ab: int, r_ba: int,
   num_a, num_b = sides.keep_a.shape[1], sides.dest_b.shape[1]
 
   if bidirectional:
-    kept_b_BxK = _position_of(sides.rank_b, range(r_ba, num_b))
-    moved_b_BxR = _position_of(sides.rank_b, range(r_ba))
+    kept_b_BxK = position_of(sides.rank_b, range(r_ba, num_b))
+    moved_b_BxR = position_of(sides.rank_b, range(r_ba))
   else:
     kept_b_BxK = jnp.broadcast_to(jnp.arange(num_b, dtype=jnp.int32), (batch, num_b))
     moved_b_BxR = jnp.zeros((batch, 0), jnp.int32)
-  kept_a_BxK = _position_of(jnp.where(sides.keep_a, sides.dest_a, -1), range(num_a - r_ab))
+  kept_a_BxK = position_of(jnp.where(sides.keep_a, sides.dest_a, -1), range(num_a - r_ab))
 
   # Local indices -> token indices (A entry i is token 2 (protected_a + i), B entry j is
   # token 2 (protected_b + j) + 1); the protected tokens keep their places in front.
   dest_BxT = _token_dest(sides.dest_a, sides.dest_b, num_protected)
-  anchor_BxO = _prepend(range(num_protected), jnp.concatenate(
+  anchor_BxO = prepend(range(num_protected), jnp.concatenate(
       [2 * (kept_a_BxK + protected_a), 2 * (kept_b_BxK + protected_b) + 1], axis=-1))
-  moved_BxR = jnp.concatenate([2 * (_position_of(sides.rank_a, range(r_ab)) + protected_a),
+  moved_BxR = jnp.concatenate([2 * (position_of(sides.rank_a, range(r_ab)) + protected_a),
                                2 * (moved_b_BxR + protected_b) + 1], axis=-1)
   moved_dest_BxR = jnp.take_along_axis(dest_BxT, moved_BxR, axis=-1)
   return Matching(dest_BxT, anchor_BxO, moved_BxR, moved_dest_BxR)
@@ -252,10 +252,10 @@ def bipartite_matching_padded(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_a
   # Over all tokens: the protected ones are kept in place and never move.
   dest_BxT = jnp.where(valid_BxT, _token_dest(sides.dest_a, sides.dest_b, num_protected),
                        0)[:, :num_in]
-  kept_BxT = interleave(_prepend([True] * protected_a, sides.keep_a),
-                        _prepend([True] * protected_b, valid_b & ~sides.moved_b))[:, :num_in]
-  slot_BxT = interleave(_prepend([-1] * protected_a, jnp.where(sides.moved_a, sides.rank_a, -1)),
-                        _prepend([-1] * protected_b, slot_b))[:, :num_in]
+  kept_BxT = interleave(prepend([True] * protected_a, sides.keep_a),
+                        prepend([True] * protected_b, valid_b & ~sides.moved_b))[:, :num_in]
+  slot_BxT = interleave(prepend([-1] * protected_a, jnp.where(sides.moved_a, sides.rank_a, -1)),
+                        prepend([-1] * protected_b, slot_b))[:, :num_in]
   # Each real output slot is built on the one kept token sent there; the slots that get
   # none are padding. (Derived from the arrays, not from r: only the matching's own small
   # kernels read the runtime r, so the kernels of every block are alike.)

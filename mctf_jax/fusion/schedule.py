@@ -12,9 +12,10 @@ see it::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from mctf_jax.errors import ConfigError, is_int
-from mctf_jax.fusion.config import FusionConfig, normalize_r
+from mctf_jax.fusion.config import FusionConfig, normalize_r, pitome_margins
 
 # The reference never fuses below this many tokens.
 MIN_TOKENS = 10
@@ -30,12 +31,17 @@ class LayerPlan:
     r: tokens this block removes (0: an ordinary block).
     r_ab: tokens of set A (even positions) merged into set B.
     r_ba: tokens of set B (odd positions) merged into the unmerged A tokens.
+    margin: method 'pitome': the block's energy margin (None otherwise).
+    protect: method 'pitome': whether the block protects its low-energy tokens (the second
+      half of the blocks) or matches all of them (the first half).
   """
   layer: int
   tokens_in: int
   r: int = 0
   r_ab: int = 0
   r_ba: int = 0
+  margin: float | None = None
+  protect: bool = False
 
   @property
   def tokens_out(self) -> int:
@@ -80,7 +86,16 @@ class Schedule:
   def __str__(self) -> str:
     lines = [f"fusion schedule (r={self.r!r}): {self.tokens_in} -> {self.tokens_out} tokens",
              "  layer  tokens_in    r  (A->B, B->A)  tokens_out"]
+    pitome = any(p.margin is not None for p in self.layers)
+    if pitome:
+      lines[1] = "  layer  tokens_in    r  margin  matching  tokens_out"
     for p in self.layers:
+      if pitome:
+        how = ("protects" if p.protect else "all") if p.fuses else ""
+        margin = f"{p.margin:6.3f}" if p.fuses else ""
+        lines.append(f"  {p.layer:5d}  {p.tokens_in:9d}  {p.r:3d}  {margin:>6s}  {how:>8s}  "
+                     f"{p.tokens_out:10d}")
+        continue
       split = f"({p.r_ab:3d}, {p.r_ba:3d})" if p.fuses else "          "
       lines.append(f"  {p.layer:5d}  {p.tokens_in:9d}  {p.r:3d}  {split:>12s}  "
                    f"{p.tokens_out:10d}")
@@ -109,6 +124,15 @@ def tome_r(r: int, tokens: int, num_protected: int = 1) -> int:
   return max(min(int(r), (tokens - num_protected) // 2), 0)
 
 
+def pitome_r(keep_ratio: float, tokens: int) -> int:
+  """Tokens one PiToMe block merges away from `tokens` unprotected tokens, as its code
+  computes it: floor(T - T * ratio) in double precision (not T * (1 - ratio), which is one
+  less for some T); a keep ratio of 0 or 1 merges none."""
+  if keep_ratio in (0, 1):
+    return 0
+  return max(math.floor(tokens - tokens * keep_ratio), 0)
+
+
 def per_block_r(r, depth: int, inflection: float = 0.0) -> list:
   """The r of each of `depth` blocks before the token-count limits, as ToMe's ``parse_r``
   reads its forms: a per-block list (zeros beyond its end), or a count with an inflection
@@ -130,7 +154,7 @@ def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
   """The schedule of a stack of `depth` blocks entered by `num_tokens` tokens, the first
   `num_protected` of which are never merged, under `fusion`, at fusion.r or at the r given
   (``fusion.inflection`` applies to either)."""
-  r = fusion.r if r is None else normalize_r(r, "r")
+  r = fusion.r if r is None else normalize_r(r, "r", fusion.method)
   if not is_int(num_protected) or not 0 <= num_protected < num_tokens:
     raise ConfigError(f"num_protected={num_protected!r}: expected an int in "
                       f"[0, {num_tokens}) (the leading tokens never merged)")
@@ -138,6 +162,8 @@ def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
   if fusion.inflection and not is_int(r):
     raise ConfigError(f"fusion.inflection={fusion.inflection!r} needs a token count r, "
                       f"got r={r!r}")
+  if fusion.method == "pitome":
+    return _pitome_schedule(fusion, r, num_tokens, depth, num_protected)
   block_r = per_block_r(r, depth, fusion.inflection)
   tokens = num_tokens
   plans = []
@@ -152,6 +178,32 @@ def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
       else:
         r_ab, r_ba = n, 0
       plan = LayerPlan(layer, tokens, n, r_ab, r_ba)
+    else:
+      plan = LayerPlan(layer, tokens)
+    plans.append(plan)
+    tokens = plan.tokens_out
+  return Schedule(tuple(plans), r, num_protected)
+
+
+def _pitome_schedule(fusion: FusionConfig, r, num_tokens: int, depth: int,
+                     num_protected: int) -> Schedule:
+  """PiToMe's schedule: block l keeps the fraction r (or r[l]) of its unprotected tokens,
+  with the margin of ``pitome_margins``; the first ceil(L/2) blocks match all their
+  tokens, the others protect the low-energy ones (its DeiT patch). A block whose count
+  comes out 0 is an ordinary one."""
+  if isinstance(r, tuple) and len(r) > depth:
+    raise ConfigError(f"fusion.r lists {len(r)} per-block keep ratios {list(r)!r} for a model "
+                      f"of {depth} blocks")
+  ratios = list(r) + [1] * (depth - len(r)) if isinstance(r, tuple) else [r] * depth
+  margins = pitome_margins(fusion.pitome_margin, depth)
+  first_protecting = (depth + 1) // 2
+  tokens = num_tokens
+  plans = []
+  for layer in range(depth):
+    n = pitome_r(ratios[layer], tokens - num_protected) if layer in fusion.layers else 0
+    if n:
+      plan = LayerPlan(layer, tokens, n, n, 0, margin=margins[layer],
+                       protect=layer >= first_protecting)
     else:
       plan = LayerPlan(layer, tokens)
     plans.append(plan)

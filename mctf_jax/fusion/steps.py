@@ -19,6 +19,7 @@ from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.matching import Matching, bipartite_matching, bipartite_matching_padded
 from mctf_jax.fusion.merge import fuse_tokens, update_token_map
 from mctf_jax.fusion.padded import pad_tokens
+from mctf_jax.fusion.pitome import pitome_matching
 from mctf_jax.fusion.schedule import LayerPlan
 from mctf_jax.fusion.scores import attention_received, matching_scores, similarity_scores
 
@@ -106,10 +107,14 @@ class ExactStep:
     received_BxT = None
     if probs_BxHxTxT is not None:
       received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype))
-    scores = _scores(cfg, metric_BxTxC, received_BxT, state.size_BxT, self.num_protected)
-    match = bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
-                               bidirectional=cfg.bidirectional,
-                               num_protected=self.num_protected)
+    if cfg.method == "pitome":
+      match = pitome_matching(metric_BxTxC, r=plan.r, margin=plan.margin, protect=plan.protect,
+                              num_protected=self.num_protected)
+    else:
+      scores = _scores(cfg, metric_BxTxC, received_BxT, state.size_BxT, self.num_protected)
+      match = bipartite_matching(scores, r_ab=plan.r_ab, r_ba=plan.r_ba,
+                                 bidirectional=cfg.bidirectional,
+                                 num_protected=self.num_protected)
     size_BxT = state.size_BxT
     if size_BxT is None:
       size_BxT = jnp.ones((batch, tokens), jnp.promote_types(state.x_BxTxC.dtype, jnp.float32))
@@ -142,6 +147,9 @@ class PaddedStep:
   def __post_init__(self):
     if self.fuses and self.config.pooling == "max":
       raise ValueError("padded blocks do not support pooling='max'")
+    if self.fuses and self.config.method == "pitome":
+      raise ValueError("padded blocks do not support fusion.method='pitome' (it has no "
+                       "teacher)")
 
   def key_bias(self, size_BxT):
     """Proportional attention, or (without it) a mask: padding keys (size 0) get -inf."""

@@ -407,7 +407,7 @@ def main(argv=None):
       r = None
       if FLAGS.r is not None:
         try:
-          r = normalize_r(float(FLAGS.r), "--r")
+          r = normalize_r(float(FLAGS.r), "--r", mctf_jax.fusion_config(config).method)
         except ValueError as e:
           raise ConfigError(str(e) if isinstance(e, ConfigError) else
                             f"--r must be a number (a token count or a ratio < 1), got "

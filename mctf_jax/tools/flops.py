@@ -153,7 +153,7 @@ def main(argv=None):
         except ValueError:
           raise ConfigError(f"--r must be a number (a token count or a ratio < 1), got "
                             f"{FLAGS.r!r}")
-        r = normalize_r(r, "--r")
+        r = normalize_r(r, "--r", fusion_config(config).method)
       report = count_flops(config, r=r, implementation=FLAGS.implementation)
       base = count_flops(config, r=0, implementation=FLAGS.implementation)
     except ConfigError as e:
@@ -164,8 +164,8 @@ def main(argv=None):
     if fusion.has_budget and r is None:
       print(budget_choice(config))
     if report.schedule.fuses:
-      how = ("ToMe" if fusion.method == "tome"
-             else f"MCTF (one-step-ahead {fusion.one_step_ahead})")
+      how = {"tome": "ToMe", "pitome": "PiToMe (r: keep ratio)"}.get(
+          fusion.method, f"MCTF (one-step-ahead {fusion.one_step_ahead})")
       inflection = f", inflection {fusion.inflection!r}" if fusion.inflection else ""
       print(f"{how} r={report.schedule.r!r}{inflection} on blocks {list(fusion.layers)}: "
             f"{report.gflops:.3f} GFLOPs, per block {[p.r for p in report.schedule.layers]}, "

@@ -348,8 +348,8 @@ def _merges(FLAGS) -> None:
   if FLAGS.layers not in ("all", "final"):
     fail(f"--layers must be 'all' or 'final', got {FLAGS.layers!r}")
   try:
-    r = None if FLAGS.r is None else normalize_r(float(FLAGS.r), "--r")
     model = mctf_jax.create_model(config)
+    r = None if FLAGS.r is None else normalize_r(float(FLAGS.r), "--r", model.fusion.method)
     if r is not None:
       model = model.with_fusion(r=r)
   except ValueError as e:

@@ -122,8 +122,9 @@ def draw_values(key, num_values: int, groups: int = 1):
 
 def _padded(model, schedules) -> bool:
   fusion = model.fusion
+  # PiToMe's matching runs at exact shapes only (it trains without a teacher).
   return (fusion.train_token_step != 0 and fusion.pooling != "max"
-          and any(s.fuses for s in schedules))
+          and fusion.method != "pitome" and any(s.fuses for s in schedules))
 
 
 def _groups(model, batch_size: int, values, padded_paths: bool) -> int:

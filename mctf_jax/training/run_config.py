@@ -23,7 +23,8 @@ RESUMABLE_CHANGES = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoi
 # runs had: a workdir whose config.json lacks one resumes as if it held that value.
 ADDED_FIELDS = {"model.arch": "deit", "fusion.method": "mctf", "fusion.inflection": 0.0,
                 "fusion.target_gflops": 0.0, "fusion.target_fraction": 0.0,
-                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0}  # (processes.DEFAULT_TIMEOUT)
+                "model.remat_policy": "none", "distributed.lost_process_timeout": 30.0,
+                "fusion.pitome_margin": 0.75}  # (processes.DEFAULT_TIMEOUT)
 
 
 # The training loop's own settings: (field, smallest value, whether it must be an int).
