@@ -16,13 +16,14 @@ from ml_collections import ConfigDict
 
 import mctf_jax
 from mctf_jax import convert, cost, models
+from mctf_jax.fusion import padded
 from mctf_jax.errors import ConfigError
 from mctf_jax.fusion import FusionConfig
 from mctf_jax.fusion.config import PITOME_FIXED
 from mctf_jax.fusion.pitome import pitome_matching, similarity_and_energy
 from mctf_jax.fusion.schedule import pitome_r
 from mctf_jax.tools import flops
-from mctf_jax.training.plan import teacher_plan
+from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import GOLDEN_DIR, golden_images, golden_state_dict
 from test_backbones import TOKENS
@@ -141,8 +142,7 @@ def test_a_ratio_without_merges_is_the_plain_model():
     (dict(pitome_margin=1.5), r"fusion.pitome_margin must be a number in \[-1, 1\].*got 1.5"),
     (dict(pitome_margin=(0.5, 0.4)), r"lists 2 per-block margins \[0.5, 0.4\] for a model "
                                      r"of 4 blocks"),
-    (dict(teacher_r_max=4), r"method='pitome' trains without MCTF's consistency loss: "
-                            r"fusion.teacher_r_max=4"),
+    (dict(teacher_r_max=4), r"fusion.teacher_r_max=4: with fusion.method='pitome'"),
     (dict(prop_attn=True), r"method='pitome' merges as PiToMe does.*'prop_attn': True"),
     (dict(method="PiToMe"), r"fusion.method must be one of \('mctf', 'tome', 'pitome'\)"),
 ])
@@ -212,6 +212,36 @@ def test_every_backbone_gets_the_tokens_it_promises(arch):
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.parametrize("arch", TOKENS)
+def test_padded_equals_exact(arch, x64):
+  """The train step's padded path (full-width arrays, runtime counts) gives the exact
+  path's tokens, sizes and logits; with the counts of r' = 0 its fusing blocks change
+  nothing (the plain model's tokens, in their order)."""
+  model = mctf_jax.create_model(config_of(arch, "float64", trace_source=False))
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  images = jax.random.normal(jax.random.key(1), (2,) + model.config.image_shape, jnp.float64)
+  schedule, plain = model.schedule(), model.schedule(0)
+  layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, None))
+
+  def run(v, x):
+    h = model.apply(v, x, method=model.embed)
+    pads = [model.apply(v, h, layout, padded.splits_of(s), max_moved=padded.max_moved([schedule]),
+                        method=model.run_blocks_padded) for s in (schedule, plain)]
+    exact = [model.apply(v, x, method=model.encode),
+             model.with_fusion(r=0).apply(v, x, method=model.encode)]
+    logits = [model.apply(v, o.tokens_BxTxC, o.size_BxT, method=model.classify)
+              for o in pads + exact]
+    return pads, exact, logits
+  pads, exact, logits = jax.jit(run)(variables, images)
+  for pad, ex, got, want in zip(pads, exact, logits[:2], logits[2:]):
+    out = ex.tokens_BxTxC.shape[1]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, :out], ex.size_BxT)
+    np.testing.assert_array_equal(np.asarray(pad.size_BxT)[:, out:], 0)
+    np.testing.assert_allclose(np.asarray(pad.tokens_BxTxC)[:, :out], ex.tokens_BxTxC,
+                               rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("arch", models.names())
 def test_flops_are_the_traced_programs(arch):
   for merge_impl in ("scatter", "matmul"):
@@ -242,7 +272,8 @@ def test_config_and_budget():
 
 def test_gradients_and_train_step(x64):
   """Float64 gradients of the logits equal central differences (the matching is fixed under
-  a small step), and train.py's step trains with PiToMe (no teacher)."""
+  a small step), and train.py's step trains with PiToMe, without a teacher and with one
+  (keep ratios down to teacher_r_max, groups of examples drawing their own)."""
   meta, data = load_case("pitome_tiny_r090")
   config = pitome_config(meta, trace_source=False)
   model = mctf_jax.create_model(config)
@@ -269,11 +300,15 @@ def test_gradients_and_train_step(x64):
       label_smoothing=0.1, consistency_threshold=0.0, weight_student=1.0, weight_teacher=1.0,
       weight_consistency=3.0)))
   tx = optax.sgd(0.1)
-  step = jax.jit(make_train_step(model, tx, recipe, plan=teacher_plan(model, 4)))
   batch = {"image": images, "label": np.arange(4, dtype=np.int32)}
-  new, metrics = step(TrainState(jnp.asarray(1, jnp.int32), params, tx.init(params),
-                                 jax.tree.map(jnp.copy, params), {}), batch)
-  assert bool(metrics["finite"])
-  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                         new.params, params)
-  assert all(jax.tree.leaves(changed)), changed
+  for teacher in (0, 0.97):
+    taught = model.with_fusion(teacher_r_max=teacher, teacher_group_size=2)
+    assert teacher_values(taught.fusion) == ((0, 0.99, 0.98, 0.97) if teacher else ())
+    step = jax.jit(make_train_step(taught, tx, recipe, plan=teacher_plan(taught, 4)))
+    new, metrics = step(TrainState(jnp.asarray(1, jnp.int32), params, tx.init(params),
+                                   jax.tree.map(jnp.copy, params), {}), batch)
+    assert bool(metrics["finite"])
+    assert (float(metrics.get("loss_consistency", 0)) > 0) == bool(teacher)
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                           new.params, params)
+    assert all(jax.tree.leaves(changed)), changed

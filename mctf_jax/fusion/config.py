@@ -148,6 +148,9 @@ class FusionConfig:
     the budget from below (``mctf_jax.cost.apply_budget``; ``create_model`` applies
     it). 0: no budget.
   target_fraction: the same budget as a fraction in (0, 1] of the unfused model's FLOPs.
+  teacher_r_max: the consistency teacher's largest r' (see REFERENCE.md); 0: no teacher.
+    For method 'pitome' the least keep ratio the teacher draws, in [0.5, 1) (its r' are 0,
+    i.e. no fusion, and 0.99, 0.98, ... down to it).
   pitome_margin: method 'pitome': the energy margin, a number m for PiToMe's schedule
     m - m l / L over the L blocks (its DeiT setting: 0.75), or one margin per block, each
     in [-1, 1] (a cosine similarity's range).
@@ -195,7 +198,7 @@ class FusionConfig:
   def __post_init__(self):
     object.__setattr__(self, "r", normalize_r(self.r, "fusion.r", self.method))
     object.__setattr__(self, "teacher_r_max",
-                       normalize_r(self.teacher_r_max, "fusion.teacher_r_max"))
+                       normalize_r(self.teacher_r_max, "fusion.teacher_r_max", self.method))
     layers = self.layers
     if is_int(layers):
       layers = (layers,)
@@ -295,11 +298,6 @@ class FusionConfig:
         raise ConfigError(
             f"fusion.method='pitome' merges as PiToMe does, so these MCTF fields have no "
             f"effect and must read {PITOME_FIXED}; got {other}")
-      if self.teacher_r_max:
-        raise ConfigError(
-            f"fusion.method='pitome' trains without MCTF's consistency loss: "
-            f"fusion.teacher_r_max={self.teacher_r_max!r} asks for its teacher, which "
-            f"PiToMe does not have here; set it to 0")
       if self.inflection:
         raise ConfigError(f"fusion.inflection={self.inflection!r} shapes ToMe's and MCTF's "
                           f"token counts; fusion.method='pitome' takes a keep ratio per block")

@@ -256,6 +256,13 @@ def bipartite_matching_padded(scores_BxAxB: jax.Array, valid_BxT: jax.Array, r_a
                         prepend([True] * protected_b, valid_b & ~sides.moved_b))[:, :num_in]
   slot_BxT = interleave(prepend([-1] * protected_a, jnp.where(sides.moved_a, sides.rank_a, -1)),
                         prepend([-1] * protected_b, slot_b))[:, :num_in]
+  return list_padded(dest_BxT, kept_BxT, slot_BxT, num_out=num_out, max_moved=max_moved)
+
+
+def list_padded(dest_BxT, kept_BxT, slot_BxT, *, num_out: int, max_moved: int):
+  """(Matching, valid_BxO) at fixed sizes from a padded matching's decisions over its
+  input tokens: where each goes (dest), which stay as an output's anchor (kept), and the
+  place of each moved one in the merge lists (slot; -1 for the others)."""
   # Each real output slot is built on the one kept token sent there; the slots that get
   # none are padding. (Derived from the arrays, not from r: only the matching's own small
   # kernels read the runtime r, so the kernels of every block are alike.)

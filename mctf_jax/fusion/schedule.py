@@ -185,6 +185,12 @@ def compute_schedule(fusion: FusionConfig, *, num_tokens: int, depth: int,
   return Schedule(tuple(plans), r, num_protected)
 
 
+def pitome_block(fusion: FusionConfig, layer: int, depth: int) -> tuple[float, bool]:
+  """(margin, protect) of PiToMe's block `layer` of `depth`: its energy margin, and whether
+  it protects the low-energy tokens (the blocks after the first ceil(L/2))."""
+  return pitome_margins(fusion.pitome_margin, depth)[layer], layer >= (depth + 1) // 2
+
+
 def _pitome_schedule(fusion: FusionConfig, r, num_tokens: int, depth: int,
                      num_protected: int) -> Schedule:
   """PiToMe's schedule: block l keeps the fraction r (or r[l]) of its unprotected tokens,
@@ -195,15 +201,13 @@ def _pitome_schedule(fusion: FusionConfig, r, num_tokens: int, depth: int,
     raise ConfigError(f"fusion.r lists {len(r)} per-block keep ratios {list(r)!r} for a model "
                       f"of {depth} blocks")
   ratios = list(r) + [1] * (depth - len(r)) if isinstance(r, tuple) else [r] * depth
-  margins = pitome_margins(fusion.pitome_margin, depth)
-  first_protecting = (depth + 1) // 2
   tokens = num_tokens
   plans = []
   for layer in range(depth):
     n = pitome_r(ratios[layer], tokens - num_protected) if layer in fusion.layers else 0
     if n:
-      plan = LayerPlan(layer, tokens, n, n, 0, margin=margins[layer],
-                       protect=layer >= first_protecting)
+      margin, protect = pitome_block(fusion, layer, depth)
+      plan = LayerPlan(layer, tokens, n, n, 0, margin=margin, protect=protect)
     else:
       plan = LayerPlan(layer, tokens)
     plans.append(plan)

@@ -28,7 +28,7 @@ from mctf_jax.errors import ConfigError
 from mctf_jax.fusion.block import run_block
 from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.padded import PaddedLayout, alike_runs
-from mctf_jax.fusion.schedule import LayerPlan, Schedule
+from mctf_jax.fusion.schedule import LayerPlan, Schedule, pitome_block
 from mctf_jax.fusion.steps import ExactStep, PaddedStep, TokenState
 
 
@@ -140,11 +140,14 @@ def run_padded(blocks, x_BxTxC, layout: PaddedLayout, splits_Lx2, config: Fusion
   first = jnp.asarray(start if first is None else first, jnp.int32)
   rows = jnp.arange(depth, dtype=jnp.int32)
   table = jnp.take(jnp.asarray(splits_Lx2, jnp.int32), (rows + first) % depth, axis=0)
-  runs = (alike_runs(layout, start) if scan
+  # PiToMe's blocks differ in their margins and kinds: none are alike.
+  runs = (alike_runs(layout, start) if scan and config.method != "pitome"
           else [(layer, layer + 1) for layer in range(start, depth)])
   for a, b in runs:
     steps = dict(config=config, fuses=layout.fuses[a], width_out=layout.widths[a + 1],
                  fusion_width=fusion_width, max_moved=max_moved, num_protected=num_protected)
+    if config.method == "pitome" and layout.fuses[a]:
+      steps["margin"], steps["protect"] = pitome_block(config, a, depth)
     if b - a == 1:
       state = _run_block(blocks[a], state, PaddedStep(splits=table[0], **steps), deterministic,
                          remat_policy)

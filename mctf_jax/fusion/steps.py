@@ -19,7 +19,7 @@ from mctf_jax.fusion.config import FusionConfig
 from mctf_jax.fusion.matching import Matching, bipartite_matching, bipartite_matching_padded
 from mctf_jax.fusion.merge import fuse_tokens, update_token_map
 from mctf_jax.fusion.padded import pad_tokens
-from mctf_jax.fusion.pitome import pitome_matching
+from mctf_jax.fusion.pitome import pitome_matching, pitome_matching_padded
 from mctf_jax.fusion.schedule import LayerPlan
 from mctf_jax.fusion.scores import attention_received, matching_scores, similarity_scores
 
@@ -135,6 +135,8 @@ class PaddedStep:
   or (B, 2) for counts per example. width_out: the width of the array the fused tokens
   leave in. fusion_width: the width every matching runs at. max_moved: a static bound on
   r_ab + r_ba. The state's sizes are 0 on the padding. Max pooling is not supported.
+  margin, protect: method 'pitome': the block's energy margin and kind
+  (``schedule.pitome_block``).
   """
   config: FusionConfig
   fuses: bool
@@ -143,13 +145,14 @@ class PaddedStep:
   fusion_width: int
   max_moved: int
   num_protected: int = 1
+  margin: float | None = None
+  protect: bool = False
 
   def __post_init__(self):
     if self.fuses and self.config.pooling == "max":
       raise ValueError("padded blocks do not support pooling='max'")
-    if self.fuses and self.config.method == "pitome":
-      raise ValueError("padded blocks do not support fusion.method='pitome' (it has no "
-                       "teacher)")
+    if self.fuses and self.config.method == "pitome" and self.margin is None:
+      raise ValueError("a padded PiToMe block needs its margin (schedule.pitome_block)")
 
   def key_bias(self, size_BxT):
     """Proportional attention, or (without it) a mask: padding keys (size 0) get -inf."""
@@ -167,13 +170,19 @@ class PaddedStep:
       received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype),
                                         valid_BxT)
     valid_wide = pad_tokens(valid_BxT, wide, False)
-    received_wide = None if received_BxT is None else pad_tokens(received_BxT, wide, 1)
-    scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), received_wide,
-                     pad_tokens(state.size_BxT, wide, 1), self.num_protected, valid_wide)
-    match, valid_BxO = bipartite_matching_padded(
-        scores, valid_wide, self.splits[..., 0], self.splits[..., 1], num_in=width_in,
-        num_out=self.width_out, max_moved=self.max_moved, bidirectional=cfg.bidirectional,
-        num_protected=self.num_protected)
+    if cfg.method == "pitome":
+      match, valid_BxO = pitome_matching_padded(
+          pad_tokens(metric_BxTxC, wide), valid_wide, self.splits[..., 0], margin=self.margin,
+          protect=self.protect, num_in=width_in, num_out=self.width_out,
+          max_moved=self.max_moved, num_protected=self.num_protected)
+    else:
+      received_wide = None if received_BxT is None else pad_tokens(received_BxT, wide, 1)
+      scores = _scores(cfg, pad_tokens(metric_BxTxC, wide), received_wide,
+                       pad_tokens(state.size_BxT, wide, 1), self.num_protected, valid_wide)
+      match, valid_BxO = bipartite_matching_padded(
+          scores, valid_wide, self.splits[..., 0], self.splits[..., 1], num_in=width_in,
+          num_out=self.width_out, max_moved=self.max_moved, bidirectional=cfg.bidirectional,
+          num_protected=self.num_protected)
     x, size, weights, norm = fuse_tokens(state.x_BxTxC, state.size_BxT, match,
                                          pooling=cfg.pooling, attn_received_BxT=received_BxT,
                                          impl=impl)

@@ -17,6 +17,7 @@ on a token grid may be a branch that no single r' has.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -30,10 +31,15 @@ from mctf_jax.fusion.schedule import Schedule
 
 def teacher_values(fusion: FusionConfig) -> tuple:
   """The r' a step may draw, uniformly: 0 .. teacher_r_max - 1 for a count, or the
-  ratios k / 100 for k < 100 * teacher_r_max (the official code's draw for a ratio)."""
+  ratios k / 100 for k < 100 * teacher_r_max (the official code's draw for a ratio); for
+  PiToMe, whose r is a keep ratio, 0 (no fusion) and the keep ratios 0.99, 0.98, ... down
+  to teacher_r_max."""
   top = fusion.teacher_r_max
   if top == 0:
     return ()
+  if fusion.method == "pitome":
+    # Keep ratios from 1 (no fusion, r' = 0) down to teacher_r_max, in steps of 0.01.
+    return (0,) + tuple(k / 100 for k in range(99, math.ceil(round(top * 100, 6)) - 1, -1))
   if isinstance(top, int):
     return tuple(range(top))
   return tuple(k / 100 for k in range(int(round(top * 100))))
@@ -122,9 +128,8 @@ def draw_values(key, num_values: int, groups: int = 1):
 
 def _padded(model, schedules) -> bool:
   fusion = model.fusion
-  # PiToMe's matching runs at exact shapes only (it trains without a teacher).
   return (fusion.train_token_step != 0 and fusion.pooling != "max"
-          and fusion.method != "pitome" and any(s.fuses for s in schedules))
+          and any(s.fuses for s in schedules))
 
 
 def _groups(model, batch_size: int, values, padded_paths: bool) -> int:

@@ -188,7 +188,8 @@ def loss_and_grads(model, params, batch, key, *, teacher_r=None,
   `model` and `teacher_r` static, e.g.
   ``jax.jit(functools.partial(loss_and_grads, model, teacher_r=3))``.
   """
-  values = () if teacher_r is None else (normalize_r(teacher_r, "teacher_r"),)
+  values = () if teacher_r is None else (normalize_r(teacher_r, "teacher_r",
+                                                    model.fusion.method),)
   plan = teacher_plan(model, int(batch["image"].shape[0]), values=values)
   fn = make_loss_and_grads(model, loss_config, plan)
   k_embed, k_student, k_teacher = jax.random.split(key, 3)
