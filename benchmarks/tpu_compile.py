@@ -29,8 +29,8 @@ from mctf_jax.tools import compile as aot  # noqa: E402  (sets the TPU compile e
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-CONFIGS = ("deit_t", "deit_s", "deit_b", "deit_s_fast", "tome", "lvvit_s", "t2t_vit_14",
-           "vit_b16_augreg", "siglip_b16")
+CONFIGS = ("deit_t", "deit_s", "deit_b", "deit_s_fast", "tome", "pitome", "lvvit_s",
+           "t2t_vit_14", "vit_b16_augreg", "siglip_b16")
 flags.DEFINE_list("configs", list(CONFIGS), "Config names (configs/<name>.py).")
 flags.DEFINE_list("topologies", ["v5e:2x2", "v6e:2x2"], "TPU slices (or cpu:N).")
 flags.DEFINE_list("programs", ["eval", "train"], "eval: the forwards; train: the steps.")

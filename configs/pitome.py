@@ -11,6 +11,8 @@ runs without MCTF's consistency teacher. Other ratios: ``--config.fusion.r=0.9``
 budget: ``--config.fusion.target_gflops=3.0``.
 
   python eval.py --config=configs/pitome.py --checkpoint=deit_small_patch16_224-cd65a155.pth
+  python train.py --config=configs/pitome.py --workdir=workdirs/pitome_deit_s \
+      --config.init.checkpoint=checkpoints/deit_s   # converted as in the README
 
 ``configs/pitome.py:digits`` is the embedded default (configs/digits.py: a tiny DeiT on
 scikit-learn's digits, 6 blocks, 65 tokens) with PiToMe at 0.8 instead of MCTF, no teacher::
