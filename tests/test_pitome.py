@@ -268,6 +268,16 @@ def test_config_and_budget():
   assert isinstance(choice.r, float) and 0.5 <= choice.r < 0.925
   assert choice.flops <= 2.5e9 < cost.count_flops(config, r=round(choice.r + 0.001, 6)).total
   assert mctf_jax.create_model(config).fusion.r == choice.r
+  # The embedded default with PiToMe (its docstring's train.py command).
+  digits = mctf_jax.load_config(os.path.join(os.path.dirname(GOLDEN_DIR), "..", "configs",
+                                             "pitome.py:digits"))
+  assert digits.data.dataset == "digits" and digits.fusion.method == "pitome"
+  schedule = mctf_jax.create_model(digits).schedule()
+  assert schedule.tokens_per_layer == (65, 53, 43, 35, 29, 24, 20)
+  assert [p.protect for p in schedule.layers] == [False] * 3 + [True] * 3
+  with pytest.raises(ValueError, match="expected the variant deit_s or digits"):
+    mctf_jax.load_config(os.path.join(os.path.dirname(GOLDEN_DIR), "..", "configs",
+                                      "pitome.py:imagenet"))
 
 
 def test_gradients_and_train_step(x64):
