@@ -56,6 +56,43 @@ def golden_images(data, dtype):
   return np.asarray(data["images"].transpose(0, 2, 3, 1), dtype)
 
 
+def run_timm_case(config, data, dtype):
+  """(model, logits, encoder outputs) of a reference case made on timm's ViT (ToMe's,
+  PiToMe's): its weights converted, its images run through the model of `config`."""
+  import mctf_jax
+  from mctf_jax import convert
+  model = mctf_jax.create_model(config)
+  params = convert.torch_to_flax(golden_state_dict(data), config)
+  images = golden_images(data, dtype)
+  logits, out = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method=model.encode)))(
+      {"params": params}, images)
+  return model, np.asarray(logits), out
+
+
+def assert_gradients_match_differences(model, params, images, rtol=1e-6):
+  """Float64 gradients of a random projection of the logits equal central differences
+  along a random direction of every parameter (the merge decisions fixed under the step)."""
+  import jax.numpy as jnp
+  weights = jax.random.normal(jax.random.key(0), (images.shape[0], model.config.num_classes),
+                              jnp.float64)
+
+  def loss(p):
+    return jnp.sum(model.apply({"params": p}, images) * weights)
+
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
+                                        for k, x in zip(keys, leaves)])
+  eps = 1e-6
+  shifted = jax.jit(lambda p, s: loss(jax.tree.map(lambda a, d: a + s * eps * d, p, direction)))
+  numeric = (shifted(params, 1.0) - shifted(params, -1.0)) / (2 * eps)
+  grads = jax.jit(jax.grad(loss))(params)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
+                                                 jax.tree.leaves(direction)))
+  np.testing.assert_allclose(analytic, numeric, rtol=rtol)
+  return grads
+
+
 def tiny_config(**fusion):
   """A small model for fast tests (the golden architecture, 65 tokens)."""
   base = dict(r=8, layers=(1, 2, 3), one_step_ahead="approx", pooling="size",

@@ -3,7 +3,6 @@
 budget, gradients and training."""
 
 import importlib
-import json
 import math
 import os
 
@@ -25,7 +24,8 @@ from mctf_jax.fusion.schedule import pitome_r
 from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
-from conftest import GOLDEN_DIR, golden_images, golden_state_dict
+from conftest import (GOLDEN_DIR, assert_gradients_match_differences, golden_images,
+                      golden_state_dict, load_golden, run_timm_case)
 from test_backbones import TOKENS
 
 CASES = ("pitome_tiny_r090", "pitome_tiny_r080_m090", "pitome_tiny_r085_propflag")
@@ -47,19 +47,10 @@ def pitome_config(meta, dtype="float64", **fusion):
 
 
 def load_case(case):
-  with open(os.path.join(GOLDEN_DIR, "pitome", f"{case}.json")) as f:
-    meta = json.load(f)
-  data = np.load(os.path.join(GOLDEN_DIR, "pitome", f"{case}.npz"))
-  return meta, {k: data[k] for k in data.files}
+  return load_golden(f"pitome/{case}")
 
 
-def _run(config, data, dtype):
-  model = mctf_jax.create_model(config)
-  params = convert.torch_to_flax(golden_state_dict(data), config)
-  images = golden_images(data, dtype)
-  logits, out = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method=model.encode)))(
-      {"params": params}, images)
-  return model, np.asarray(logits), out
+_run = run_timm_case
 
 
 @pytest.mark.parametrize("prec", ["f64", "f32"])
@@ -289,22 +280,7 @@ def test_gradients_and_train_step(x64):
   model = mctf_jax.create_model(config)
   params = convert.torch_to_flax(golden_state_dict(data), config)
   images = golden_images(data, "float64")
-  weights = jax.random.normal(jax.random.key(0), (4, 10), jnp.float64)
-
-  def loss(p):
-    return jnp.sum(model.apply({"params": p}, images) * weights)
-
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves)])
-  eps = 1e-6
-  shifted = jax.jit(lambda p, s: loss(jax.tree.map(lambda a, d: a + s * eps * d, p, direction)))
-  numeric = (shifted(params, 1.0) - shifted(params, -1.0)) / (2 * eps)
-  grads = jax.jit(jax.grad(loss))(params)
-  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
-                                                 jax.tree.leaves(direction)))
-  np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+  assert_gradients_match_differences(model, params, images)
 
   recipe = ConfigDict(dict(ema_decay=0.5, seed=0, batch_size=4, loss=dict(
       label_smoothing=0.1, consistency_threshold=0.0, weight_student=1.0, weight_teacher=1.0,

@@ -2,8 +2,6 @@
 (tests/golden/tome, see its README), its r forms, its FLOPs, gradients and training."""
 
 import importlib
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,8 @@ from mctf_jax import cost
 from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
-from conftest import GOLDEN_DIR, golden_images, golden_state_dict
+from conftest import (assert_gradients_match_differences, golden_images, golden_state_dict,
+                      load_golden, run_timm_case)
 
 CASES = ("tome_tiny_r8", "tome_tiny_r6_decreasing", "tome_tiny_r8_no_prop")
 PRECISIONS = {"f64": ("float64", 1e-9), "f32": ("float32", 1e-4)}
@@ -43,19 +42,10 @@ def tome_config(meta, dtype="float64", **fusion):
 
 
 def load_case(case):
-  with open(os.path.join(GOLDEN_DIR, "tome", f"{case}.json")) as f:
-    meta = json.load(f)
-  data = np.load(os.path.join(GOLDEN_DIR, "tome", f"{case}.npz"))
-  return meta, {k: data[k] for k in data.files}
+  return load_golden(f"tome/{case}")
 
 
-def _run(config, data, dtype):
-  model = mctf_jax.create_model(config)
-  params = convert.torch_to_flax(golden_state_dict(data), config)
-  images = golden_images(data, dtype)
-  logits, out = jax.jit(lambda v, x: (model.apply(v, x), model.apply(v, x, method=model.encode)))(
-      {"params": params}, images)
-  return model, np.asarray(logits), out
+_run = run_timm_case
 
 
 @pytest.mark.parametrize("prec", ["f64", "f32"])
@@ -168,23 +158,7 @@ def test_gradients_flow_through_the_merges(x64):
   config = tome_config(meta, trace_source=False)
   model = mctf_jax.create_model(config)
   params = convert.torch_to_flax(golden_state_dict(data), config)
-  images = golden_images(data, "float64")
-  weights = jax.random.normal(jax.random.key(0), (4, 10), jnp.float64)
-
-  def loss(p):
-    return jnp.sum(model.apply({"params": p}, images) * weights)
-
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  direction = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves)])
-  eps = 1e-6
-  shifted = jax.jit(lambda p, s: loss(jax.tree.map(lambda a, d: a + s * eps * d, p, direction)))
-  numeric = (shifted(params, 1.0) - shifted(params, -1.0)) / (2 * eps)
-  grads = jax.jit(jax.grad(loss))(params)
-  analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
-                                                 jax.tree.leaves(direction)))
-  np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+  grads = assert_gradients_match_differences(model, params, golden_images(data, "float64"))
   # The patch embedding gets its gradient through every block's merge.
   assert np.all(np.abs(np.asarray(grads["patch_embed"]["proj"]["kernel"])) > 0)
 
