@@ -56,6 +56,15 @@ def golden_images(data, dtype):
   return np.asarray(data["images"].transpose(0, 2, 3, 1), dtype)
 
 
+def timm_model_config(meta, dtype):
+  """The model config of a reference case made on timm's VisionTransformer (ToMe's,
+  PiToMe's): its constructor arguments as the json records them."""
+  kw = meta["timm_vision_transformer_kwargs"]
+  model = {k: kw[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                              "num_classes", "qkv_bias")}
+  return dict(model, layer_norm_eps=meta["layer_norm_eps"], dtype=dtype, param_dtype=dtype)
+
+
 def run_timm_case(config, data, dtype):
   """(model, logits, encoder outputs) of a reference case made on timm's ViT (ToMe's,
   PiToMe's): its weights converted, its images run through the model of `config`."""

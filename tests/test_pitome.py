@@ -25,7 +25,7 @@ from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import (GOLDEN_DIR, assert_gradients_match_differences, golden_images,
-                      golden_state_dict, load_golden, run_timm_case)
+                      golden_state_dict, load_golden, run_timm_case, timm_model_config)
 from test_backbones import TOKENS
 
 CASES = ("pitome_tiny_r090", "pitome_tiny_r080_m090", "pitome_tiny_r085_propflag")
@@ -40,10 +40,7 @@ def pitome_config(meta, dtype="float64", **fusion):
                   pitome_margin=tuple(meta["pitome_margin_per_block"]),
                   trace_source=meta["trace_source"], teacher_r_max=0, **PITOME_FIXED)
   settings.update(fusion)
-  model = {k: kw[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                              "num_classes", "qkv_bias")}
-  model.update(layer_norm_eps=meta["layer_norm_eps"], dtype=dtype, param_dtype=dtype)
-  return {"model": model, "fusion": settings}
+  return {"model": timm_model_config(meta, dtype), "fusion": settings}
 
 
 def load_case(case):

@@ -20,7 +20,7 @@ from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import (assert_gradients_match_differences, golden_images, golden_state_dict,
-                      load_golden, run_timm_case)
+                      load_golden, run_timm_case, timm_model_config)
 
 CASES = ("tome_tiny_r8", "tome_tiny_r6_decreasing", "tome_tiny_r8_no_prop")
 PRECISIONS = {"f64": ("float64", 1e-9), "f32": ("float32", 1e-4)}
@@ -35,10 +35,7 @@ def tome_config(meta, dtype="float64", **fusion):
                   trace_source=meta["trace_source"], teacher_r_max=0, **TOME_FIXED)
   settings.update(dict(r=r[0], inflection=r[1]) if isinstance(r, list) else dict(r=r))
   settings.update(fusion)
-  model = {k: kw[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                              "num_classes", "qkv_bias")}
-  model.update(layer_norm_eps=meta["layer_norm_eps"], dtype=dtype, param_dtype=dtype)
-  return {"model": model, "fusion": settings}
+  return {"model": timm_model_config(meta, dtype), "fusion": settings}
 
 
 def load_case(case):
