@@ -109,6 +109,26 @@ def test_does_not_fit_is_one_line(v5e):
   assert "GiB of HBM per chip" in message
 
 
+def test_compile_all_without_the_plain_step(monkeypatch, v5e):
+  """--noplain compiles the fused train step only; by default its plain counterpart (no
+  fusion, no teacher) follows it."""
+  compiled = []
+
+  def compile_train(config, tgt, name="train step"):
+    compiled.append((name, config.fusion.r, config.fusion.teacher_r_max))
+    return name
+
+  monkeypatch.setattr(aot, "compile_train", compile_train)
+  monkeypatch.setattr(aot, "format_cost", str)
+  config = _config()
+  config.fusion.teacher_r_max = 4.0
+  aot.compile_all(config, v5e, ("train",), plain=False, say=lambda s: None)
+  assert compiled == [("train step", config.fusion.r, 4.0)]
+  compiled.clear()
+  aot.compile_all(config, v5e, ("train",), say=lambda s: None)
+  assert compiled == [("train step", config.fusion.r, 4.0), ("train step, plain", 0.0, 0.0)]
+
+
 def test_memory_error_message():
   text = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
           "space hbm. Used 24.16G of 15.75G hbm. Exceeded hbm capacity by 8.41G.\nTotal hbm "

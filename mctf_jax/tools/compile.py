@@ -325,13 +325,16 @@ def eval_r_values(config) -> tuple:
   return values if 0 in values else values + (0,)
 
 
-def compile_all(config, tgt: Target, what=("train", "eval"), *, say=print) -> list:
-  """Every program of `what` and its plain counterpart, in that order."""
+def compile_all(config, tgt: Target, what=("train", "eval"), *, plain: bool = True,
+                say=print) -> list:
+  """Every program of `what` and (with `plain`) the train step's plain counterpart, in that
+  order; the forward's plain counterpart is the one at r=0 among eval.py's r values."""
   results = []
   if "train" in what:
     say(f"compiling the train step for {tgt.name} ...")
     results.append(compile_train(config, tgt))
     say(format_cost(results[-1]))
+  if "train" in what and plain:
     say("compiling the plain train step (no fusion, no teacher) ...")
     results.append(compile_train(plain_config(config), tgt, name="train step, plain"))
     say(format_cost(results[-1]))
@@ -500,6 +503,9 @@ def main(argv=None):
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
   flags.DEFINE_bool("max_batch", False, "Instead of the programs, find the largest train "
                     "batch per device whose train step fits (compiles it several times).")
+  flags.DEFINE_bool("plain", True, "Also compile the plain train step (no fusion, no "
+                    "teacher) for the fused/plain ratios; --noplain only checks the fused "
+                    "step (whether it fits, its figures).")
   flags.DEFINE_integer("start_batch", 32, "With --max_batch: the first batch per device "
                        "to compile (a batch known to fit saves the compiles below it).")
   flags.mark_flags_as_required(["config"])
@@ -519,7 +525,8 @@ def main(argv=None):
           cli.fail(f"--start_batch={flags_.start_batch}: expected a batch per device >= 1")
         best, probes = largest_train_batch(config, tgt, start=flags_.start_batch, say=say)
       else:
-        results = compile_all(config, tgt, tuple(flags_.programs), say=say)
+        results = compile_all(config, tgt, tuple(flags_.programs), plain=flags_.plain,
+                              say=say)
     except MctfError as e:
       cli.fail(str(e))
     if flags_.max_batch:
