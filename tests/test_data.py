@@ -5,6 +5,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -174,6 +175,32 @@ def test_cluttered_digits_at_another_size_are_resized_once(monkeypatch):
   np.testing.assert_array_equal(labels, y_test[:4])
   expected = augment.pil_resize(tf.constant(x_test[:4]), (32, 32), (32, 32)).numpy()
   np.testing.assert_array_equal(images, expected)
+
+
+def test_parts_of_splits_as_tfds_writes_them(folder):
+  """'train[:100]', 'train[90%:]', 'test[-60:]': parts of in-memory splits, in the split's
+  order, percentages rounded as tfds rounds them; the folder source takes its classes from
+  the whole train folder."""
+  digits = sources.DigitsSource(8)
+  images, labels = digits.arrays("train")
+  for split, part in (("train[:100]", slice(0, 100)), ("train[1000:]", slice(1000, None)),
+                      ("train[-37:]", slice(-37, None)), ("train[10%:20%]", slice(144, 287)),
+                      ("train[:90%]", slice(None, 1293)), ("train[90%:]", slice(1293, None))):
+    some_images, some_labels = digits.arrays(split)
+    np.testing.assert_array_equal(some_images, images[part])
+    np.testing.assert_array_equal(some_labels, labels[part])
+  assert digits.num_examples("validation[:50%]") == 180
+  config = make_config("digits", train_split="train[:300]", eval_split="train[-100:]")
+  assert data.dataset_info(config) == data.DatasetInfo("digits", 10, 300, 100)
+  first = next(data.eval_batches(config, 100))
+  np.testing.assert_array_equal(first["label"], labels[-100:])
+  source = sources.get_source(f"folder:{folder}", None, 32, "train[:12]", 16)
+  assert len(source.classes) == 24 and source.num_examples("train[:12]") == 12
+  for split, message in (("train[5:5]", "holds no example"), ("train[:150%]", "between"),
+                         ("train[:1e3]", "as tfds writes it"), ("train[3]", "as tfds writes it"),
+                         ("tests[:10]", "got split 'tests'")):
+    with pytest.raises(data.DataError, match=re.escape(message)):
+      digits.arrays(split)
 
 
 # ----------------------------------------------------------------------------- sharding

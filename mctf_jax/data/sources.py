@@ -15,6 +15,7 @@ import abc
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -42,14 +43,52 @@ def host_indices(num_examples: int, process_index: int, process_count: int) -> n
   return np.arange(process_index, num_examples, process_count)
 
 
+_SPLIT = re.compile(r"^(?P<name>[\w-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+def parse_split(split: str) -> tuple[str, Optional[str], Optional[str]]:
+  """'train[:10%]' -> ('train', None, '10%'): a split name and, as tfds writes it, an optional
+  part of it, [start:stop] in examples or in percent of the split ('train[-500:]',
+  'train[10%:20%]')."""
+  match = _SPLIT.match(split) if isinstance(split, str) else None
+  if match is None:
+    raise DataError(f"split {split!r}: expected a split name with an optional part of it, "
+                    f"as tfds writes it: 'train', 'train[:1000]', 'train[90%:]'")
+  return match["name"], match["start"], match["stop"]
+
+
+def _boundary(value: Optional[str], num_examples: int) -> Optional[int]:
+  if value is None:
+    return None
+  if value.endswith("%"):
+    percent = int(value[:-1])
+    if abs(percent) > 100:
+      raise DataError(f"split boundary {value!r}: a percentage is between -100% and 100%")
+    return int(round(percent * num_examples / 100.0))   # tfds' 'closest' rounding
+  return int(value)
+
+
 class InMemorySource(abc.ABC):
   """A source whose splits are lists held in memory: `arrays(split)` -> (data, labels)."""
 
   graph_epochs = True  # the epoch permutation can be computed inside the tf.data graph
 
   @abc.abstractmethod
+  def split_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data, int32 labels) of the split called `name`: uint8 images or file paths."""
+
   def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(data, int32 labels) of a split: uint8 images or file paths."""
+    """(data, int32 labels) of a split, or of the part of it that split names, as tfds
+    does: 'train[:1000]', 'train[90%:]' (the examples in the split's order)."""
+    name, start, stop = parse_split(split)
+    data, labels = self.split_arrays(name)
+    if start is None and stop is None:
+      return data, labels
+    part = slice(_boundary(start, len(labels)), _boundary(stop, len(labels)))
+    if not len(labels[part]):
+      raise DataError(f"split {split!r} of {self.name} holds no example ({name!r} has "
+                      f"{len(labels)})")
+    return data[part], labels[part]
 
   def num_examples(self, split: str) -> int:
     return len(self.arrays(split)[1])
@@ -109,7 +148,7 @@ class DigitsSource(InMemorySource):
         tf.constant(x), (img_size, img_size), (img_size, img_size)).numpy()
     self._splits = {"train": (upsample(x_train), y_train), "test": (upsample(x_test), y_test)}
 
-  def arrays(self, split: str):
+  def split_arrays(self, split: str):
     if split in DIGITS_EVAL_SPLITS:
       split = "test"
     if split not in self._splits:
@@ -238,7 +277,7 @@ class ClutteredDigitsSource(InMemorySource):
       x_train, x_test = resize(x_train), resize(x_test)
     self._splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
 
-  def arrays(self, split: str):
+  def split_arrays(self, split: str):
     if split in DIGITS_EVAL_SPLITS:
       split = "test"
     if split not in self._splits:
@@ -285,7 +324,7 @@ class FolderSource(InMemorySource):
     self.name = f"folder:{root}"
     self.root = root
     self._train_split = train_split
-    split_dir = self._split_dir(train_split)
+    split_dir = self._split_dir(parse_split(train_split)[0])
     self.classes = tuple(_class_dirs(split_dir))
     if not self.classes:
       raise DataError(f"{split_dir!r} has no class folders; expected "
@@ -300,7 +339,7 @@ class FolderSource(InMemorySource):
                       f"{found}); set config.data.train_split / eval_split to one of them")
     return path
 
-  def arrays(self, split: str):
+  def split_arrays(self, split: str):
     split_dir = self._split_dir(split)
     unknown = sorted(set(_class_dirs(split_dir)) - set(self.classes))
     if unknown:
