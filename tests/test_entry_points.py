@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint
-from conftest import FAST_COMPILE, ROOT, digits_config, run, run_once
+from conftest import PROCESS_COMPILE, ROOT, digits_config, run, run_once
 
 CONFIG = digits_config()
 TOTAL = 44   # 2 epochs of 22 steps
@@ -55,7 +55,7 @@ def _params(workdir, ema=False):
 
 def test_train_prints_what_a_user_needs(finished):
   workdir, out = finished
-  for needle in ("digits, 1437 train / 360 eval images, 10 classes", "fusion schedule (r=8)",
+  for needle in ("digits, 352 train / 360 eval images, 10 classes", "fusion schedule (r=8)",
                  "process(es), 1 device(s)", "compiled the train step", "img/s | ETA",
                  "epoch 1 eval", "r=8: top1", "r=0: top1", f"step {TOTAL}/{TOTAL}", "done:"):
     assert needle in out, needle
@@ -135,7 +135,7 @@ def test_train_py_clear_errors(finished, tmp_path, env):
     assert "Traceback" not in bad.stderr
   unknown = run(["train.py", CONFIG, f"--workdir={tmp_path}/u", "--config.batchsize=3"], env)
   assert unknown.returncode != 0 and "batchsize" in unknown.stderr
-  eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+  eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {PROCESS_COMPILE}")
   odd = run(["train.py", CONFIG, f"--workdir={tmp_path}/b", "--config.batch_size=60"], eight)
   assert odd.returncode == 1
   assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
@@ -282,7 +282,7 @@ def test_a_run_resumes_on_another_number_of_processes(two_processes, tmp_path, e
   workdir = tmp_path / "run"
   shutil.copytree(two_processes[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "22")
-  two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
+  two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {PROCESS_COMPILE}")
   done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1",
               "--config.eval_every_epochs=2"], two)      # (no evaluation: not compared)
   assert done.returncode == 0, done.stdout + done.stderr
@@ -323,18 +323,19 @@ def test_eval_py_on_a_torch_checkpoint_with_another_fusion_config(tmp_path, env)
   out_dir = tmp_path / "eval"
   done = run(["eval.py", "--config=tests/configs/tiny.py", "--checkpoint=tests/data/tiny_deit.pth",
               f"--output_dir={out_dir}", "--config.data.dataset=digits",
-              "--split=train", "--config.fusion.method=tome", "--config.fusion.one_step_ahead=off",
+              "--split=train[:240]", "--config.fusion.method=tome", "--config.fusion.one_step_ahead=off",
               "--config.fusion.tau_info=0", "--config.fusion.tau_size=0",
               "--config.fusion.bidirectional=False", "--config.fusion.layers=(0, 1, 2, 3)",
               "--config.fusion.target_fraction=0.88", "--throughput_batch=0"], env)
   assert done.returncode == 0, done.stdout + done.stderr
-  # --split: that split's size in the log and the results (it said the eval split's).
-  assert "on digits (train, 1437 images)" in done.stdout
+  # --split (here a part of one): its size in the log and the results (it said the eval
+  # split's).
+  assert "on digits (train[:240], 240 images)" in done.stdout
   result = json.loads((out_dir / "results.json").read_text())
   rows = result["results"]
-  assert result["split"] == "train"
+  assert result["split"] == "train[:240]"
   assert "FLOP budget 0.013 GFLOPs (88.0% of the unfused 0.015): r=4, 0.013 GFLOPs (87.0%)" \
       in done.stdout
-  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(4, 49, 1437),
-                                                                              (0, 65, 1437)]
+  assert [(row["r"], row["tokens_out"], row["images"]) for row in rows] == [(4, 49, 240),
+                                                                              (0, 65, 240)]
   assert rows[0]["gflops"] < rows[1]["gflops"]
