@@ -33,6 +33,23 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+_VARIABLES = {}
+
+
+def init_variables(model, seed: int = 0):
+  """``jax.jit(model.init)(jax.random.key(seed), model.dummy_images())``, computed once per
+  backbone config and seed in the test session: fusion adds no variable, so every fusion
+  config of a backbone shares them (the unfused model is initialised: it traces faster;
+  test_backbones.py checks that the variables are the fused model's). Fresh containers,
+  shared arrays."""
+  from mctf_jax import FusionConfig
+  key = (type(model), model.config, seed)
+  if key not in _VARIABLES:
+    plain = model.clone(fusion=FusionConfig(r=0.0))
+    _VARIABLES[key] = jax.jit(plain.init)(jax.random.key(seed), plain.dummy_images())
+  return jax.tree.map(lambda x: x, _VARIABLES[key])
+
+
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
 EVAL_CASES = ("tiny_default", "tiny_ratio", "tiny_no_osa", "tiny_tome_like",
               "tiny_recipe_pool_attn")

@@ -19,7 +19,7 @@ from mctf_jax.fusion.config import TOME_FIXED
 from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
-from conftest import ROOT, digits_config, run
+from conftest import ROOT, digits_config, init_variables, run
 
 TOYS = ("toy_backbones:DistilledViT", "toy_backbones:RegistersViT")
 ARCHS = tuple(models.names()) + TOYS
@@ -47,7 +47,7 @@ def config_of(arch, dtype="float32", **fusion):
 
 def _setup(arch, dtype="float32", batch=2, **fusion):
   model = mctf_jax.create_model(config_of(arch, dtype, **fusion))
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   images = jax.random.normal(jax.random.key(1), (batch,) + model.config.image_shape,
                              jnp.dtype(dtype))
   return model, variables, images
@@ -62,6 +62,16 @@ def test_the_backbones_have_what_the_contract_covers():
     model = mctf_jax.create_model(config_of(arch))
     assert set(jax.eval_shape(model.init, jax.random.key(0), model.dummy_images())) == \
         collections
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fusion_adds_no_variable(arch):
+  """A fused model's variables are its unfused model's (what the tests' shared
+  ``init_variables`` relies on): the same tree, the same values."""
+  model = mctf_jax.create_model(config_of(arch))
+  fused = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  jax.tree.map(np.testing.assert_array_equal, init_variables(model), fused)
+  assert jax.tree.structure(init_variables(model)) == jax.tree.structure(fused)
 
 
 @pytest.mark.parametrize("arch", TOKENS)
@@ -148,7 +158,7 @@ def test_scanned_blocks_equal_unrolled(arch, x64):
   config = config_of(arch, "float64")
   config["model"]["drop_path_rate"] = 0.5
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   params = variables["params"]
   state = {k: v for k, v in variables.items() if k != "params"}
   schedule = model.schedule()
@@ -208,7 +218,7 @@ def test_train_step_updates_parameters_and_state(arch):
   (DeiT's train step: tests/test_train_step.py.)"""
   config = config_of(arch)
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   params = variables["params"]
   state = {k: v for k, v in variables.items() if k != "params"}
 
@@ -245,7 +255,7 @@ def test_model_state_goes_through_checkpoints(tmp_path):
   arch = "lvvit"
   config = config_of(arch)
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   state = jax.tree.map(lambda x: x + 1.5, {k: v for k, v in variables.items()
                                            if k != "params"})
   params = variables["params"]

@@ -9,7 +9,7 @@ import re
 import pytest
 from flax import traverse_util
 
-from conftest import ROOT
+from conftest import ROOT, init_variables
 from mctf_jax import models, recipes
 
 
@@ -182,7 +182,7 @@ def _user_files(scratch):
                             ("lvvit.pth.tar", "lvvit", torch_files.timm_checkpoint)):
     config = mctf_jax.load_config(os.path.join(ROOT, TINY) + (f":{arch}" if arch else ""))
     model = mctf_jax.create_model(config)
-    variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+    variables = init_variables(model)
     state = convert.flax_to_torch(variables.pop("params"), config, model_state=variables)
     write(scratch / name, {k: np.asarray(v, np.float32) for k, v in state.items()})
   return {"deit_small_patch16_224-cd65a155.pth": str(scratch / "deit.pth"),

@@ -22,7 +22,7 @@ from mctf_jax import cost
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
 from torch_files import write_torch_file
-from conftest import ROOT, load_golden
+from conftest import ROOT, init_variables, load_golden
 
 GOLDEN = os.path.join("backbones", "lvvit_tiny")
 
@@ -114,7 +114,7 @@ def test_mctf_lvvit_s_flops():
 
 def _tiny(**changes):
   model = mctf_jax.create_model(tiny_config(**changes))
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   images = jax.random.normal(jax.random.key(1), (2,) + model.config.image_shape)
   return model, variables, images
 
@@ -190,7 +190,7 @@ def test_frozen_batch_norm_and_the_class_token_loss():
   config = tiny_config(teacher_r_max=2)
   config["model"]["train_batch_norm"] = False
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   params = variables["params"]
   state = {"batch_stats": jax.tree.map(lambda x: x + 0.5, variables["batch_stats"])}
   batch = _batch(model)
@@ -225,7 +225,7 @@ def test_frozen_batch_norm_and_the_class_token_loss():
 
 def _mesh_step(config, mesh, batch):
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   tx = optax.sgd(0.1)
   state = TrainState(jnp.asarray(0, jnp.int32), variables["params"],
                      tx.init(variables["params"]), None,

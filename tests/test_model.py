@@ -11,7 +11,7 @@ import pytest
 
 import mctf_jax
 from mctf_jax.training.train_step import loss_and_grads
-from conftest import jit_apply, tiny_config
+from conftest import init_variables, jit_apply, tiny_config
 
 
 def _n_params(config_name):
@@ -31,7 +31,7 @@ def test_parameter_counts_match_timm(name, count):
 def tiny():
   model = mctf_jax.create_model(tiny_config())
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  params = init_variables(model)["params"]
   return model, params, images
 
 
@@ -61,7 +61,7 @@ def test_every_mode_and_pooling_runs_and_differentiates(mode, pooling):
   config["model"]["depth"] = 3   # two fused blocks: the second sees a merged map
   model = mctf_jax.create_model(config)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  params = init_variables(model)["params"]
 
   batch = {"image": images, "label": jnp.asarray([1, 7])}
   out, grads = jax.jit(lambda p: loss_and_grads(model, p, batch, jax.random.key(2),
@@ -124,7 +124,7 @@ def test_dropout_and_drop_path_need_rngs_and_vary():
   config["model"].update(dropout_rate=0.1, drop_path_rate=0.2)
   model = mctf_jax.create_model(config)
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)["params"]
+  params = init_variables(model)["params"]
   apply = jit_apply(model, train=True)
   a = apply(params, images, {"dropout": jax.random.key(1)})
   b = apply(params, images, {"dropout": jax.random.key(2)})

@@ -11,7 +11,7 @@ from mctf_jax import convert, fusion
 from mctf_jax.config import ConfigError
 from mctf_jax.fusion import padded
 from conftest import (EVAL_CASES, TRAIN_CASES, golden_config, golden_images, golden_state_dict,
-                      load_golden)
+                      init_variables, load_golden)
 
 PRECISIONS = {"f64": ("float64", 1e-9), "f32": ("float32", 1e-4)}
 
@@ -147,7 +147,7 @@ def test_blocks_share_kernels():
   schedule = model.schedule()
   layout = padded.layout_of(schedule, padded.token_grid(65, 64))   # every width 65
   assert set(layout.widths) == {65}
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  variables = init_variables(model)
 
   def run(variables, x, splits, first):
     return model.apply(variables, x, layout, splits, first=first, max_moved=1, scan=False,
@@ -191,7 +191,7 @@ def test_scanned_blocks_equal_unrolled():
   schedule = model.schedule()
   layout = padded.layout_of(schedule, padded.token_grid(65, None))
   assert padded.alike_runs(layout, 1) == [(1, 4), (4, 5), (5, 6)]
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = init_variables(model)["params"]
   x = jax.random.normal(jax.random.key(1), (8, 65, 32))
 
   def run(params, scan):

@@ -25,7 +25,8 @@ from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import (GOLDEN_DIR, assert_gradients_match_differences, golden_images,
-                      golden_state_dict, load_golden, run_timm_case, timm_model_config)
+                      golden_state_dict, init_variables, load_golden, run_timm_case,
+                      timm_model_config)
 from test_backbones import TOKENS
 
 CASES = ("pitome_tiny_r090", "pitome_tiny_r080_m090", "pitome_tiny_r085_propflag")
@@ -115,7 +116,7 @@ def test_a_ratio_without_merges_is_the_plain_model():
                           num_classes=10),
             "fusion": FusionConfig.pitome(r=0.99, layers=tuple(range(4)))}
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   np.testing.assert_array_equal(model.apply(variables, images),
                                 model.with_fusion(r=0).apply(variables, images))
@@ -181,7 +182,7 @@ def test_every_backbone_gets_the_tokens_it_promises(arch):
   """On every backbone (big_vision's ViT without a class token: every token may merge, and
   the protecting blocks protect the low-energy ones only) the sizes and sources add up."""
   model = mctf_jax.create_model(config_of(arch))
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   images = jax.random.normal(jax.random.key(1), (2,) + model.config.image_shape)
   cfg, schedule = model.config, model.schedule()
   assert schedule.fuses and schedule.num_protected == cfg.num_protected
@@ -206,7 +207,7 @@ def test_padded_equals_exact(arch, x64):
   path's tokens, sizes and logits; with the counts of r' = 0 its fusing blocks change
   nothing (the plain model's tokens, in their order)."""
   model = mctf_jax.create_model(config_of(arch, "float64", trace_source=False))
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   images = jax.random.normal(jax.random.key(1), (2,) + model.config.image_shape, jnp.float64)
   schedule, plain = model.schedule(), model.schedule(0)
   layout = padded.layout_of(schedule, padded.token_grid(model.config.num_tokens, None))

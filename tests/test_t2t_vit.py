@@ -23,7 +23,7 @@ from mctf_jax import cost
 from mctf_jax.tools import flops
 from mctf_jax.training import optim, programs
 import torch_files
-from conftest import ROOT
+from conftest import ROOT, init_variables
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "backbones")
 CASES = ("t2t_tiny_performer", "t2t_tiny_transformer", "t2t_tiny_qk_scale")
@@ -101,7 +101,7 @@ def test_fixed_tensors_are_not_parameters():
   decay or EMA sees them), as the official init makes them, and read from checkpoints."""
   config = {"model": dict(T2TViT.TINY, arch="t2t_vit")}
   model = mctf_jax.create_model(config)
-  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_images())
+  variables = init_variables(model)
   constants = traverse_util.flatten_dict(variables[CONSTANTS], sep=".")
   assert sorted(constants) == ["pos_embed", "tokens_to_token.attention1.w",
                                "tokens_to_token.attention2.w"]

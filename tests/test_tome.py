@@ -20,7 +20,7 @@ from mctf_jax.tools import flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import (assert_gradients_match_differences, golden_images, golden_state_dict,
-                      load_golden, run_timm_case, timm_model_config)
+                      init_variables, load_golden, run_timm_case, timm_model_config)
 
 CASES = ("tome_tiny_r8", "tome_tiny_r6_decreasing", "tome_tiny_r8_no_prop")
 PRECISIONS = {"f64": ("float64", 1e-9), "f32": ("float32", 1e-4)}
@@ -166,7 +166,7 @@ def test_train_step():
   meta, _ = load_case("tome_tiny_r8")
   config = tome_config(meta, "float32", trace_source=False, teacher_r_max=4)
   model = mctf_jax.create_model(config)
-  params = jax.jit(model.init)(jax.random.key(0), model.dummy_images())["params"]
+  params = init_variables(model)["params"]
   recipe = ConfigDict(dict(ema_decay=0.5, seed=0, batch_size=8, loss=dict(
       label_smoothing=0.1, consistency_threshold=0.0, weight_student=1.0, weight_teacher=1.0,
       weight_consistency=3.0)))

@@ -18,6 +18,7 @@ from mctf_jax.training import losses, optim, programs
 from mctf_jax.training.plan import teacher_plan, teacher_values
 from mctf_jax.training.train_step import TrainState, make_train_step
 from configs import default
+from conftest import init_variables
 
 
 def small_config(**fusion):
@@ -72,7 +73,7 @@ def test_shared_blocks():
   fast = mctf_jax.create_model(small_config(r=0.35, layers=(2,), teacher_r_max=0.15))
   assert teacher_plan(fast, 16).shared == 2
   with pytest.raises(ValueError, match=r"fuses at block\(s\) \[1\]"):
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    variables = init_variables(model)
     jax.eval_shape(lambda v, x: model.apply(v, x, model.schedule(), start=2,
                                             method=model.run_blocks),
                    variables, jnp.zeros((1, 17, 32)))
@@ -134,7 +135,7 @@ def test_step_equals_model_teacher_path(depth, layers, token_step):
   if token_step != 0:   # full width, or the grid (17, 1): r' = 1, 2 run at width 17
     assert plan.branch_of_value == (0, 1, 1)
     assert plan.paths[1].widths == (17,) * (depth + 1)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params = init_variables(model)["params"]
   tx = optax.sgd(1.0)   # params - grads: the update shows the gradient
   step = jax.jit(make_train_step(model, tx, config))
   cfg = losses.LossConfig(0.1, config.loss.consistency_threshold, (1.0, 1.0, 3.0))
@@ -177,7 +178,7 @@ def test_each_group_of_the_batch_draws_its_own_teacher_r():
   assert str(plan).startswith("teacher r' drawn from [0, 1, 2] for each group of 8 images "
                               "(2 a step): 4 switch branch(es) (token arrays padded to a "
                               "grid of step 1)")
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params = init_variables(model)["params"]
   tx = optax.sgd(1.0)
   step = jax.jit(make_train_step(model, tx, config))
   cfg = losses.LossConfig(0.1, config.loss.consistency_threshold, (1.0, 1.0, 3.0))
@@ -233,7 +234,7 @@ def test_scanned_step_equals_unrolled():
     config = small_config(train_scan_blocks=scan)   # blocks 1, 2 fuse: a scan of two
     config.model.update(drop_path_rate=0.3, dtype=dtype)
     model = mctf_jax.create_model(config)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    params = init_variables(model)["params"]
     tx = optax.sgd(1.0)
     steps[scan] = jax.jit(make_train_step(model, tx, config))
   for i in range(6):   # draws every r' in 0..2
