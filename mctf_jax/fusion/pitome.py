@@ -68,7 +68,7 @@ def pitome_matching(metric_BxTxd: jax.Array, *, r: int, margin: float, protect: 
   p = num_protected
   with fusion_scope("scores"):
     sim_BxUxU, energy_BxU = similarity_and_energy(metric_BxTxd[:, p:], margin)
-  batch, num = energy_BxU.shape
+  num = energy_BxU.shape[1]
   if not 0 < r <= (num // 2 if protect else (num + 1) // 2):
     raise ValueError(f"PiToMe cannot merge r={r} of {num} tokens "
                      f"({'protecting' if protect else 'matching all'})")
