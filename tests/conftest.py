@@ -10,10 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # level 0 does ~30% faster; the numerics are the same (no fast-math either way).
 # Benchmarks run at the default.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-# The train.py/eval.py subprocesses get LLVM's level 1 instead: they run many steps of
-# programs that mostly come from the shared cache, and level 0's code runs them ~2.4x
-# slower (level 1 compiles ~30% slower than 0, ~25% faster than the default).
-PROCESS_COMPILE = "--xla_backend_optimization_level=1"
+# The train.py/eval.py subprocesses too: level 0's code runs ~2.4x slower than level 1's,
+# but their runs are small (tests/configs/digits_tiny.py) and compiling dominates them.
+PROCESS_COMPILE = FAST_COMPILE
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
