@@ -7,12 +7,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's time is mostly XLA compiling many small programs, which LLVM's optimisation
-# level 0 does ~30% faster; the numerics are the same (no fast-math either way).
-# Benchmarks run at the default.
+# level 0 does ~30% faster; the numerics are the same (no fast-math either way). The
+# train.py/eval.py subprocesses get it too: their runs are small (tests/configs/
+# digits_tiny.py) and compiling dominates them. Benchmarks run at the default.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-# The train.py/eval.py subprocesses too: level 0's code runs ~2.4x slower than level 1's,
-# but their runs are small (tests/configs/digits_tiny.py) and compiling dominates them.
-PROCESS_COMPILE = FAST_COMPILE
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " " + FAST_COMPILE
 
@@ -24,6 +22,8 @@ import tempfile
 import jax
 import numpy as np
 import pytest
+
+from mctf_jax import FusionConfig
 
 # One persistent compilation cache for the test session, shared by the xdist workers and
 # the train.py/eval.py subprocesses: many tests compile the same programs.
@@ -41,7 +41,6 @@ def init_variables(model, seed: int = 0):
   config of a backbone shares them (the unfused model is initialised: it traces faster;
   test_backbones.py checks that the variables are the fused model's). Fresh containers,
   shared arrays."""
-  from mctf_jax import FusionConfig
   key = (type(model), model.config, seed)
   if key not in _VARIABLES:
     plain = model.clone(fusion=FusionConfig(r=0.0))
@@ -158,7 +157,7 @@ def env():
   (for the toy backbones)."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  env["XLA_FLAGS"] = PROCESS_COMPILE   # one device, unless a test asks for more
+  env["XLA_FLAGS"] = FAST_COMPILE   # one device, unless a test asks for more
   return env
 
 

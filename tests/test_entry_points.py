@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mctf_jax import checkpoint
-from conftest import PROCESS_COMPILE, ROOT, digits_config, run, run_once
+from conftest import FAST_COMPILE, ROOT, digits_config, run, run_once
 
 CONFIG = digits_config()
 TOTAL = 44   # 2 epochs of 22 steps
@@ -135,7 +135,7 @@ def test_train_py_clear_errors(finished, tmp_path, env):
     assert "Traceback" not in bad.stderr
   unknown = run(["train.py", CONFIG, f"--workdir={tmp_path}/u", "--config.batchsize=3"], env)
   assert unknown.returncode != 0 and "batchsize" in unknown.stderr
-  eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {PROCESS_COMPILE}")
+  eight = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
   odd = run(["train.py", CONFIG, f"--workdir={tmp_path}/b", "--config.batch_size=60"], eight)
   assert odd.returncode == 1
   assert "batch_size=60 is not divisible by the number of devices (8)" in odd.stderr
@@ -282,7 +282,7 @@ def test_a_run_resumes_on_another_number_of_processes(two_processes, tmp_path, e
   workdir = tmp_path / "run"
   shutil.copytree(two_processes[0], workdir)
   shutil.rmtree(workdir / "checkpoints" / "22")
-  two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {PROCESS_COMPILE}")
+  two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
   done = run(["train.py", CONFIG, f"--workdir={workdir}", "--config.num_epochs=1",
               "--config.eval_every_epochs=2"], two)      # (no evaluation: not compared)
   assert done.returncode == 0, done.stdout + done.stderr

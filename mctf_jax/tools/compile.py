@@ -334,10 +334,10 @@ def compile_all(config, tgt: Target, what=("train", "eval"), *, plain: bool = Tr
     say(f"compiling the train step for {tgt.name} ...")
     results.append(compile_train(config, tgt))
     say(format_cost(results[-1]))
-  if "train" in what and plain:
-    say("compiling the plain train step (no fusion, no teacher) ...")
-    results.append(compile_train(plain_config(config), tgt, name="train step, plain"))
-    say(format_cost(results[-1]))
+    if plain:
+      say("compiling the plain train step (no fusion, no teacher) ...")
+      results.append(compile_train(plain_config(config), tgt, name="train step, plain"))
+      say(format_cost(results[-1]))
   if "eval" in what:
     for r in eval_r_values(config):
       say(f"compiling the forward at r={r} ...")
