@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CUDA_COMPILE := $(VENV)/cuda-compile
 # Tests run on CPU with 8 simulated devices (multi-device tests need them).
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
             TF_CPP_MIN_LOG_LEVEL=2
@@ -17,6 +18,10 @@ $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	# jax's CUDA plugin (XLA's GPU compiler, tests/test_compile_tool.py) beside the
+	# environment, not in it: on a host without a GPU it logs at every JAX start-up.
+	JAX=$$($(PY) -c 'import jax; print(jax.__version__)') && $(PY) -m pip install --quiet \
+	    --no-deps --target $(CUDA_COMPILE) "jax-cuda12-plugin==$$JAX" "jax-cuda12-pjrt==$$JAX"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -225,3 +225,63 @@ def test_the_batch_step_keeps_every_teacher_group_whole(v5e):
   # 128 images a group on 4 chips: a multiple of 32 per chip.
   assert aot.batch_step(_config(**{"fusion.teacher_group_size": 128,
                                    "fusion.teacher_r_max": 8.0}), v5e) == 32
+
+
+# ----------------------------------------------------------------------------- GPUs
+
+# jax's CUDA plugin, which the Makefile installs beside the test environment (in it, it
+# would log at every JAX start-up of the suite).
+CUDA_COMPILE = os.path.join(sys.prefix, "cuda-compile")
+
+
+def test_gpu_topologies_are_checked_before_the_compiler():
+  for bad in ("h100:0", "h100:12", "h300:8"):
+    with pytest.raises(ConfigError, match=r"h100:N|expected a TPU slice") as info:
+      aot.target(bad)
+    assert bad in str(info.value) and "\n" not in str(info.value)
+  # This process does not see the plugin: how to get it, in one line.
+  with pytest.raises(ConfigError, match=r"cannot compile for h100:8: XLA's GPU compiler comes "
+                     r"with jax's CUDA plugin: pip install '.\[cuda\]'"):
+    aot.target("h100:8")
+  with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=1.5: expected"):
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "1.5"
+    try:
+      aot.memory_fraction()
+    finally:
+      del os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+
+
+def test_gpu_train_step_compiles_without_a_gpu(tmp_path):
+  """--topology=h100:2: train.py's step of a small config (student and teacher branches),
+  compiled by XLA's GPU compiler on this CPU host, fits the share of an H100's memory that
+  JAX's allocator takes, with memory figures and the traced FLOPs (XLA has no cost analysis
+  for GPU programs); with that share cut to 0.01%, a forward does not fit, in one line."""
+  assert os.path.isdir(CUDA_COMPILE), f"{CUDA_COMPILE} is missing: run make venv"
+  out = tmp_path / "gpu.json"
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, CUDA_COMPILE]))
+  args = [sys.executable, "-m", "mctf_jax.tools.compile", f"--config={TINY}",
+          "--topology=h100:2", "--config.model.depth=2", "--config.fusion.layers=(1,)",
+          "--config.fusion.teacher_r_max=2.0", "--config.batch_size=64"]
+  proc = subprocess.run(args + ["--programs=train", f"--json={out}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert ("h100:2: 2 x NVIDIA H100 80GB HBM3, 59.32 GiB memory per device (75% of 79.1 GiB"
+          in proc.stdout)
+  assert "no cost analysis for GPU programs" in proc.stdout
+  data = json.loads(out.read_text())
+  assert data["memory_bytes_per_device"] == int(0.75 * aot.GPU_MODELS["h100"][1])
+  fused, plain = data["programs"]
+  assert (fused["name"], plain["name"]) == ("train step", "train step, plain")
+  for p in (fused, plain):
+    assert 0 < p["hbm_bytes"] < data["memory_bytes_per_device"] and p["temp_bytes"] > 0
+    assert p["estimate_s"] is None and p["traced_flops"] > 0
+  # The teacher's branches and backward passes: more than the plain step.
+  assert fused["traced_flops"] > plain["traced_flops"]
+  small = subprocess.run(args + ["--programs=eval", "--config.eval.r_values=(0,)",
+                                  "--config.eval_batch_size=2048"], cwd=ROOT, capture_output=True,
+                         env=dict(env, XLA_PYTHON_CLIENT_MEM_FRACTION="0.0001"), text=True,
+                         timeout=600)
+  assert small.returncode == 1
+  last = small.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: forward r=0 does not fit on h100:2: it needs ") and \
+      "NVIDIA H100 80GB HBM3 has 0.00791 GiB (0.01% of 79.1 GiB" in last, last

@@ -1,10 +1,12 @@
-r"""Compile train.py's and eval.py's programs ahead of time for a TPU slice, on any machine.
+r"""Compile train.py's and eval.py's programs ahead of time for a TPU slice or NVIDIA GPUs, on
+any machine.
 
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:4x4
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:2x2 \
         --config.batch_size=512 --programs=train --json=compiled.json
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=cpu:8
     python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=v5e:2x2 --max_batch
+    python -m mctf_jax.tools.compile --config=configs/deit_s.py --topology=h100:8
 
 The programs are the entry points' own (``mctf_jax.training.programs``): train.py's train
 step (student and every teacher branch, the ``('data', 'fsdp')`` mesh of config.mesh,
@@ -27,7 +29,13 @@ With ``--max_batch`` it finds instead the largest train batch per device whose t
 fits (``largest_train_batch``: a few compiles, each printed).
 
 Topologies: ``v4:2x2x1`` (megacore chips), ``v5e:2x2`` (the smallest v5e slice a host can
-describe), ``v5p:2x2x1``, ``v6e:2x2``, any larger slice of those (``v5e:16x16``), and
+describe), ``v5p:2x2x1``, ``v6e:2x2``, any larger slice of those (``v5e:16x16``);
+``h100:N`` / ``h200:N`` (N NVIDIA GPUs, 8 per host beyond 8: ``h100:16`` is two hosts),
+compiled by XLA's GPU compiler (jax's CUDA plugin: ``pip install '.[cuda]'``; no GPU, driver
+or NVIDIA library needed; on a host without a GPU the plugin logs "Could not find cuda
+drivers" as JAX starts), which gives memory figures and no cost analysis: the FLOPs are
+the traced ones, and a program fits where it needs at most the share of the GPU's memory
+that JAX's allocator takes (``XLA_PYTHON_CLIENT_MEM_FRACTION``, default 75%); and
 ``cpu:N`` (N of this host's CPU devices, XLA:CPU; set
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` for more than one).
 """
@@ -35,6 +43,7 @@ describe), ``v5p:2x2x1``, ``v6e:2x2``, any larger slice of those (``v5e:16x16``)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -67,6 +76,17 @@ TPU_CHIPS = {"v4": (32, "megacore", "v4"), "v5e": (16, "default", "v5litepod"),
              "v5p": (95, "megacore", "v5p"), "v6e": (32, "default", "v6e")}
 TPU_HOWTO = ("the TPU compiler comes with libtpu: pip install '.[tpu]' (or pip install "
              f"'jax[tpu]=={jax.__version__}')")
+CUDA_HOWTO = ("XLA's GPU compiler comes with jax's CUDA plugin: pip install '.[cuda]' (or pip "
+              f"install 'jax[cuda12-local]=={jax.__version__}'; no GPU or driver needed)")
+# name in a topology: (name as the driver reports it, memory in bytes as the driver reports
+# it, memory bandwidth in bytes/s, L2 cache bytes); both are compute capability 9.0 with 132
+# SMs at 1.98 GHz (NVIDIA's published figures).
+GPU_MODELS = {"h100": ("NVIDIA H100 80GB HBM3", 84_929_347_584, 3.35e12, 50 * 2 ** 20),
+              "h200": ("NVIDIA H200", 150_754_820_096, 4.8e12, 50 * 2 ** 20)}
+GPUS_PER_HOST = 8
+# Without a GPU to autotune on, XLA cannot choose tiles for its Triton matrix products (it
+# fails on some); cuBLAS's are compiled instead.
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 NOT_FIT_REMEDY = ("shard the parameters and optimizer state over more chips "
                   "(--config.mesh.fsdp=N), recompute activations in the backward pass "
                   "(--config.model.remat_policy=dots_with_no_batch_dims), or a smaller "
@@ -86,6 +106,7 @@ class Target:
   memory_bytes: int
   memory_name: str     # 'HBM' or 'host RAM'
   device_kind: str
+  memory_note: str = ""   # how memory_bytes was reached, where it is not the whole memory
 
   @property
   def num_processes(self) -> int:
@@ -93,11 +114,13 @@ class Target:
 
   def describe(self) -> str:
     hosts = f", {self.num_processes} hosts" if self.num_processes > 1 else ""
+    note = f" ({self.memory_note})" if self.memory_note else ""
     return (f"{self.name}: {len(self.devices)} x {self.device_kind}{hosts}, "
-            f"{self.memory_bytes / GiB:.4g} GiB {self.memory_name} per device")
+            f"{self.memory_bytes / GiB:.4g} GiB {self.memory_name} per device{note}")
 
 
 _TPU_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_GPU_TOPOLOGY = re.compile(r"^(" + "|".join(GPU_MODELS) + r"):(\d+)$")
 
 
 def target(topology: str) -> Target:
@@ -114,10 +137,14 @@ def target(topology: str) -> Target:
           f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before starting it")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return Target(topology, "cpu", tuple(available[:int(count)]), memory, "host RAM", "CPU")
+  gpu = _GPU_TOPOLOGY.match(topology)
+  if gpu:
+    return gpu_target(topology, gpu.group(1), int(gpu.group(2)))
   match = _TPU_TOPOLOGY.match(topology)
   if not match:
     raise ConfigError(f"--topology={topology}: expected a TPU slice such as v5e:2x2, v6e:4x4, "
-                      f"v4:2x2x1, v5p:2x2x2 (chips {', '.join(TPU_CHIPS)}), or cpu:N")
+                      f"v4:2x2x1, v5p:2x2x2 (chips {', '.join(TPU_CHIPS)}), GPUs such as "
+                      f"h100:8 ({', '.join(GPU_MODELS)}), or cpu:N")
   chip, dims = match.group(1), match.group(2)
   hbm, chip_config, accelerator = TPU_CHIPS[chip]
   chips = int(np.prod([int(d) for d in dims.split("x")]))
@@ -137,6 +164,65 @@ def target(topology: str) -> Target:
     raise ConfigError(f"--topology={topology}: libtpu describes {len(devices)} devices for "
                       f"{chips} chips")
   return Target(topology, "tpu", devices, hbm * GiB, "HBM", devices[0].device_kind)
+
+
+def gpu_target_config(model: str) -> str:
+  """XLA's description of a GPU model (a GpuTargetConfigProto, text format): what its GPU
+  compiler would otherwise query from the device."""
+  description, memory, bandwidth, l2 = GPU_MODELS[model]
+  return f"""
+gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: 49152  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536  core_count: 132  fpus_per_core: 128
+  block_dim_limit_x: 2147483647  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  memory_bandwidth: {int(bandwidth)}  l2_cache_size: {l2}  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9  minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9  minor: 8 }}
+runtime_version {{ major: 12  minor: 8 }}
+device_description_str: "{description}"
+"""
+
+
+def memory_fraction() -> float:
+  """The share of a GPU's memory JAX's allocator takes (``XLA_PYTHON_CLIENT_MEM_FRACTION``,
+  default 0.75)."""
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
+  try:
+    fraction = float(value)
+  except ValueError:
+    fraction = -1.0
+  if not 0 < fraction <= 1:
+    raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value}: expected a fraction in (0, 1]")
+  return fraction
+
+
+def gpu_target(topology: str, model: str, count: int) -> Target:
+  """N GPUs of `model`, compile-only (XLA's GPU compiler through jax's CUDA plugin)."""
+  if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
+    raise ConfigError(f"--topology={topology}: expected {model}:N with 1 <= N <= "
+                      f"{GPUS_PER_HOST} (one host) or N a multiple of {GPUS_PER_HOST} (hosts "
+                      f"of {GPUS_PER_HOST} GPUs)")
+  try:
+    plugin = importlib.util.find_spec("jax_plugins.xla_cuda12")
+  except ModuleNotFoundError:   # no jax_plugins package at all
+    plugin = None
+  if plugin is None:
+    raise ConfigError(f"cannot compile for {topology}: {CUDA_HOWTO}")
+  fraction = memory_fraction()
+  hosts, per_host = max(1, count // GPUS_PER_HOST), min(count, GPUS_PER_HOST)
+  desc = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                      target_config=gpu_target_config(model))
+  devices = tuple(desc.devices)
+  memory = GPU_MODELS[model][1]
+  return Target(topology, "gpu", devices, int(fraction * memory), "memory",
+                devices[0].device_kind,
+                f"{fraction * 100:.4g}% of {memory / GiB:.4g} GiB, as JAX's allocator takes it: "
+                f"XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
 def make_mesh(config, tgt: Target) -> Mesh:
@@ -217,10 +303,10 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
   # JAX's persistent cache cannot load a program compiled for devices that are not here:
   # none is written for compile-only targets (the entry could only fail to load later).
   min_time = jax.config.jax_persistent_cache_min_compile_time_secs
-  if tgt.platform == "tpu":
+  if tgt.platform != "cpu":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
-    compiled = lowered.compile()
+    compiled = lowered.compile(GPU_COMPILER_OPTIONS if tgt.platform == "gpu" else None)
   except Exception as e:  # noqa: BLE001 - XLA's out-of-memory is a runtime error
     raise _memory_error(name, tgt, str(e)) or e from None
   finally:
@@ -239,6 +325,9 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
     else:
       uncosted = uncosted_instructions(text)
       estimate = float(xla["optimal_seconds"]) + uncosted
+  elif tgt.platform == "gpu":
+    note = ("no FLOPs, bytes or estimate from XLA: it has no cost analysis for GPU "
+            "programs (the FLOPs are the traced ones)")
   result = ProgramCost(
       name=name, r=r, compile_s=seconds,
       argument_bytes=int(stats.argument_size_in_bytes),
@@ -253,7 +342,7 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
     raise DoesNotFit(
         f"{name} does not fit on {tgt.name}: it needs {result.hbm_bytes / GiB:.2f} GiB of "
         f"{tgt.memory_name} per device, {tgt.device_kind} has {tgt.memory_bytes / GiB:.4g} "
-        f"GiB; {NOT_FIT_REMEDY}")
+        f"GiB{f' ({tgt.memory_note})' if tgt.memory_note else ''}; {NOT_FIT_REMEDY}")
   return result
 
 
@@ -437,12 +526,19 @@ def _gb(n: float) -> str:
   return f"{n / GiB:.2f}"
 
 
+def _figure(value, scale: float, width: int, digits: int) -> str:
+  """value / scale, or '-' where XLA gave none (None or NaN)."""
+  if value is None or value != value:
+    return f"{'-':>{width}s}"
+  return f"{value / scale:{width}.{digits}f}"
+
+
 def format_cost(c: ProgramCost) -> str:
-  estimate = f"{c.estimate_s * 1e3:8.2f}" if c.estimate_s is not None else f"{'-':>8s}"
   return (f"{c.name:<20s} {c.compile_s:7.1f}s {_gb(c.hbm_bytes):>8s} "
           f"{_gb(c.argument_bytes):>7s} {_gb(c.output_bytes - c.alias_bytes):>6s} "
-          f"{_gb(c.temp_bytes):>6s} {_gb(c.code_bytes):>6s} {c.xla_flops / 1e9:9.1f} "
-          f"{c.traced_flops / 1e9:9.1f} {c.bytes_accessed / 1e9:8.2f} {estimate}")
+          f"{_gb(c.temp_bytes):>6s} {_gb(c.code_bytes):>6s} {_figure(c.xla_flops, 1e9, 9, 1)} "
+          f"{c.traced_flops / 1e9:9.1f} {_figure(c.bytes_accessed, 1e9, 8, 2)} "
+          f"{_figure(c.estimate_s, 1e-3, 8, 2)}")
 
 
 def ratios(fused: ProgramCost, plain: ProgramCost) -> dict:
@@ -466,8 +562,9 @@ def format_ratios(fused: ProgramCost, plain: ProgramCost) -> str:
     # The fusion's own costs outweigh what it saves (docs/speed.md, "On TPUs").
     speed += (": slower than the plain program by XLA's estimate (fewer FLOPs saved than "
               "the fusion costs here: a larger r, or fusion.method='tome')")
-  return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f} (XLA's "
-          f"{q['xla_flops']:.3f}), bytes accessed {q['bytes_accessed']:.3f}, compile "
+  xla = (f" (XLA's {q['xla_flops']:.3f}), bytes accessed {q['bytes_accessed']:.3f}"
+         if q["xla_flops"] == q["xla_flops"] else "")   # (NaN: no cost analysis)
+  return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f}{xla}, compile "
           f"{q['compile']:.2f}x, HBM {q['hbm']:.2f}x{speed}")
 
 
@@ -476,7 +573,11 @@ def report(results: list, tgt: Target) -> str:
            "arguments + outputs (not donated) + temporaries + code; GFLOP: XLA's count; "
            "traced: the matrix products", HEADER]
   lines += [format_cost(c) for c in results]
-  lines += [f"{c.name}: {c.estimate_note}" for c in results if c.estimate_note]
+  notes = {}
+  for c in results:
+    if c.estimate_note:
+      notes.setdefault(c.estimate_note, []).append(c.name)
+  lines += [f"{', '.join(names)}: {note}" for note, names in notes.items()]
   by_name = {c.name: c for c in results}
   if "train step" in by_name and "train step, plain" in by_name:
     lines.append(format_ratios(by_name["train step"], by_name["train step, plain"]))
@@ -498,7 +599,7 @@ def main(argv=None):
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; "
                                   "fields may be overridden: --config.batch_size=512.")
   flags.DEFINE_string("topology", "v5e:2x2", "TPU slice (v5e:2x2, v6e:4x4, v4:2x2x1, "
-                      "v5p:2x2x2, ...) or cpu:N.")
+                      "v5p:2x2x2, ...), NVIDIA GPUs (h100:8, h200:16, ...) or cpu:N.")
   flags.DEFINE_list("programs", ["train", "eval"], "Which programs: train, eval.")
   flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
   flags.DEFINE_bool("max_batch", False, "Instead of the programs, find the largest train "
