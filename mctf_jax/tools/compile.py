@@ -94,7 +94,12 @@ NOT_FIT_REMEDY = ("shard the parameters and optimizer state over more chips "
 
 
 class DoesNotFit(ConfigError):
-  """A program needs more memory per device than the target has."""
+  """A program needs more memory per device than the target has; need_bytes: how much, where
+  the program compiled (None where the compiler refused it)."""
+
+  def __init__(self, message: str, need_bytes: int | None = None):
+    super().__init__(message)
+    self.need_bytes = need_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,7 +347,8 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
     raise DoesNotFit(
         f"{name} does not fit on {tgt.name}: it needs {result.hbm_bytes / GiB:.2f} GiB of "
         f"{tgt.memory_name} per device, {tgt.device_kind} has {tgt.memory_bytes / GiB:.4g} "
-        f"GiB{f' ({tgt.memory_note})' if tgt.memory_note else ''}; {NOT_FIT_REMEDY}")
+        f"GiB{f' ({tgt.memory_note})' if tgt.memory_note else ''}; {NOT_FIT_REMEDY}",
+        need_bytes=result.hbm_bytes)
   return result
 
 
@@ -441,7 +447,7 @@ def compile_all(config, tgt: Target, what=("train", "eval"), *, plain: bool = Tr
 @dataclasses.dataclass(frozen=True)
 class Probe:
   """One compile of the batch search: its batch per device, whether it fit, and what it
-  needs per device (None where the compiler refused it)."""
+  needs per device (None where the compiler refused it without saying)."""
   batch_per_device: int
   fits: bool
   hbm_bytes: int | None = None
@@ -452,10 +458,12 @@ def search_largest_batch(probe, *, capacity: int, start: int, step: int,
   """The largest multiple of `step` (at most `limit`) for which ``probe(b) -> Probe`` fits,
   and the probes made, in order; 0 when not even `step` fits.
 
-  Memory grows about linearly with the batch, so once two fitting batches are measured
-  each next probe goes where their trend meets `capacity` (then one step past it, to
-  confirm); before that it doubles from `start`, and where the trend misleads it bisects
-  between the largest batch that fits and the smallest that does not."""
+  Memory grows about linearly with the batch, so once two batches are measured each next
+  probe goes where their line meets `capacity` (then one step past it, to confirm): the
+  largest batch that fits and the smallest that does not where the latter's need is known
+  (a compiled program over the capacity), else the two largest that fit; before that it
+  doubles from `start`, and where the line misleads it bisects between the largest batch
+  that fits and the smallest that does not."""
   probes: dict[int, Probe] = {}
   lo, hi = 0, limit + step   # lo fits (0: nothing yet), hi does not
   b = min(max(step, start // step * step), limit)
@@ -470,11 +478,14 @@ def search_largest_batch(probe, *, capacity: int, start: int, step: int,
       return lo, list(probes.values())
     nxt = 2 * lo if hi > limit else (lo + hi) // 2
     measured = sorted((p.batch_per_device, p.hbm_bytes) for p in probes.values()
-                      if p.fits and p.hbm_bytes is not None)
-    if len(measured) >= 2:
-      (b1, m1), (b2, m2) = measured[-2], measured[-1]
-      if m2 > m1:
-        nxt = int(b2 + (capacity - m2) * (b2 - b1) / (m2 - m1))
+                      if p.hbm_bytes is not None)
+    below = [m for m in measured if m[0] <= lo]
+    above = [m for m in measured if m[0] >= hi]
+    pair = ((below[-1], above[0]) if below and above else
+            (below[-2], below[-1]) if len(below) >= 2 else None)
+    if pair and pair[1][1] > pair[0][1]:
+      (b1, m1), (b2, m2) = pair
+      nxt = int(b1 + (capacity - m1) * (b2 - b1) / (m2 - m1))
     b = min(max(nxt // step * step, lo + step), hi - step)
 
 
@@ -505,7 +516,7 @@ def largest_train_batch(config, tgt: Target, *, start: int = 32, limit: int = 40
       result = compile_train(trial, tgt)
     except DoesNotFit as e:
       say(f"  does not fit: {e}")
-      return Probe(b, False)
+      return Probe(b, False, e.need_bytes)
     say(f"  fits: {result.hbm_bytes / GiB:.2f} GiB of {tgt.memory_bytes / GiB:.4g} per device "
         f"(compiled in {result.compile_s:.0f} s)")
     return Probe(b, True, result.hbm_bytes)
