@@ -259,7 +259,7 @@ def test_the_batch_step_keeps_every_teacher_group_whole(v5e):
 CUDA_COMPILE = os.path.join(sys.prefix, "cuda-compile")
 
 
-def test_gpu_topologies_are_checked_before_the_compiler():
+def test_gpu_topologies_are_checked_before_the_compiler(monkeypatch):
   for bad in ("h100:0", "h100:12", "h300:8"):
     with pytest.raises(ConfigError, match=r"h100:N|expected a TPU slice") as info:
       aot.target(bad)
@@ -268,12 +268,9 @@ def test_gpu_topologies_are_checked_before_the_compiler():
   with pytest.raises(ConfigError, match=r"cannot compile for h100:8: XLA's GPU compiler comes "
                      r"with jax's CUDA plugin: pip install '.\[cuda\]'"):
     aot.target("h100:8")
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "1.5")
   with pytest.raises(ConfigError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=1.5: expected"):
-    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "1.5"
-    try:
-      aot.memory_fraction()
-    finally:
-      del os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]
+    aot.memory_fraction()
 
 
 def test_gpu_train_step_compiles_without_a_gpu(tmp_path):
