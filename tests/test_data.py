@@ -718,3 +718,17 @@ def test_tensorflow_is_imported_when_the_pipeline_is_first_used():
   assert data.dataset_info.__module__ == "mctf_jax.data.pipeline"
   with pytest.raises(AttributeError, match="has no attribute 'Pipeline'"):
     data.Pipeline
+
+
+def test_tensorflow_is_imported_without_keras_and_keras_still_loads():
+  """TensorFlow's eager import of Keras (with scikit-learn and SciPy behind it) is skipped
+  at every start; tf.keras loads in full when something asks for it."""
+  code = ("import sys\n"
+          "import mctf_jax.data.pipeline\n"
+          "for name in ('keras', 'sklearn'):\n"
+          "  assert name not in sys.modules, f'imported {name}'\n"
+          "from mctf_jax.data._tf import tf\n"
+          "assert tf.keras.optimizers.Adam.__module__.startswith('keras.'), tf.keras\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert done.returncode == 0, done.stderr

@@ -54,8 +54,21 @@ def _min_log_level() -> int:
     return 0
 
 
-with _stderr_at_level(_min_log_level()):
-  import tensorflow as tf
+# TensorFlow's __init__ imports Keras' optimizers eagerly, inside a `try` that passes over an
+# ImportError; nothing here uses Keras, and that import (Keras with the scikit-learn and
+# SciPy modules behind its wrappers) is ~1.3 s of CPU at every start of train.py and eval.py.
+# A None entry in sys.modules makes it fail at once; it is removed after the import, so
+# tf.keras still loads in full on first use.
+_KERAS_EAGER = "keras.src.optimizers"
+_skip_keras = _KERAS_EAGER not in sys.modules
+if _skip_keras:
+  sys.modules[_KERAS_EAGER] = None
+try:
+  with _stderr_at_level(_min_log_level()):
+    import tensorflow as tf
+finally:
+  if _skip_keras and sys.modules.get(_KERAS_EAGER, 0) is None:
+    del sys.modules[_KERAS_EAGER]
 
 
 def _hide_accelerators():
