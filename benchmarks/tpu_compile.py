@@ -11,6 +11,9 @@ plain ratios of FLOPs (the traced matrix products, and XLA's count), bytes acces
 XLA's time estimate (the speed-up it implies, with the instructions its TPU cost model
 cannot cost at 0), compile time and HBM per chip. These are compiled figures, not run
 ones; a program that does not fit prints its one-line error and the sweep goes on.
+With --noteacher the fused train step is the student's alone (no teacher branches under a
+``lax.switch``, which XLA's cost analysis leaves out), so its bytes and XLA's estimate
+compare with the plain step's.
 
 On this project's 2-core CPU a DeiT-S forward compiles in minutes and a train step with
 its teacher branches in tens of minutes: choose --configs, --topologies and --programs.
@@ -36,17 +39,25 @@ flags.DEFINE_list("topologies", ["v5e:2x2", "v6e:2x2"], "TPU slices (or cpu:N)."
 flags.DEFINE_list("programs", ["eval", "train"], "eval: the forwards; train: the steps.")
 flags.DEFINE_integer("batch_per_chip", 256, "Images per chip and step.", lower_bound=1)
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "model.dtype and param_dtype.")
+flags.DEFINE_bool("teacher", True,
+                  "Train steps with the config's teacher branches (--noteacher: the fused "
+                  "student's step alone, which XLA's estimate covers: no lax.switch).")
 flags.DEFINE_string("json", None, "Write every figure to this JSON file.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config_for(name: str, chips: int):
+def config_for(name: str, chips: int, *, dtype: str, batch_per_chip: int, teacher: bool):
+  """configs/<name>.py as the sweep compiles it: `dtype` compute and parameters,
+  `batch_per_chip` images per chip for training and evaluation, the forward at the
+  config's r only, and (without `teacher`) the student's train step alone."""
   import mctf_jax
   config = mctf_jax.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-  config.model.dtype = config.model.param_dtype = FLAGS.dtype
-  config.batch_size = config.eval_batch_size = FLAGS.batch_per_chip * chips
+  config.model.dtype = config.model.param_dtype = dtype
+  config.batch_size = config.eval_batch_size = batch_per_chip * chips
   config.eval.r_values = ()
+  if not teacher:
+    config.fusion.teacher_r_max = 0.0
   return config
 
 
@@ -62,7 +73,8 @@ def main(argv):
       cli.fail(str(e))
     print(tgt.describe(), flush=True)
     for name in FLAGS.configs:
-      config = config_for(name, len(tgt.devices))
+      config = config_for(name, len(tgt.devices), dtype=FLAGS.dtype,
+                          batch_per_chip=FLAGS.batch_per_chip, teacher=FLAGS.teacher)
       t0 = time.time()
       try:
         results = aot.compile_all(config, tgt, tuple(FLAGS.programs),
@@ -74,6 +86,7 @@ def main(argv):
       by_name = {c.name: c for c in results}
       row = {"config": name, "topology": topology, "device_kind": tgt.device_kind,
              "batch_per_chip": FLAGS.batch_per_chip, "dtype": FLAGS.dtype,
+             "teacher": FLAGS.teacher,
              "programs": [c.as_dict() for c in results], "seconds": time.time() - t0}
       if "train step" in by_name:
         row["train_ratios"] = aot.ratios(by_name["train step"], by_name["train step, plain"])

@@ -195,6 +195,28 @@ def test_benchmark_script_on_cpu(tmp_path):
   assert "forward r=10 / forward r=0" in proc.stdout
 
 
+def test_benchmark_configs_with_and_without_the_teacher():
+  """The sweep's configs: its dtype and batch per chip, and with --noteacher no teacher
+  branch (the fused train step that XLA's estimate covers)."""
+  code = ("import runpy, sys\n"
+          "sweep = runpy.run_path(sys.argv[1], run_name='sweep')\n"
+          "for teacher in (True, False):\n"
+          "  c = sweep['config_for']('deit_s', 4, dtype='bfloat16', batch_per_chip=128,\n"
+          "                          teacher=teacher)\n"
+          "  print(c.model.dtype, c.model.param_dtype, c.batch_size, c.eval_batch_size,\n"
+          "        c.fusion.teacher_r_max, tuple(c.eval.r_values))\n")
+  proc = subprocess.run([sys.executable, "-c", code,
+                         os.path.join(ROOT, "benchmarks", "tpu_compile.py")], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  recipe = load_config(os.path.join(ROOT, "configs", "deit_s.py"))
+  assert recipe.fusion.teacher_r_max > 0
+  assert proc.stdout.split("\n")[:2] == [
+      f"bfloat16 bfloat16 512 512 {recipe.fusion.teacher_r_max} ()",
+      "bfloat16 bfloat16 512 512 0.0 ()"]
+
+
 @pytest.mark.parametrize("told", [False, True])
 @pytest.mark.parametrize("fixed,per_image,wobble", [
     (0.7, 0.0864, 0.0), (0.7, 0.0864, 0.3), (2.0, 0.011, 0.0), (15.0, 0.02, 0.0),
