@@ -53,6 +53,15 @@ for impl in scatter matmul; do
 done
 step train_step python3 benchmarks/train_step.py --config=configs/deit_s.py \
     --batch_size=$batch --dtype=bfloat16 --repeats=$steps --json="$out/train_step.json"
+# The same train step compiled ahead of time for this GPU's model (mctf_jax.tools.compile):
+# its compiled HBM need beside the running peak train_step.py reports.
+gpu=$(python3 -c "import jax; k = jax.devices()[0].device_kind
+print(next((m for m in ('h100', 'h200') if m in k.lower()), ''))" 2>/dev/null)
+if [[ -n "$gpu" ]]; then
+  step compiled python3 -m mctf_jax.tools.compile --config=configs/deit_s.py \
+      --topology=$gpu:1 --programs=train --config.batch_size=$batch \
+      --config.model.dtype=bfloat16 --json="$out/compiled.json"
+fi
 
 if (( ${#failed[@]} )); then
   echo "failed: ${failed[*]}"
