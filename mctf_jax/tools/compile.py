@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -259,6 +260,7 @@ class ProgramCost:
   estimate_s: float | None     # XLA's optimal_seconds with uncosted instructions at 0
   uncosted: int                # instructions XLA's TPU cost model reported as -1 s
   estimate_note: str = ""      # why there is no estimate
+  uncounted: str = ""          # bodies XLA's counts leave out ("conditional", "while")
 
   @property
   def hbm_bytes(self) -> int:
@@ -319,14 +321,16 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
   seconds = time.time() - t0
   stats = compiled.memory_analysis()
   xla = compiled_cost(compiled)
-  estimate, uncosted, note = None, 0, ""
+  estimate, uncosted, note, uncounted = None, 0, "", ""
   if tgt.platform == "tpu" and "optimal_seconds" in xla:
     text = compiled.as_text()
     loops = [kind for kind in ("conditional", "while") if f" {kind}(" in text]
     if loops:
-      # XLA's TPU estimate costs the entry computation only: a lax.switch's branches and a
-      # loop's body are left out, so it would flatter the program.
-      note = f"no estimate: XLA's leaves out the {' and '.join(loops)} bodies"
+      # XLA's TPU cost analysis costs the entry computation only: a lax.switch's branches
+      # and a loop's body are left out of its estimate, FLOPs and bytes, which would
+      # flatter the program.
+      uncounted = " and ".join(loops)
+      note = f"no estimate: XLA's leaves out the {uncounted} bodies (its FLOPs and bytes too)"
     else:
       uncosted = uncosted_instructions(text)
       estimate = float(xla["optimal_seconds"]) + uncosted
@@ -342,7 +346,7 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
       xla_flops=float(xla.get("flops", float("nan"))),
       bytes_accessed=float(xla.get("bytes accessed", float("nan"))),
       traced_flops=traced_flops / num_devices, estimate_s=estimate, uncosted=uncosted,
-      estimate_note=note)
+      estimate_note=note, uncounted=uncounted)
   if result.hbm_bytes > tgt.memory_bytes:
     raise DoesNotFit(
         f"{name} does not fit on {tgt.name}: it needs {result.hbm_bytes / GiB:.2f} GiB of "
@@ -539,7 +543,7 @@ def _gb(n: float) -> str:
 
 def _figure(value, scale: float, width: int, digits: int) -> str:
   """value / scale, or '-' where XLA gave none (None or NaN)."""
-  if value is None or value != value:
+  if value is None or math.isnan(value):
     return f"{'-':>{width}s}"
   return f"{value / scale:{width}.{digits}f}"
 
@@ -574,7 +578,11 @@ def format_ratios(fused: ProgramCost, plain: ProgramCost) -> str:
     speed += (": slower than the plain program by XLA's estimate (fewer FLOPs saved than "
               "the fusion costs here: a larger r, or fusion.method='tome')")
   xla = (f" (XLA's {q['xla_flops']:.3f}), bytes accessed {q['bytes_accessed']:.3f}"
-         if q["xla_flops"] == q["xla_flops"] else "")   # (NaN: no cost analysis)
+         if not math.isnan(q["xla_flops"]) else "")   # (NaN: no cost analysis)
+  uncounted = " and ".join(dict.fromkeys(
+      kind for c in (fused, plain) for kind in c.uncounted.split(" and ") if kind))
+  if xla and uncounted:
+    xla += f" (XLA's counts leave out the {uncounted} bodies)"
   return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f}{xla}, compile "
           f"{q['compile']:.2f}x, HBM {q['hbm']:.2f}x{speed}")
 
