@@ -73,13 +73,13 @@ def test_tpu_train_step_fits(v5e):
   train = aot.compile_train(config, v5e)
   assert 0 < train.hbm_bytes < v5e.memory_bytes and train.temp_bytes > 0
   assert train.estimate_s is None and "conditional" in train.estimate_note
-  # XLA's FLOPs and bytes leave the branches (and the scanned blocks' loop) out too, and
-  # the ratios say so.
+  # XLA's FLOPs and bytes miss the branches (and the scanned blocks' loop) too, and the
+  # ratios say so.
   assert train.uncounted == "conditional and while"
   unlooped = dataclasses.replace(train, name="no branches", uncounted="")
-  assert ("XLA's counts leave out the conditional and while bodies"
+  assert ("XLA's counts miss part of the conditional and while bodies"
           in aot.format_ratios(train, unlooped))
-  assert "leave out" not in aot.format_ratios(unlooped, unlooped)
+  assert "miss part" not in aot.format_ratios(unlooped, unlooped)
   # Student, teacher (its costliest branch) and their backward passes: more than three
   # forward passes of the student, less than three of the plain model, both paths.
   per_chip = config.batch_size // len(v5e.devices)

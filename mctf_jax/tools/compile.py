@@ -326,11 +326,11 @@ def measure(name: str, r, lower, traced_flops: float, num_devices: int,
     text = compiled.as_text()
     loops = [kind for kind in ("conditional", "while") if f" {kind}(" in text]
     if loops:
-      # XLA's TPU cost analysis costs the entry computation only: a lax.switch's branches
-      # and a loop's body are left out of its estimate, FLOPs and bytes, which would
-      # flatter the program.
+      # XLA's TPU cost analysis does not count a lax.switch's branches or a loop's body in
+      # full (its estimate, FLOPs and bytes alike), which would flatter the program.
       uncounted = " and ".join(loops)
-      note = f"no estimate: XLA's leaves out the {uncounted} bodies (its FLOPs and bytes too)"
+      note = (f"no estimate: XLA's does not count the {uncounted} bodies in full (nor its "
+              f"FLOPs and bytes)")
     else:
       uncosted = uncosted_instructions(text)
       estimate = float(xla["optimal_seconds"]) + uncosted
@@ -582,7 +582,7 @@ def format_ratios(fused: ProgramCost, plain: ProgramCost) -> str:
   uncounted = " and ".join(dict.fromkeys(
       kind for c in (fused, plain) for kind in c.uncounted.split(" and ") if kind))
   if xla and uncounted:
-    xla += f" (XLA's counts leave out the {uncounted} bodies)"
+    xla += f" (XLA's counts miss part of the {uncounted} bodies)"
   return (f"{fused.name} / {plain.name}: FLOPs {q['traced_flops']:.3f}{xla}, compile "
           f"{q['compile']:.2f}x, HBM {q['hbm']:.2f}x{speed}")
 
