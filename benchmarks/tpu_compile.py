@@ -12,8 +12,8 @@ XLA's time estimate (the speed-up it implies, with the instructions its TPU cost
 cannot cost at 0), compile time and HBM per chip. These are compiled figures, not run
 ones; a program that does not fit prints its one-line error and the sweep goes on.
 With --noteacher the fused train step is the student's alone (no teacher branches under a
-``lax.switch``, which XLA's cost analysis leaves out), so its bytes and XLA's estimate
-compare with the plain step's.
+``lax.switch``, which XLA's cost analysis does not count in full), so its bytes and
+XLA's estimate compare with the plain step's.
 
 On this project's 2-core CPU a DeiT-S forward compiles in minutes and a train step with
 its teacher branches in tens of minutes: choose --configs, --topologies and --programs.

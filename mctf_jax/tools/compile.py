@@ -260,7 +260,7 @@ class ProgramCost:
   estimate_s: float | None     # XLA's optimal_seconds with uncosted instructions at 0
   uncosted: int                # instructions XLA's TPU cost model reported as -1 s
   estimate_note: str = ""      # why there is no estimate
-  uncounted: str = ""          # bodies XLA's counts leave out ("conditional", "while")
+  uncounted: str = ""          # bodies XLA's counts miss part of ("conditional and while")
 
   @property
   def hbm_bytes(self) -> int:
