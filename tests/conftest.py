@@ -16,13 +16,13 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 
 import fcntl
 import subprocess
-import sys
 import tempfile
 
 import jax
 import numpy as np
 import pytest
 
+import forkserver
 from mctf_jax import FusionConfig
 
 # One persistent compilation cache for the test session, shared by the xdist workers and
@@ -151,19 +151,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TINY = "tests/configs/digits_tiny.py"
 
 
+def launch_env(**changes) -> dict:
+  """The environment of the suite's launches of train.py, eval.py, the tools and the
+  benchmarks: this process's (8 CPU devices), with tests/ on the path (for the toy
+  backbones) and TensorFlow's logs quiet; `changes` on top. Launches that differ from
+  each other only in XLA's variables share the fork server's imports (`run`)."""
+  return dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **changes)
+
+
 @pytest.fixture(scope="session")
 def env():
-  """The environment of train.py / eval.py subprocesses: one CPU device, tests/ on the path
-  (for the toy backbones)."""
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  env["XLA_FLAGS"] = FAST_COMPILE   # one device, unless a test asks for more
-  return env
+  """The environment of train.py / eval.py runs: `launch_env` with one CPU device, unless a
+  test asks for more."""
+  return launch_env(XLA_FLAGS=FAST_COMPILE)
 
 
-def run(args, env, timeout=600):
-  return subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+_LAUNCHER = forkserver.Launcher()
+
+
+def run(args, env, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
+  """``python ARGS`` in `cwd` with `env`, its output captured; forked from a server that has
+  made the imports once where that is the same as a fresh interpreter (tests/forkserver.py)."""
+  return _LAUNCHER.run(args, env, cwd, timeout)
 
 
 def digits_config(arch=None) -> str:

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 
 import mctf_jax
-from conftest import tiny_config
+from conftest import launch_env, run, tiny_config
 from mctf_jax import cost
 from mctf_jax.tools import benchmark, flops
 
@@ -143,9 +141,7 @@ def test_compare_keeps_the_timings_where_the_profile_fails(monkeypatch, tiny_var
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.benchmark", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return run(["-m", "mctf_jax.tools.benchmark", *args], launch_env(), timeout=300)
 
 
 def test_cli_json(tmp_path):

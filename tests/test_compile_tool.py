@@ -10,6 +10,7 @@ import sys
 import jax
 import pytest
 
+from conftest import launch_env, run
 from mctf_jax import load_config
 from mctf_jax.errors import ConfigError
 from mctf_jax.tools import compile as aot
@@ -166,11 +167,9 @@ def test_uncosted_instructions_counts_top_level_custom_calls():
 def test_cli_on_cpu(tmp_path):
   """The command line on XLA:CPU devices: a table, the ratios, the JSON."""
   out = tmp_path / "compiled.json"
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  proc = subprocess.run(
-      [sys.executable, "-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=cpu:8",
-       "--config.batch_size=64", "--config.eval_batch_size=64", "--programs=eval",
-       f"--json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = run(["-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=cpu:8",
+              "--config.batch_size=64", "--config.eval_batch_size=64", "--programs=eval",
+              f"--json={out}"], launch_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "cpu:8: 8 x CPU" in proc.stdout and "forward r=8 / forward r=0" in proc.stdout
   data = json.loads(out.read_text())
@@ -179,9 +178,8 @@ def test_cli_on_cpu(tmp_path):
   fused, plain = data["programs"]
   assert fused["traced_flops"] < plain["traced_flops"]
   assert fused["estimate_s"] is None   # XLA:CPU gives no time estimate
-  bad = subprocess.run(
-      [sys.executable, "-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=tpu9"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  bad = run(["-m", "mctf_jax.tools.compile", f"--config={TINY}", "--topology=tpu9"],
+            launch_env(), timeout=300)
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("error: --topology=tpu9")
 
@@ -190,11 +188,9 @@ def test_benchmark_script_on_cpu(tmp_path):
   """benchmarks/tpu_compile.py runs its sweep (here: the digits config's forwards on two
   CPU devices) and writes the ratios."""
   out = tmp_path / "sweep.json"
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "tpu_compile.py"), "--configs=digits",
-       "--topologies=cpu:2", "--programs=eval", "--batch_per_chip=2", f"--json={out}"],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-      timeout=600)
+  proc = run([os.path.join(ROOT, "benchmarks", "tpu_compile.py"), "--configs=digits",
+              "--topologies=cpu:2", "--programs=eval", "--batch_per_chip=2", f"--json={out}"],
+             launch_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   (row,) = json.loads(out.read_text())
   assert row["config"] == "digits" and row["topology"] == "cpu:2"

@@ -4,8 +4,6 @@ import io
 import logging
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import jax
@@ -14,7 +12,8 @@ import pytest
 
 import mctf_jax
 from mctf_jax import checkpoint, convert, torch_pickle
-from conftest import golden_config, golden_images, golden_state_dict, jit_apply, load_golden
+from conftest import (golden_config, golden_images, golden_state_dict, jit_apply, launch_env,
+                      load_golden, run)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,10 +276,10 @@ def test_mismatch_lists_every_problem(golden):
 def test_cli_writes_an_orbax_checkpoint_that_loads(tmp_path, golden):
   _, data, _ = golden
   out = tmp_path / "converted"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "-m", "mctf_jax.convert", "--config=tests/configs/tiny.py",
+  env = launch_env()
+  cmd = ["-m", "mctf_jax.convert", "--config=tests/configs/tiny.py",
          f"--torch={DATA}/tiny_deit.pth", f"--out={out}"]
-  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  done = run(cmd, env, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "converted" in done.stdout and "parameters" in done.stdout
   config = {"model": dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
@@ -289,23 +288,20 @@ def test_cli_writes_an_orbax_checkpoint_that_loads(tmp_path, golden):
   direct = convert.torch_to_flax(convert.load_state_dict(f"{DATA}/tiny_deit.pth"), config)
   jax.tree.map(np.testing.assert_array_equal, params, direct)
   # Refuses to overwrite; a bad checkpoint gives a clear message, no traceback.
-  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  again = run(cmd, env, timeout=300)
   assert again.returncode != 0 and "exists; pass --overwrite" in again.stderr
   # --overwrite replaces a converted checkpoint, never another directory or a file.
-  replaced = subprocess.run(cmd + ["--overwrite"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+  replaced = run(cmd + ["--overwrite"], env, timeout=300)
   assert replaced.returncode == 0, replaced.stderr
   (out / "notes.txt").write_text("mine")
   (tmp_path / "a_file").write_text("mine")
   for where in (out, tmp_path / "a_file", tmp_path / "a_file" / "x"):
-    refused = subprocess.run(cmd[:-1] + [f"--out={where}", "--overwrite"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    refused = run(cmd[:-1] + [f"--out={where}", "--overwrite"], env, timeout=300)
     assert refused.returncode != 0 and str(where) in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
   assert (out / "notes.txt").read_text() == (tmp_path / "a_file").read_text() == "mine"
-  bad = subprocess.run(cmd[:-1] + [f"--out={tmp_path}/x", "--config.model.embed_dim=32",
-                                   "--config.model.num_heads=2"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  bad = run(cmd[:-1] + [f"--out={tmp_path}/x", "--config.model.embed_dim=32",
+                        "--config.model.num_heads=2"], env, timeout=300)
   assert bad.returncode != 0 and "wrong shape" in bad.stderr
   assert "Traceback" not in bad.stderr
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from flax import traverse_util
 
-from conftest import ROOT, init_variables
+from conftest import ROOT, init_variables, run
 from mctf_jax import models, recipes
 
 
@@ -87,7 +87,6 @@ def test_python_blocks_run(name, monkeypatch):
 # (`# 2.602 GFLOPs`) must be in what it prints.
 
 import shlex
-import subprocess
 import sys
 import time
 
@@ -234,8 +233,7 @@ def test_doc_code_runs(name, tmp_path, monkeypatch, env, trained):
     for argv, comment in commands(code):
       cmd = adapt(argv, files)
       start = time.time()
-      done = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True,
-                            timeout=600)
+      done = run(cmd[1:], env, cwd=scratch)
       print(f"{time.time() - start:6.1f} s  {shlex.join(argv)[:100]}")
       assert done.returncode == 0, f"{name}: {shlex.join(argv)}\n{done.stdout}\n{done.stderr}"
       if _program(argv) == "train.py":

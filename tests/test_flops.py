@@ -4,13 +4,11 @@ import dataclasses
 import importlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import mctf_jax
-from conftest import tiny_config
+from conftest import launch_env, run, tiny_config
 from mctf_jax.config import FusionConfig, fusion_config
 from mctf_jax.models import DeiTConfig
 from mctf_jax import cost
@@ -153,9 +151,7 @@ def test_xla_cost_analysis(name, r, tolerance):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.flops", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=120)
+  return run(["-m", "mctf_jax.tools.flops", *args], launch_env(), timeout=120)
 
 
 def test_cli(tmp_path):

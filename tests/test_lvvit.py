@@ -5,8 +5,6 @@ The contract every backbone meets: tests/test_backbones.py."""
 
 import collections
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +20,7 @@ from mctf_jax import cost
 from mctf_jax.training import optim
 from mctf_jax.training.train_step import TrainState, make_train_step
 from torch_files import write_torch_file
-from conftest import ROOT, init_variables, load_golden
+from conftest import ROOT, init_variables, launch_env, load_golden, run
 
 GOLDEN = os.path.join("backbones", "lvvit_tiny")
 
@@ -294,12 +292,11 @@ def test_pth_tar_through_the_cli(golden, tmp_path):
   model = golden_config(meta)["model"]
   config_file.write_text(f"import ml_collections\n\ndef get_config():\n  return "
                          f"ml_collections.ConfigDict({{'model': {model!r}}})\n")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env = launch_env()
   for ema in (False, True):
     out = tmp_path / f"converted_{ema}"
-    done = subprocess.run([sys.executable, "-m", "mctf_jax.convert", f"--config={config_file}",
-                           f"--torch={path}", f"--out={out}"] + (["--ema"] if ema else []),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run(["-m", "mctf_jax.convert", f"--config={config_file}", f"--torch={path}",
+                f"--out={out}"] + (["--ema"] if ema else []), env, timeout=300)
     assert done.returncode == 0, done.stderr
     loaded = checkpoint.load_variables(str(out), {"model": model})
     want = convert.torch_to_variables(state, {"model": model})

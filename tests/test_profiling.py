@@ -2,15 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
 import pytest
 
 import mctf_jax
-from conftest import tiny_config
+from conftest import launch_env, run, tiny_config
 from mctf_jax.tools import benchmark, profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,9 +161,7 @@ def test_compile_profile_of_a_fused_forward():
 
 
 def _script(*args, timeout=600):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  return run(list(args), launch_env(), timeout=timeout)
 
 
 def test_forward_benchmark_script(tmp_path):

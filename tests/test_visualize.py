@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 import mctf_jax
-from conftest import tiny_config
+from conftest import launch_env, run, tiny_config
 from mctf_jax.tools import benchmark, visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +119,7 @@ def test_merge_figure_of_tiny_model(photo, tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "mctf_jax.tools.visualize", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
+  return run(["-m", "mctf_jax.tools.visualize", *args], launch_env(), timeout=300)
 
 
 def test_cli_merges(photo, tmp_path):

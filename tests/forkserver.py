@@ -1,0 +1,185 @@
+"""Launches of train.py, eval.py and the `-m` tools for the tests, forked from one
+interpreter that has already imported what they import.
+
+A fresh interpreter spends seconds of CPU importing JAX, Flax, Orbax, TensorFlow and the
+package before a test's tiny run starts, and the suite launches dozens. `Launcher` keeps
+one server process per test process (started on first use, from the environment the
+launches share) that imports those modules once and, for every launch, forks a child
+that becomes the script: its own process group, working directory, environment,
+``sys.argv`` and ``sys.path``, its stdout and stderr in files, the script run as
+``__main__`` (``runpy``), its exit code the script's, its ``atexit`` handlers run. The
+server never starts a JAX backend, so each child creates its own, from its own
+``XLA_FLAGS``.
+
+A launch goes through the server only where that is the same as a fresh interpreter:
+``script.py ...`` or ``-m module ...`` whose environment differs from the server's in
+nothing read at import time (``SAME_AT_IMPORT``: only variables read when a backend
+starts may differ). Anything else runs as a plain subprocess. ``MCTF_TEST_FORK=0``
+turns the server off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+# Read by XLA and JAX when a backend starts, not when they are imported: a child may set
+# them differently from the server.
+READ_AT_BACKEND_START = frozenset({"XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION"})
+
+# What the launched scripts import (train.py, eval.py, the tools): the server's imports.
+PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tensorboardX",
+           "absl.app", "ml_collections.config_flags", "mctf_jax", "mctf_jax.training.trainer",
+           "mctf_jax.data._tf")
+
+
+def eligible(args, env, server_env) -> bool:
+  if not args or not (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1)):
+    return False
+  keys = set(env) | set(server_env)
+  return all(env.get(k) == server_env.get(k) for k in keys - READ_AT_BACKEND_START)
+
+
+class Launcher:
+  """``run(args, env, cwd, timeout)`` -> ``subprocess.CompletedProcess`` of
+  ``[sys.executable] + args``, forked from the server where `eligible`."""
+
+  def __init__(self):
+    self._server = None
+    self._env = None
+    self.forked = 0   # launches the server ran
+
+  def _start(self, env):
+    self._server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._env = dict(env)
+    ready = self._server.stdout.readline()
+    if ready.strip() != "ready":
+      raise RuntimeError(f"the test launch server did not start: {ready!r}")
+    atexit.register(self.close)
+
+  def close(self):
+    if self._server is not None and self._server.poll() is None:
+      self._server.stdin.close()
+      self._server.wait(timeout=30)
+    self._server = None
+
+  def run(self, args, env, cwd, timeout):
+    cmd = [sys.executable] + list(args)
+    if os.environ.get("MCTF_TEST_FORK", "1") == "0":
+      return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if self._server is None or self._server.poll() is not None:
+      self._start(env)
+    if not eligible(args, env, self._env):
+      return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="launch") as tmp:
+      out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+      request = dict(args=list(args), env=dict(env), cwd=str(cwd), timeout=timeout,
+                     stdout=out, stderr=err)
+      self._server.stdin.write(json.dumps(request) + "\n")
+      self._server.stdin.flush()
+      reply = json.loads(self._server.stdout.readline())
+      with open(out, errors="replace") as f, open(err, errors="replace") as g:
+        stdout, stderr = f.read(), g.read()
+    self.forked += 1
+    if reply["timed_out"]:
+      raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(cmd, reply["returncode"], stdout, stderr)
+
+
+# ---------------------------------------------------------------------------------- server
+
+def _become_script(request) -> int:
+  """In the forked child: the interpreter `python ARGS` would be, then run it."""
+  import runpy
+  os.setpgid(0, 0)
+  # A fresh interpreter's handlers (the imports may have set others; SIGPIPE stays ignored).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+    file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(file, fd)
+    os.close(file)
+  os.close(0)
+  os.open(os.devnull, os.O_RDONLY)
+  sys.stdin = open(0, closefd=False)
+  sys.stdout = open(1, "w", buffering=1, closefd=False)
+  sys.stderr = open(2, "w", buffering=1, closefd=False)
+  os.chdir(request["cwd"])
+  os.environ.clear()
+  os.environ.update(request["env"])
+  args = request["args"]
+  site = sys.path[1:]   # PYTHONPATH, the standard library, site-packages (not this file's dir)
+  try:
+    if args[0] == "-m":
+      sys.argv = [args[1]] + args[2:]
+      sys.path[:] = [os.getcwd()] + site
+      runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+      sys.argv = list(args)
+      sys.path[:] = [os.path.dirname(os.path.realpath(args[0]))] + site
+      runpy.run_path(args[0], run_name="__main__")
+    code = 0
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if e.code is not None and not isinstance(e.code, int):
+      print(e.code, file=sys.stderr)
+  except BaseException as e:  # noqa: BLE001 - as the interpreter: the traceback, exit 1
+    import traceback
+    tb = e.__traceback__   # from the script's frame on, as a fresh interpreter prints it
+    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__,
+                                                                "<frozen runpy>"):
+      tb = tb.tb_next
+    traceback.print_exception(type(e), e, tb)
+    code = 1
+  atexit._run_exitfuncs()   # noqa: SLF001 - what the interpreter runs at exit
+  sys.stdout.flush()
+  sys.stderr.flush()
+  return code
+
+
+def _wait(pid: int, timeout: float) -> tuple[int, bool]:
+  deadline = time.monotonic() + timeout
+  while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      return os.waitstatus_to_exitcode(status), False
+    if time.monotonic() > deadline:
+      os.killpg(pid, signal.SIGKILL)
+      os.waitpid(pid, 0)
+      return -signal.SIGKILL, True
+    time.sleep(0.02)
+
+
+def serve() -> None:
+  import importlib
+  for module in PRELOAD:
+    importlib.import_module(module)
+  from jax._src import xla_bridge
+  assert not xla_bridge._backends, "the server must not start a JAX backend"  # noqa: SLF001
+  reply = sys.stdout
+  print("ready", file=reply, flush=True)
+  for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+      code = 1
+      try:
+        code = _become_script(request)
+      finally:
+        os._exit(code)
+    returncode, timed_out = _wait(pid, request["timeout"])
+    print(json.dumps(dict(returncode=returncode, timed_out=timed_out)), file=reply,
+          flush=True)
+
+
+if __name__ == "__main__":
+  serve()
