@@ -13,9 +13,10 @@ server never starts a JAX backend, so each child creates its own, from its own
 
 A launch goes through the server only where that is the same as a fresh interpreter:
 ``script.py ...`` or ``-m module ...`` whose environment differs from the server's in
-nothing read at import time (``SAME_AT_IMPORT``: only variables read when a backend
-starts may differ). Anything else runs as a plain subprocess. ``MCTF_TEST_FORK=0``
-turns the server off.
+nothing read at import time (``NOT_READ_AT_IMPORT``: variables read when a backend
+starts, pytest's own). Anything else runs as a plain subprocess. ``MCTF_TEST_FORK=0``
+turns the server off; ``MCTF_TEST_FORK_LOG=FILE`` lists the launches that were not forked
+(and the variables that differed) in FILE at exit.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import sys
 import tempfile
 import time
 
-# Read by XLA and JAX when a backend starts, not when they are imported: a child may set
-# them differently from the server.
-READ_AT_BACKEND_START = frozenset({"XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION"})
+# Not read when the server's modules are imported: XLA's, JAX's and libtpu's variables are
+# read when a backend starts (mctf_jax.tools.compile, imported by some tests, sets the TPU
+# ones in their process), pytest's name the current test. A child may set them otherwise.
+NOT_READ_AT_IMPORT = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_", "TPU_", "ALLOW_MULTIPLE_LIBTPU_LOAD",
+                      "PYTEST_")
 
 # What the launched scripts import (train.py, eval.py, the tools): the server's imports.
 PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tensorboardX",
@@ -42,8 +45,14 @@ PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tenso
 def eligible(args, env, server_env) -> bool:
   if not args or not (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1)):
     return False
-  keys = set(env) | set(server_env)
-  return all(env.get(k) == server_env.get(k) for k in keys - READ_AT_BACKEND_START)
+  return not differences(env, server_env)
+
+
+def differences(env, server_env) -> list[str]:
+  """The variables that `env` sets otherwise than the server's and that may be read at
+  import."""
+  return sorted(k for k in set(env) | set(server_env)
+                if env.get(k) != server_env.get(k) and not k.startswith(NOT_READ_AT_IMPORT))
 
 
 class Launcher:
@@ -54,6 +63,7 @@ class Launcher:
     self._server = None
     self._env = None
     self.forked = 0   # launches the server ran
+    self.fallbacks = []   # (args, the variables that differed) of the others
 
   def _start(self, env):
     self._server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
@@ -65,6 +75,11 @@ class Launcher:
     atexit.register(self.close)
 
   def close(self):
+    log = os.environ.get("MCTF_TEST_FORK_LOG")   # where to list the launches not forked
+    if log and self.fallbacks:
+      with open(log, "a") as f:
+        f.writelines(f"{json.dumps(args)} {' '.join(keys)}\n" for args, keys in self.fallbacks)
+      self.fallbacks = []
     if self._server is not None and self._server.poll() is None:
       self._server.stdin.close()
       self._server.wait(timeout=30)
@@ -78,6 +93,7 @@ class Launcher:
     if self._server is None or self._server.poll() is not None:
       self._start(env)
     if not eligible(args, env, self._env):
+      self.fallbacks.append((list(args), differences(env, self._env)))
       return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="launch") as tmp:

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import conftest
-from conftest import FAST_COMPILE, run
+import forkserver
+from conftest import FAST_COMPILE, launch_env, run
 
 PROBE = """\
 import atexit, os, sys
@@ -30,7 +31,7 @@ def test_a_forked_launch_is_what_a_fresh_interpreter_gives(arg, tmp_path, env):
   two = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
   forked_before = conftest._LAUNCHER.forked
   forked = run([str(probe), arg], two, timeout=120, cwd=tmp_path)
-  assert conftest._LAUNCHER.forked == forked_before + 1   # not a fallback
+  assert conftest._LAUNCHER.forked == forked_before + 1, conftest._LAUNCHER.fallbacks[-1:]
   fresh = subprocess.run([sys.executable, str(probe), arg], cwd=tmp_path, env=two,
                          capture_output=True, text=True, timeout=120)
   assert (forked.returncode, forked.stdout, forked.stderr) == \
@@ -42,6 +43,8 @@ def test_a_forked_launch_is_what_a_fresh_interpreter_gives(arg, tmp_path, env):
 def test_launches_the_server_cannot_make_run_fresh(tmp_path, env):
   """An environment the imports would read differently runs a real interpreter; `-m` runs
   a module; a launch past its timeout is killed."""
+  from mctf_jax.tools import compile as _  # noqa: F401 - sets libtpu's variables here
+  assert forkserver.differences(launch_env(), env) == []   # the tools' launches fork too
   probe = tmp_path / "probe.py"
   probe.write_text(PROBE)
   before = conftest._LAUNCHER.forked
