@@ -170,6 +170,10 @@ def env():
 _LAUNCHER = forkserver.Launcher()
 
 
+def pytest_sessionfinish():
+  _LAUNCHER.close()   # in every xdist worker too
+
+
 def run(args, env, timeout=600, cwd=ROOT) -> subprocess.CompletedProcess:
   """``python ARGS`` in `cwd` with `env`, its output captured; forked from a server that has
   made the imports once where that is the same as a fresh interpreter (tests/forkserver.py)."""
