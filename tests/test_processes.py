@@ -2,7 +2,6 @@
 on a key-value store and a clock of our own; train.py's processes killed for real:
 tests/test_entry_points.py."""
 
-import io
 import subprocess
 import sys
 import textwrap
