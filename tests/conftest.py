@@ -167,7 +167,7 @@ def env():
   return launch_env(XLA_FLAGS=FAST_COMPILE)
 
 
-_LAUNCHER = forkserver.Launcher()
+_LAUNCHER = forkserver.Launcher(launch_env(XLA_FLAGS=FAST_COMPILE))
 
 
 def pytest_sessionfinish():

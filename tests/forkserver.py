@@ -3,7 +3,7 @@ interpreter that has already imported what they import.
 
 A fresh interpreter spends seconds of CPU importing JAX, Flax, Orbax, TensorFlow and the
 package before a test's tiny run starts, and the suite launches dozens. `Launcher` keeps
-one server process per test process (started on first use, from the environment the
+one server process per test process (started on first use, in the environment the
 launches share) that imports those modules once and, for every launch, forks a child
 that becomes the script: its own process group, working directory, environment,
 ``sys.argv`` and ``sys.path``, its stdout and stderr in files, the script run as
@@ -57,22 +57,22 @@ def differences(env, server_env) -> list[str]:
 
 class Launcher:
   """``run(args, env, cwd, timeout)`` -> ``subprocess.CompletedProcess`` of
-  ``[sys.executable] + args``, forked from the server where `eligible`."""
+  ``[sys.executable] + args``, forked from the server where `eligible`. server_env: the
+  server's environment (that of most launches), whatever launch comes first."""
 
-  def __init__(self):
+  def __init__(self, server_env: dict):
     self._server = None
-    self._env = None
+    self._env = dict(server_env)
     self.forked = 0   # launches the server ran
     self.fallbacks = []   # (args, the variables that differed) of the others
+    atexit.register(self.close)
 
-  def _start(self, env):
-    self._server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+  def _start(self):
+    self._server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=self._env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self._env = dict(env)
     ready = self._server.stdout.readline()
     if ready.strip() != "ready":
       raise RuntimeError(f"the test launch server did not start: {ready!r}")
-    atexit.register(self.close)
 
   def close(self):
     log = os.environ.get("MCTF_TEST_FORK_LOG")   # where to list the launches not forked
@@ -90,12 +90,12 @@ class Launcher:
     if os.environ.get("MCTF_TEST_FORK", "1") == "0":
       return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    if self._server is None or self._server.poll() is not None:
-      self._start(env)
     if not eligible(args, env, self._env):
       self.fallbacks.append((list(args), differences(env, self._env)))
       return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
+    if self._server is None or self._server.poll() is not None:
+      self._start()
     with tempfile.TemporaryDirectory(prefix="launch") as tmp:
       out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
       request = dict(args=list(args), env=dict(env), cwd=str(cwd), timeout=timeout,
