@@ -213,3 +213,30 @@ def test_scanned_blocks_equal_unrolled():
                                           max_moved=3, start=1,
                                           method=model.run_blocks_padded))(params)
     assert float(jnp.max(jnp.abs(still.tokens_BxTxC - scanned.tokens_BxTxC))) > 0.1
+
+
+def test_padded_step_reads_the_attention_received_from_the_probabilities_as_they_come():
+  """In a 16-bit model the padded step (the train step's) reads the attention each token
+  receives from the float32 probabilities, not from a 16-bit copy of them (one more (T, T)
+  map per fusing block on TPUs; the exact steps of inference share the values' copy)."""
+  from mctf_jax.fusion.steps import PaddedStep, TokenState
+  rng = np.random.default_rng(0)
+  batch, tokens, heads, channels, r = 2, 9, 2, 8, 2
+  x = jnp.asarray(rng.standard_normal((batch, tokens, channels)), jnp.bfloat16)
+  size = jnp.ones((batch, tokens), jnp.float32).at[:, -1].set(0)   # one padding token
+  probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((batch, heads, tokens, tokens)),
+                                     jnp.float32) + jnp.log(size)[:, None, None, :], axis=-1)
+  step = PaddedStep(config=fusion.FusionConfig(r=r, pooling="attn"), fuses=True,
+                    splits=jnp.asarray([r // 2, r - r // 2]), width_out=tokens - r,
+                    fusion_width=tokens, max_moved=r)
+  _, merge = step(TokenState(x, size, None), x, probs)
+  valid = size > 0
+
+  def weights(received):
+    received = jnp.asarray(received).astype(jnp.float32)
+    return np.asarray(received * size / jnp.max(size, axis=-1, keepdims=True))
+
+  read = fusion.attention_received(probs, valid)
+  rounded = fusion.attention_received(probs.astype(jnp.bfloat16), valid)
+  assert not np.allclose(weights(read), weights(rounded), rtol=1e-4, atol=0)
+  np.testing.assert_allclose(np.asarray(merge.weights_BxT), weights(read), rtol=1e-6)

@@ -61,8 +61,12 @@ def resolve_merge_impl(impl: str, platform: str | None = None) -> str:
 
 def _as_used(probs_BxHxTxT, dtype):
   """The probabilities as the values' product uses them: in a 16-bit compute dtype, rounded
-  to it (``merge.attend``). The attention received is then read from the very tensor that
-  product reads, and XLA keeps one copy of the (T, T) map, in 16 bits, not two."""
+  to it (``merge.attend``). In the exact steps (the inference programs) the attention
+  received is then read from the very tensor that product reads, and XLA keeps one copy of
+  the (T, T) map, in 16 bits, not two. The padded steps (the train step's) read the
+  probabilities as they come: there the rounded copy is one more map per fusing block,
+  written transposed for the sum over the queries (on TPUs, 6% of a DeiT-S student's
+  step's bytes at depth 4; docs/speed.md)."""
   if jnp.dtype(dtype).itemsize <= 2:
     return probs_BxHxTxT.astype(dtype)
   return probs_BxHxTxT
@@ -167,8 +171,7 @@ class PaddedStep:
     valid_BxT = state.size_BxT > 0
     received_BxT = None
     if probs_BxHxTxT is not None:
-      received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype),
-                                        valid_BxT)
+      received_BxT = attention_received(probs_BxHxTxT, valid_BxT)
     valid_wide = pad_tokens(valid_BxT, wide, False)
     if cfg.method == "pitome":
       match, valid_BxO = pitome_matching_padded(
