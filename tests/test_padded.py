@@ -218,7 +218,7 @@ def test_scanned_blocks_equal_unrolled():
 def test_padded_step_reads_the_attention_received_from_the_probabilities_as_they_come():
   """In a 16-bit model the padded step (the train step's) reads the attention each token
   receives from the float32 probabilities, not from a 16-bit copy of them (one more (T, T)
-  map per fusing block on TPUs; the exact steps of inference share the values' copy)."""
+  map per fusing block in a train step on TPUs)."""
   from mctf_jax.fusion.steps import PaddedStep, TokenState
   rng = np.random.default_rng(0)
   batch, tokens, heads, channels, r = 2, 9, 2, 8, 2

@@ -59,19 +59,6 @@ def resolve_merge_impl(impl: str, platform: str | None = None) -> str:
   return "matmul" if platform == "tpu" else "scatter"
 
 
-def _as_used(probs_BxHxTxT, dtype):
-  """The probabilities as the values' product uses them: in a 16-bit compute dtype, rounded
-  to it (``merge.attend``). In the exact steps (the inference programs) the attention
-  received is then read from the very tensor that product reads, and XLA keeps one copy of
-  the (T, T) map, in 16 bits, not two. The padded steps (the train step's) read the
-  probabilities as they come: there the rounded copy is one more map per fusing block,
-  written transposed for the sum over the queries (on TPUs, 6% of a DeiT-S student's
-  step's bytes at depth 4; docs/speed.md)."""
-  if jnp.dtype(dtype).itemsize <= 2:
-    return probs_BxHxTxT.astype(dtype)
-  return probs_BxHxTxT
-
-
 def _scores(config: FusionConfig, metric_BxTxC, received_BxT, size_BxT, num_protected: int,
             valid_BxT=None):
   if config.method == "tome":
@@ -110,7 +97,9 @@ class ExactStep:
     batch, tokens = state.x_BxTxC.shape[:2]
     received_BxT = None
     if probs_BxHxTxT is not None:
-      received_BxT = attention_received(_as_used(probs_BxHxTxT, state.x_BxTxC.dtype))
+      # From the probabilities as they come (float32 at least): a copy rounded to a 16-bit
+      # compute dtype would be one more (T, T) map per fusing block in a train step.
+      received_BxT = attention_received(probs_BxHxTxT)
     if cfg.method == "pitome":
       match = pitome_matching(metric_BxTxC, r=plan.r, margin=plan.margin, protect=plan.protect,
                               num_protected=self.num_protected)
