@@ -32,9 +32,11 @@ import time
 
 # Not read when the server's modules are imported: XLA's, JAX's and libtpu's variables are
 # read when a backend starts (mctf_jax.tools.compile, imported by some tests, sets the TPU
-# ones in their process), pytest's name the current test. A child may set them otherwise.
+# ones in their process), Intel OpenMP's when that library loads (Keras's import, which the
+# server's TensorFlow skips, sets them in the test process), pytest's name the current test.
+# A child may set them otherwise.
 NOT_READ_AT_IMPORT = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_", "TPU_", "ALLOW_MULTIPLE_LIBTPU_LOAD",
-                      "PYTEST_")
+                      "KMP_", "PYTEST_")
 
 # What the launched scripts import (train.py, eval.py, the tools): the server's imports.
 PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tensorboardX",
@@ -42,17 +44,25 @@ PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tenso
            "mctf_jax.data._tf")
 
 
-def eligible(args, env, server_env) -> bool:
+def eligible(args, env, server_env, set_by_imports=None) -> bool:
   if not args or not (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1)):
     return False
-  return not differences(env, server_env)
+  return not differences(env, server_env, set_by_imports)
 
 
-def differences(env, server_env) -> list[str]:
+def differences(env, server_env, set_by_imports=None) -> list[str]:
   """The variables that `env` sets otherwise than the server's and that may be read at
-  import."""
+  import. set_by_imports: {name: value} the server's imports set (TensorFlow's
+  TF2_BEHAVIOR, ...): the same imports set them in the test process too, so `env` may hold
+  them, or not, as long as it holds the same value."""
+  set_by_imports = set_by_imports or {}
+
+  def same(k):
+    if k in set_by_imports and env.get(k) in (None, set_by_imports[k]):
+      return True
+    return env.get(k) == server_env.get(k)
   return sorted(k for k in set(env) | set(server_env)
-                if env.get(k) != server_env.get(k) and not k.startswith(NOT_READ_AT_IMPORT))
+                if not k.startswith(NOT_READ_AT_IMPORT) and not same(k))
 
 
 class Launcher:
@@ -63,6 +73,7 @@ class Launcher:
   def __init__(self, server_env: dict):
     self._server = None
     self._env = dict(server_env)
+    self._set_by_imports = None   # {name: value}, once the server has started
     self.forked = 0   # launches the server ran
     self.fallbacks = []   # (args, the variables that differed) of the others
     atexit.register(self.close)
@@ -71,8 +82,10 @@ class Launcher:
     self._server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=self._env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ready = self._server.stdout.readline()
-    if ready.strip() != "ready":
+    if not ready.startswith("ready "):
       raise RuntimeError(f"the test launch server did not start: {ready!r}")
+    after = json.loads(ready[len("ready "):])
+    self._set_by_imports = {k: v for k, v in after.items() if self._env.get(k) != v}
 
   def close(self):
     log = os.environ.get("MCTF_TEST_FORK_LOG")   # where to list the launches not forked
@@ -90,12 +103,12 @@ class Launcher:
     if os.environ.get("MCTF_TEST_FORK", "1") == "0":
       return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
-    if not eligible(args, env, self._env):
-      self.fallbacks.append((list(args), differences(env, self._env)))
-      return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
     if self._server is None or self._server.poll() is not None:
       self._start()
+    if not eligible(args, env, self._env, self._set_by_imports):
+      self.fallbacks.append((list(args), differences(env, self._env, self._set_by_imports)))
+      return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="launch") as tmp:
       out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
       request = dict(args=list(args), env=dict(env), cwd=str(cwd), timeout=timeout,
@@ -182,7 +195,7 @@ def serve() -> None:
   from jax._src import xla_bridge
   assert not xla_bridge._backends, "the server must not start a JAX backend"  # noqa: SLF001
   reply = sys.stdout
-  print("ready", file=reply, flush=True)
+  print("ready", json.dumps(dict(os.environ)), file=reply, flush=True)
   for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()

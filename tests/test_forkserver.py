@@ -43,10 +43,13 @@ def test_a_forked_launch_is_what_a_fresh_interpreter_gives(arg, tmp_path, env):
 def test_launches_the_server_cannot_make_run_fresh(tmp_path, env):
   """An environment the imports would read differently runs a real interpreter; `-m` runs
   a module; a launch past its timeout is killed."""
-  from mctf_jax.tools import compile as _  # noqa: F401 - sets libtpu's variables here
-  assert forkserver.differences(launch_env(), env) == []   # the tools' launches fork too
   probe = tmp_path / "probe.py"
   probe.write_text(PROBE)
+  from mctf_jax.tools import compile as _  # noqa: F401 - sets libtpu's variables here
+  import tensorflow as _  # noqa: F401,F811 - sets TF2_BEHAVIOR and others here
+  run([str(probe), "0"], launch_env(), timeout=120)   # (the server started)
+  assert forkserver.differences(launch_env(), conftest._LAUNCHER._env,
+                                conftest._LAUNCHER._set_by_imports) == []   # they fork too
   before = conftest._LAUNCHER.forked
   other = run([str(probe), "0"], dict(env, JAX_ENABLE_X64="1", PROBE="x"), timeout=120)
   assert other.returncode == 0 and other.stdout.splitlines()[1] == "x 1"
