@@ -11,6 +11,9 @@ import conftest
 import forkserver
 from conftest import FAST_COMPILE, launch_env, run
 
+pytestmark = pytest.mark.skipif(os.environ.get("MCTF_TEST_FORK") == "0",
+                                reason="MCTF_TEST_FORK=0: launches are fresh interpreters")
+
 PROBE = """\
 import atexit, os, sys
 import jax
