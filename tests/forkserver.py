@@ -44,10 +44,10 @@ PRELOAD = ("jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint", "tenso
            "mctf_jax.data._tf")
 
 
-def eligible(args, env, server_env, set_by_imports=None) -> bool:
-  if not args or not (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1)):
-    return False
-  return not differences(env, server_env, set_by_imports)
+def is_script(args) -> bool:
+  """Whether `args` run a script or a module (`script.py ...`, `-m module ...`), which the
+  server can become; `-c` code and the like run as plain subprocesses."""
+  return bool(args) and (args[0].endswith(".py") or (args[0] == "-m" and len(args) > 1))
 
 
 def differences(env, server_env, set_by_imports=None) -> list[str]:
@@ -67,8 +67,9 @@ def differences(env, server_env, set_by_imports=None) -> list[str]:
 
 class Launcher:
   """``run(args, env, cwd, timeout)`` -> ``subprocess.CompletedProcess`` of
-  ``[sys.executable] + args``, forked from the server where `eligible`. server_env: the
-  server's environment (that of most launches), whatever launch comes first."""
+  ``[sys.executable] + args``, forked from the server where it runs a script (`is_script`)
+  in the server's environment (no `differences`). server_env: the server's environment
+  (that of most launches), whatever launch comes first."""
 
   def __init__(self, server_env: dict):
     self._server = None
@@ -105,8 +106,9 @@ class Launcher:
                             timeout=timeout)
     if self._server is None or self._server.poll() is not None:
       self._start()
-    if not eligible(args, env, self._env, self._set_by_imports):
-      self.fallbacks.append((list(args), differences(env, self._env, self._set_by_imports)))
+    differing = differences(env, self._env, self._set_by_imports)
+    if differing or not is_script(args):
+      self.fallbacks.append((list(args), differing))
       return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                             timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="launch") as tmp:
