@@ -70,6 +70,7 @@ def format_table(rows) -> str:
 
 def run(config, checkpoint: str, output_dir: str, *, ema: bool, split, throughput_batch: int,
         config_name: str | None = None):
+  # here: a supervising parent (several processes) never loads Orbax, Optax or TensorFlow
   import jax
   import mctf_jax
   from mctf_jax import checkpoint as ckpt_lib, cost, data, parallel, processes

@@ -21,6 +21,7 @@ processes that die, lose their host or their network, not deadlocks.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -29,6 +30,11 @@ import sys
 import threading
 import time
 import traceback
+
+import jax
+from jax._src import distributed
+
+from mctf_jax.errors import ConfigError, is_number
 
 KEY = "mctf_jax/processes/{}"
 DONE, FAILED = "done", "failed"
@@ -43,7 +49,6 @@ _current: ProcessWatch | None = None
 def timeout_from(config) -> float:
   """The config's distributed.lost_process_timeout (the default where a config has no
   such field), checked: ConfigError unless a number of seconds > 0."""
-  from mctf_jax.errors import ConfigError, is_number
   value = config.get("distributed", {}).get("lost_process_timeout", DEFAULT_TIMEOUT)
   if not is_number(value) or not value > 0:
     raise ConfigError(f"distributed.lost_process_timeout={value!r}: expected a number of "
@@ -165,8 +170,6 @@ def start(timeout: float) -> ProcessWatch | None:
   """Starts the watch of this process (after ``jax.distributed.initialize``); None in a
   single-process run."""
   global _current
-  import jax   # here: config files import this module (through recipes) without JAX
-  from jax._src import distributed
   client = distributed.global_state.client
   if jax.process_count() == 1 or client is None:
     return None
@@ -246,7 +249,6 @@ def supervised() -> bool:
   if not parent:
     return False
   if sys.platform.startswith("linux"):
-    import ctypes
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
   if os.getppid() != int(parent):   # the parent went before the line above took effect

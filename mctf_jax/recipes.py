@@ -19,6 +19,9 @@ from __future__ import annotations
 import ml_collections
 
 from mctf_jax import processes
+from mctf_jax.config import model_config
+from mctf_jax.fusion.config import PITOME_FIXED, PITOME_MARGIN, TOME_FIXED
+from mctf_jax.models.lvvit import SIZES as LVVIT_SIZES
 
 
 def deit_model(size: str) -> ml_collections.ConfigDict:
@@ -58,7 +61,6 @@ def vit_model(variant: str, pool_type: str, img_size: int = 224,
 def big_vision_config(model: ml_collections.ConfigDict, r: float, crop_pct: float):
   """The recipe of this file on a big_vision ViT: MCTF r on blocks 1..depth-1, inputs in
   [-1, 1] as big_vision preprocesses them (mean = std = 0.5), the evaluation crop."""
-  from mctf_jax.config import model_config
   config = base_config()
   config.model = model
   depth = model_config(config).depth
@@ -173,7 +175,6 @@ def base_config() -> ml_collections.ConfigDict:
 def tome_fusion(r=13, layers=tuple(range(12))) -> ml_collections.ConfigDict:
   """ToMe itself (``fusion.method='tome'``) at r on `layers`: the MCTF fields it ignores keep
   ToMe's values, no consistency teacher."""
-  from mctf_jax.fusion.config import TOME_FIXED
   return mctf_fusion(method="tome", r=r, layers=layers, prop_attn=True, teacher_r_max=0.0,
                      **TOME_FIXED)
 
@@ -182,7 +183,6 @@ def pitome_fusion(keep_ratio=0.925, layers=tuple(range(12))) -> ml_collections.C
   """PiToMe itself (``fusion.method='pitome'``) keeping the fraction `keep_ratio` of the
   tokens in each of `layers`, with its DeiT margins 0.75 - 0.75 l / L: the MCTF fields it
   ignores keep PiToMe's values, no consistency teacher."""
-  from mctf_jax.fusion.config import PITOME_FIXED, PITOME_MARGIN
   return mctf_fusion(method="pitome", r=keep_ratio, layers=layers, teacher_r_max=0.0,
                      pitome_margin=PITOME_MARGIN, **PITOME_FIXED)
 
@@ -198,8 +198,7 @@ LVVIT_RECIPE = {"tiny": dict(drop_path_rate=0.1, crop_pct=0.9),
 
 def lvvit_model(size: str, img_size: int = 224) -> ml_collections.ConfigDict:
   """LV-ViT-T/S/M/L (mctf_jax.models.lvvit.SIZES), patch 16."""
-  from mctf_jax.models.lvvit import SIZES
-  width, depth, heads, skip_lam, stem = SIZES[size]
+  width, depth, heads, skip_lam, stem = LVVIT_SIZES[size]
   return ml_collections.ConfigDict(dict(
       arch="lvvit", img_size=img_size, patch_size=16, in_chans=3, embed_dim=width,
       depth=depth, num_heads=heads, mlp_ratio=3.0, qkv_bias=False, skip_lam=skip_lam,

@@ -44,8 +44,9 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from mctf_jax import models
+from mctf_jax import models, torch_pickle
 from mctf_jax.config import model_config
+from mctf_jax.convert import big_vision
 from mctf_jax.convert.posemb import fold_class_position, resize_pos_embed
 from mctf_jax.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
 
@@ -114,7 +115,6 @@ def _read_checkpoint_file(path: str, ext: str):
       return load_file(path)
     except SafetensorError as e:
       raise CheckpointError(f"cannot read {path!r}: {e}") from e
-  from mctf_jax import torch_pickle
   return torch_pickle.load(path)  # no torch needed, and no code from the file is run
 
 
@@ -140,7 +140,6 @@ def load_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
           zipfile.BadZipFile) as e:
     raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
   if not isinstance(raw, Mapping):
-    from mctf_jax import torch_pickle
     raise CheckpointError(f"{path!r} holds {torch_pickle.describe(raw)}, not a state dict "
                           f"(parameter names to tensors): save model.state_dict()")
   state = unwrap_state_dict(raw, ema=ema)
@@ -261,7 +260,6 @@ def file_to_variables(path: str, config: Any, *, ema: bool = False, adapt: bool 
   insists on one. adapt and allow_unexpected as in ``torch_to_variables``. A file with no
   parameter of the model's is a one-line CheckpointError.
   """
-  from mctf_jax.convert import big_vision
   if kind not in ("auto", "torch", "big_vision"):
     raise ValueError(f"kind must be 'auto', 'torch' or 'big_vision', got {kind!r}")
   path = os.fspath(path)

@@ -19,7 +19,7 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from mctf_jax import checkpoint, convert
+from mctf_jax import checkpoint, convert, parallel
 from mctf_jax.errors import MctfError
 
 
@@ -40,7 +40,6 @@ def main(argv=None):
 
   def run(_):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from mctf_jax import parallel
     parallel.quiet_library_logs(flags_)
     config = flags_.config
     if (flags_.torch is None) == (flags_.big_vision is None):

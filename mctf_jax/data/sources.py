@@ -19,6 +19,7 @@ import re
 from typing import Any, Callable, Optional
 
 import numpy as np
+from PIL import Image
 
 from mctf_jax.data import augment
 from mctf_jax.data._tf import tf
@@ -186,7 +187,6 @@ def _paste(canvas, patch, top: int, left: int) -> None:
 def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   """(size_out, size_in): PIL's bicubic resize of a line of size_in pixels to size_out, as
   a matrix (PIL resizes the unit vectors), so that a resize is two small products."""
-  from PIL import Image
   columns = [np.asarray(Image.fromarray(np.eye(size_in, dtype=np.float32)[k:k + 1],
                                         mode="F").resize((size_out, 1), Image.BICUBIC))[0]
              for k in range(size_in)]

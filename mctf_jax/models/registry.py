@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from mctf_jax.errors import ConfigError
+from mctf_jax.models.base import Backbone
 
 _BACKBONES: dict[str, type] = {}
 
@@ -34,7 +35,6 @@ def names() -> tuple[str, ...]:
 def get(arch) -> type:
   """The Backbone class of ``config.model.arch``; ConfigError naming the registered ones
   for an unknown name."""
-  from mctf_jax.models.base import Backbone
   if not isinstance(arch, str) or not arch:
     raise ConfigError(f"model.arch must be a backbone name, one of {list(names())} or "
                       f"'module:Class', got {arch!r}")

@@ -1,7 +1,5 @@
 """What the command-line tools and benchmark scripts share: one-line errors, the --json
 output file (checked before the work, written after it), and a script's first steps.
-
-Imports no JAX at module level.
 """
 
 from __future__ import annotations
@@ -10,6 +8,10 @@ import json
 import os
 import sys
 from typing import Any
+
+from absl import app
+
+from mctf_jax import parallel
 
 
 def fail(message: str):
@@ -45,9 +47,6 @@ def begin_script(argv, flag_values) -> None:
   """The first steps of a benchmark script's absl main: no stray arguments, the libraries'
   INFO lines only with --verbosity, and a --json path (if the script has one) that can be
   written, checked before the work; bad values raise app.UsageError."""
-  from absl import app
-
-  from mctf_jax import parallel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   parallel.quiet_library_logs(flag_values)

@@ -97,7 +97,7 @@ def instruction_parts(hlo_text: str) -> dict[str, str]:
 
 def _read_xspace(directory: str):
   try:
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2   # here: TensorFlow's import is felt (~5 s)
   except ImportError as e:  # tensorflow is in requirements.txt (tf.data)
     raise ImportError("reading profiler traces needs tensorflow (pip install "
                       "tensorflow-cpu)") from e

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from PIL import Image, ImageDraw, ImageFont
 from ml_collections import config_flags
 
 import mctf_jax
@@ -57,7 +58,6 @@ def eval_preprocess(image, img_size: int, crop_pct: float, mean: Sequence[float]
   centre img_size x img_size crop, and normalises. `image` is a PIL image or a path.
   Returns (crop_HxWx3 uint8, normalised_HxWx3 float32).
   """
-  from PIL import Image
   if not isinstance(image, Image.Image):
     image = Image.open(image)
   image = image.convert("RGB")
@@ -177,7 +177,6 @@ def canvas_size(num_panels: int, cols: int, panel_px: int) -> tuple[int, int]:
 
 def compose(panels: Sequence[np.ndarray], captions: Sequence[str], cols: int = 6):
   """Square panels of one size in a grid on white, each with its caption above; a PIL image."""
-  from PIL import Image, ImageDraw, ImageFont
   panel_px = panels[0].shape[0]
   if any(p.shape[:2] != (panel_px, panel_px) for p in panels):
     raise ValueError("panels must be square and of one size")
@@ -256,7 +255,6 @@ def split_images(config, count: int) -> np.ndarray:
 
 def stack_rows(figures):
   """PIL figures one under another (widths padded with white)."""
-  from PIL import Image
   width = max(f.size[0] for f in figures)
   out = Image.new("RGB", (width, sum(f.size[1] for f in figures)), "white")
   top = 0
@@ -306,7 +304,7 @@ def plot_results(paths: Sequence[str], out: str, *, title: str | None = None,
   """Top-1 against GFLOPs, one line per result file, points labelled with r; a PNG."""
   import matplotlib   # here, not at the top: a second of start-up the other commands skip
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # (after the backend is chosen)
 
   datasets = [(p, load_results(p)) for p in paths]
   fig, ax = plt.subplots(figsize=figsize, dpi=dpi)

@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+from tqdm import tqdm
 
 from mctf_jax import parallel
 from mctf_jax.errors import ConfigError
@@ -65,7 +66,6 @@ def accuracy(eval_step: Callable, variables, batches: Iterable[dict], mesh, *,
   progress: a label for a progress bar on process 0 (None: no bar). total: batches expected.
   """
   if progress is not None and jax.process_index() == 0:
-    from tqdm import tqdm
     batches = tqdm(batches, desc=progress, total=total, unit="batch", leave=False,
                    dynamic_ncols=True)
   totals = None
