@@ -40,8 +40,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+import mctf_jax  # noqa: E402
+from mctf_jax import checkpoint, cost, data, parallel, recipes  # noqa: E402
+from mctf_jax.errors import ConfigError  # noqa: E402
+from mctf_jax.training import evaluation, trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -91,7 +97,6 @@ def _log(message: str) -> None:
 
 def fusion_section(method: str, layers, r=0, target_fraction: float = 0.0):
   """The config.fusion of `method` at r (or at a FLOP budget, with r of the count kind)."""
-  from mctf_jax import recipes
   layers = tuple(layers)
   if method == "plain":
     return recipes.mctf_fusion(r=0.0, layers=layers, teacher_r_max=0.0)
@@ -114,8 +119,6 @@ def fusion_section(method: str, layers, r=0, target_fraction: float = 0.0):
 def method_config(base, method: str, level: float | None):
   """`base` with `method`'s fusion at the r whose FLOPs meet `level` (level None: no
   fusion); None when no r of the method comes down to the level."""
-  from mctf_jax.errors import ConfigError
-  from mctf_jax import cost
   config = base.copy_and_resolve_references()
   layers = base.fusion.layers
   if method == "plain" or level is None:
@@ -131,7 +134,6 @@ def method_config(base, method: str, level: float | None):
 
 
 def gflops(config) -> float:
-  from mctf_jax import cost
   return cost.count_flops(config).gflops
 
 
@@ -161,9 +163,6 @@ class Results:
 def train(config, workdir: str, steps_per_epoch: int | None = None) -> None:
   """trainer.train_and_evaluate, with epochs of `steps_per_epoch` steps of the train
   pipeline when given (None: the whole split). Resumes or skips a run already there."""
-  import jax
-  from mctf_jax import data
-  from mctf_jax.training import trainer
   if steps_per_epoch is None:
     trainer.train_and_evaluate(config, workdir)
     return
@@ -178,10 +177,6 @@ def train(config, workdir: str, steps_per_epoch: int | None = None) -> None:
 
 def top1(config, variables) -> float:
   """Top-1 (%) of `variables` under `config`'s model on its evaluation split."""
-  import jax
-  import mctf_jax
-  from mctf_jax import data, parallel
-  from mctf_jax.training import evaluation
   mesh = parallel.create_mesh(config.mesh.fsdp)
   shardings = parallel.tree_shardings(mesh, variables)
   variables = jax.device_put(variables, shardings)
@@ -192,7 +187,6 @@ def top1(config, variables) -> float:
 
 
 def load(workdir: str, config):
-  from mctf_jax import checkpoint
   return checkpoint.load_variables(workdir, config)
 
 
@@ -344,9 +338,9 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out: str, title: str) -> None:
   """Top-1 against GFLOPs, a panel per setting, a line per method (error bars: std)."""
-  import matplotlib
+  import matplotlib   # here, not at the top: a second of start-up that runs without --plot skip
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # (after the backend is chosen)
 
   settings = ("no training", "fine-tuned")
   fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110, sharey=True)
@@ -381,7 +375,6 @@ def plot(rows: list[dict], out: str, title: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax
   cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # reading the results (libtpu may be installed)
 
-from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from mctf_jax import checkpoint  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("kills", 8, "SIGKILLs before the run may finish.", lower_bound=1)
@@ -70,7 +75,6 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
   to process `victim` that long after the start, or (at_checkpoint_step) that long after
   process 0 logs a step that saves a checkpoint. Returns (exit codes, stderr of each, last
   step logged, seconds, seconds from the signal to the last exit)."""
-  import socket
   n = FLAGS.processes
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -91,7 +95,7 @@ def _train(workdir: str, kill_after=None, at_checkpoint_step=False, victim=0):
     if procs[victim].poll() is None:
       target = procs[victim].pid
       if FLAGS.signal == "stop" and n > 1:   # the training process, not its supervisor
-        import psutil
+        import psutil   # here: not in requirements.txt, and only this case needs it
         target = psutil.Process(target).children()[0].pid
       os.kill(target, sig)
       sent[0] = time.time()
@@ -152,11 +156,7 @@ def _check_attempt(attempt, codes, errs, victim, signalled) -> str | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from absl import logging
   logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines while reading the results
-  from mctf_jax import checkpoint
-  import jax
-  import numpy as np
 
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="mctf_chaos_")
   reference, chaos = os.path.join(root, "uninterrupted"), os.path.join(root, "chaos")

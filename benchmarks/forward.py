@@ -39,7 +39,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
+
+from mctf_jax.tools import benchmark, cli, profiling  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["deit_s", "deit_s_fast", "deit_t", "deit_t_fast"],
@@ -121,7 +124,6 @@ def _batch_sizes() -> list[int] | None:
 def sweep(configs: dict, sizes: list[int], device) -> dict:
   """compare() of every config at every batch size; prints a table per config and the
   targets met."""
-  from mctf_jax.tools import benchmark
   results = {}
   for label, config in configs.items():
     config.model.dtype = FLAGS.dtype
@@ -179,9 +181,9 @@ def speedup_points(data: dict) -> list[tuple[str, float, float, float, float]]:
 def draw(points, path: str, title: str) -> None:
   """Speed-up against FLOP ratio: the diagonal is the FLOP limit, the dashed line the
   targets' 90% of it; a point is img/s fused / plain, its bar the per-pair quartiles."""
-  import matplotlib
+  import matplotlib   # here, not at the top: a second of start-up that runs without --plot skip
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt   # (after the backend is chosen)
   fig, ax = plt.subplots(figsize=(7.5, 5.5))
   top = max(max(p[1] for p in points), max(p[4] for p in points)) * 1.08
   grid = [1.0, top]
@@ -210,7 +212,6 @@ def draw(points, path: str, title: str) -> None:
 
 
 def main(argv):
-  from mctf_jax.tools import cli
   cli.begin_script(argv, FLAGS)   # the --json path too, before the first config is timed
   if FLAGS.plot_from:
     if not FLAGS.plot:
@@ -229,8 +230,6 @@ def main(argv):
   if sizes and FLAGS.steps_free:
     raise app.UsageError("--steps_free times one batch size (--batch_size), not a sweep "
                          "(--batch_sizes)")
-  import jax
-  from mctf_jax.tools import benchmark, profiling
 
   # Every config is checked before the first one is timed.
   configs = {os.path.basename(name).replace(".py", ""): _load_config(name)

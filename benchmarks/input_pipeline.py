@@ -47,6 +47,7 @@ img_size crops), and the CPU time per image of each step is printed: where the t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -56,7 +57,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mctf_jax import data as data_lib  # noqa: E402  (lazy: TensorFlow loads on first use)
+from mctf_jax import recipes  # noqa: E402
+from mctf_jax.tools import benchmark, cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dir", None, "Folder for the JPEGs (built there unless it holds the same "
@@ -89,8 +97,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
 # ----------------------------------------------------------------------------- the files
 
 def _photos():
-  import numpy as np
-  import skimage.data
+  import skimage.data   # here: scikit-image is optional (requirements-test.txt only)
   out = []
   for name in PHOTOS:
     name, _, index = name.partition(":")
@@ -106,9 +113,6 @@ def build_folder(root: str, num_images: int, classes: int, size: tuple[int, int]
   resized (Pillow bicubic) to size = (width, height) (one in four as a portrait, height x
   width) and JPEG-encoded. Returns the dataset name, 'folder:<root>'. A root that already
   holds the same set (its manifest says so) is reused."""
-  import numpy as np
-  from PIL import Image
-
   manifest = dict(num_images=num_images, classes=classes, size=list(size), quality=quality,
                   seed=seed, photos=list(PHOTOS), version=1)
   manifest_path = os.path.join(root, "manifest.json")
@@ -142,7 +146,6 @@ def build_folder(root: str, num_images: int, classes: int, size: tuple[int, int]
 
 def make_config(dataset: str, img_size: int):
   """The DeiT recipe (recipes.base_config) on the folder, evaluated on the same files."""
-  from mctf_jax import recipes
   config = recipes.base_config()
   config.model.img_size = img_size
   config.data.dataset = dataset
@@ -156,6 +159,7 @@ def reference_batches(config, batch_size: int, threads: int, pil_resize: bool = 
   """Read, decode a random crop, resize (bilinear) to img_size as uint8, batch: forever.
   pil_resize: resize as the training pipeline does instead (PIL's antialiased bicubic,
   ``augment.pil_resize``)."""
+  # here: these import TensorFlow (~5 s), which --help and bad flags skip
   from mctf_jax.data import augment, pipeline, sources
   from mctf_jax.data._tf import tf
 
@@ -186,21 +190,18 @@ def reference_batches(config, batch_size: int, threads: int, pil_resize: bool = 
 
 
 def _on_device(batches):
-  import jax
   for batch in batches:
     yield jax.block_until_ready(jax.device_put(batch))
 
 
 def make_pipelines(config, batch_size: int, threads: int) -> dict:
   """name -> a function that starts a fresh iterator of that pipeline's batches."""
-  from mctf_jax import data
-
-  train = data.TrainPipeline(config, batch_size, seed=0, num_threads=threads)
+  train = data_lib.TrainPipeline(config, batch_size, seed=0, num_threads=threads)
   return {
       "reference": lambda: reference_batches(config, batch_size, threads),
       "pil_crop": lambda: reference_batches(config, batch_size, threads, pil_resize=True),
       "train": lambda: _on_device(train.iterate(0)),
-      "eval": lambda: _on_device(data.eval_batches(config, batch_size, num_threads=threads)),
+      "eval": lambda: _on_device(data_lib.eval_batches(config, batch_size, num_threads=threads)),
   }
 
 
@@ -208,7 +209,6 @@ def measure(pipelines: dict, batch_size: int, rounds: int, batches: int, warmup:
   """Turns of each pipeline (fresh iterator, warm-up, timed batches): per name the lists
   of img/s of CPU time and of wall time per round, and per round the ratios over the
   first pipeline's."""
-  import gc
   per = {name: {"cpu": [], "wall": []} for name in pipelines}
   for _ in range(rounds):
     for name, start in pipelines.items():
@@ -241,7 +241,7 @@ def measure(pipelines: dict, batch_size: int, rounds: int, batches: int, warmup:
 def profile_steps(config, num_images: int, repeats: int = 2) -> dict:
   """CPU ms per image of each step of the pipelines, timed alone (one tf.data map per step
   on one thread over the same images; its overhead, the 'nothing' step, subtracted)."""
-  import numpy as np
+  # here: these import TensorFlow (~5 s), which --help and bad flags skip
   from mctf_jax.data import augment, pipeline, sources
   from mctf_jax.data._tf import tf
 
@@ -327,10 +327,7 @@ def profile_steps(config, num_images: int, repeats: int = 2) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-  from mctf_jax.tools import cli
   cli.begin_script(argv, FLAGS)
-  import jax
-  from mctf_jax.tools import benchmark
 
   root = FLAGS.dir or os.path.join(
       tempfile.gettempdir(),

@@ -29,7 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # reading the results (libtpu may be installed)
 
-from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from mctf_jax import checkpoint  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("from", "4x2", "The topology of the first run: PROCESSESxDEVICES.")
@@ -85,9 +89,6 @@ def _train(workdir: str, processes: int, devices: int) -> float:
 
 def _compare(workdir: str, reference: str) -> tuple[str, float]:
   """What differs between two runs' final parameters and EMA, and the largest difference."""
-  import jax
-  import numpy as np
-  from mctf_jax import checkpoint
   said, largest = [], 0.0
   for ema in (False, True):
     a = jax.tree.leaves(checkpoint.load_params(workdir, MODEL, ema=ema))
@@ -104,7 +105,6 @@ def _compare(workdir: str, reference: str) -> tuple[str, float]:
 
 def main(argv):
   del argv
-  from absl import logging
   logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines while reading the results
   first = _topology(FLAGS["from"].value)
   others = [_topology(t) for t in FLAGS.to]

@@ -31,6 +31,10 @@ from mctf_jax.tools import compile as aot  # noqa: E402  (sets the TPU compile e
 
 from absl import app, flags  # noqa: E402
 
+import mctf_jax  # noqa: E402
+from mctf_jax.errors import MctfError  # noqa: E402
+from mctf_jax.tools import cli  # noqa: E402
+
 FLAGS = flags.FLAGS
 CONFIGS = ("deit_t", "deit_s", "deit_b", "deit_s_fast", "tome", "pitome", "lvvit_s",
            "t2t_vit_14", "vit_b16_augreg", "siglip_b16")
@@ -51,7 +55,6 @@ def config_for(name: str, chips: int, *, dtype: str, batch_per_chip: int, teache
   """configs/<name>.py as the sweep compiles it: `dtype` compute and parameters,
   `batch_per_chip` images per chip for training and evaluation, the forward at the
   config's r only, and (without `teacher`) the student's train step alone."""
-  import mctf_jax
   config = mctf_jax.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
   config.model.dtype = config.model.param_dtype = dtype
   config.batch_size = config.eval_batch_size = batch_per_chip * chips
@@ -62,8 +65,6 @@ def config_for(name: str, chips: int, *, dtype: str, batch_per_chip: int, teache
 
 
 def main(argv):
-  from mctf_jax.errors import MctfError
-  from mctf_jax.tools import cli
   cli.begin_script(argv, FLAGS)
   rows = []
   for topology in FLAGS.topologies:

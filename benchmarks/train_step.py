@@ -43,8 +43,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+import mctf_jax  # noqa: E402
+from mctf_jax import cost, parallel  # noqa: E402
+from mctf_jax.tools import benchmark, cli, profiling  # noqa: E402
+from mctf_jax.training import programs  # noqa: E402
+from mctf_jax.training.plan import teacher_plan  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_s.py; fields "
@@ -69,11 +78,6 @@ TARGETS = {"time": 1.4, "compile": 3.0, "memory": 1.5}
 def _jitted_step(config, variables, images, labels):
   """train.py's own jitted, donated train step of `config` (programs.train_program) on one
   device, with a fresh state and batch."""
-  import jax
-  import jax.numpy as jnp
-  from mctf_jax import parallel
-  from mctf_jax.training import programs
-
   program = programs.train_program(config, parallel.create_mesh(1, jax.devices()[:1]),
                                    steps_per_epoch=1000)
   # Copies: the step donates its state, and the caller's variables serve the next config.
@@ -87,10 +91,6 @@ def prepare(config, variables, images, labels, warm: bool = True):
   """The jitted, donated train step of `config`, compiled (and warm unless `warm` is
   False); returns (run, info): run(step_number) makes one step numbered so, info has
   trace_s, compile_s and memory."""
-  import jax
-  import jax.numpy as jnp
-  from mctf_jax.tools import benchmark
-
   step, state, batch = _jitted_step(config, variables, images, labels)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
@@ -115,8 +115,6 @@ def prepare(config, variables, images, labels, warm: bool = True):
 def compile_profiles(mctf_cfg, plain_cfg, variables, images, labels) -> dict:
   """Where compile time goes: the plain step, the student alone and the MCTF step, each
   compiled once more under the profiler (``profiling.profile_compile``)."""
-  from mctf_jax.tools import profiling
-
   student_cfg = mctf_cfg.copy_and_resolve_references()
   student_cfg.fusion.teacher_r_max = 0
   out = {}
@@ -137,15 +135,7 @@ def compile_profiles(mctf_cfg, plain_cfg, variables, images, labels) -> dict:
 
 
 def main(argv):
-  from mctf_jax.tools import cli
   cli.begin_script(argv, FLAGS)
-  import jax
-  import jax.numpy as jnp
-  import mctf_jax
-  import numpy as np
-  from mctf_jax import cost
-  from mctf_jax.tools import benchmark
-  from mctf_jax.training.plan import teacher_plan
 
   # Compile times are cold ones: no persistent compilation cache, even where the
   # environment names one (JAX_COMPILATION_CACHE_DIR).

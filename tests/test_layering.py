@@ -86,3 +86,38 @@ def test_the_library_does_not_import_its_tools():
          if not module.startswith("mctf_jax.tools") for m in imported
          if m.startswith("mctf_jax.tools")]
   assert not bad, bad
+
+
+def _function_level_imports(path: str):
+  """(line number, text) of each import inside a function of the file at `path`, with
+  whether it, a line of its run of consecutive import lines, or the line above that run
+  carries a comment."""
+  lines = open(path).read().splitlines()
+  is_import = lambda text: text.lstrip().startswith(("import ", "from "))   # noqa: E731
+  for function in ast.walk(ast.parse("\n".join(lines))):
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      continue
+    for node in ast.walk(function):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        first = last = node.lineno - 1
+        while first > 0 and is_import(lines[first - 1]):
+          first -= 1
+        while last + 1 < len(lines) and is_import(lines[last + 1]):
+          last += 1
+        said = any("#" in lines[i] for i in range(max(first - 1, 0), last + 1))
+        yield node.lineno, lines[node.lineno - 1].strip(), said
+
+
+def test_imports_inside_functions_say_why():
+  """An import inside a function hides an arrow of the dependency graph: the library, the
+  entry points and the benchmarks make one only where it spares an import users feel
+  (TensorFlow, matplotlib, an optional package), and say so in a comment beside it."""
+  top = os.path.dirname(ROOT)
+  paths = [os.path.join(top, name) for name in ("train.py", "eval.py")]
+  for directory in (ROOT, os.path.join(top, "benchmarks")):
+    paths += [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files
+              if f.endswith(".py")]
+  silent = [f"{os.path.relpath(path, top)}:{line}: {text}" for path in sorted(paths)
+            for line, text, said in _function_level_imports(path) if not said]
+  assert not silent, "imports inside functions without a comment saying why:\n" + \
+      "\n".join(silent)
