@@ -49,6 +49,7 @@ import os
 import re
 import sys
 import time
+from typing import Callable
 
 # Before JAX loads: compile-only TPU devices need no TPU runtime, and several processes may
 # load libtpu to compile (the test suite's workers).
@@ -402,14 +403,17 @@ def compile_train(config, tgt: Target, *, name: str = "train step") -> ProgramCo
                  mesh.devices.size, tgt)
 
 
-def compile_forward(config, tgt: Target, r, *, name: str | None = None) -> ProgramCost:
-  """eval.py's evaluation step at `r` on the target's mesh."""
+def compile_forward(config, tgt: Target, r, *, name: str | None = None,
+                    forward: Callable | None = None) -> ProgramCost:
+  """eval.py's evaluation step at `r` on the target's mesh; with `forward`, the same step
+  around forward(model) (a function of (variables, images)) instead of ``model.apply``."""
   mesh = make_mesh(config, tgt)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = programs.model_for_mesh(config, mesh).with_fusion(r=r)
   variables = programs.abstract_variables(model, mesh)
   batch = programs.eval_batch(config, model, mesh)
-  step = programs.eval_program(model, mesh, jax.tree.map(lambda x: x.sharding, variables))
+  step = programs.eval_program(model, mesh, jax.tree.map(lambda x: x.sharding, variables),
+                               None if forward is None else forward(model))
   traced = traced_step_flops(step, variables, batch)
   return measure(name or f"forward r={r}", r, lambda: step.lower(variables, batch), traced,
                  mesh.devices.size, tgt)

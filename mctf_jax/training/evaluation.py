@@ -27,11 +27,14 @@ def check_image_outputs(model, script: str) -> None:
                       f"'0'), or run the encoder from Python (model.apply, ViT.grid_outputs)")
 
 
-def make_eval_step(model):
+def make_eval_step(model, forward: Callable | None = None):
   """eval_step(variables, batch) -> summed top-1 / top-5 hits and the count of real
-  examples; variables: {'params': ...} and the model's state collections, if any."""
+  examples; variables: {'params': ...} and the model's state collections, if any.
+  forward(variables, images) -> logits: default ``model.apply``."""
+  forward = model.apply if forward is None else forward
+
   def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"]).astype(jnp.float32)
+    logits = forward(variables, batch["image"]).astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     k = min(5, logits.shape[-1])
     _, top = jax.lax.top_k(logits, k)
@@ -41,8 +44,8 @@ def make_eval_step(model):
   return eval_step
 
 
-def compile_eval_step(model, mesh, variable_shardings):
-  return jax.jit(make_eval_step(model), in_shardings=(variable_shardings,
+def compile_eval_step(model, mesh, variable_shardings, forward: Callable | None = None):
+  return jax.jit(make_eval_step(model, forward), in_shardings=(variable_shardings,
                                                       parallel.batch_sharding(mesh)))
 
 

@@ -118,9 +118,11 @@ def train_program(config, mesh: Mesh, steps_per_epoch: int, *, model: Backbone |
                       variables_sh, step)
 
 
-def eval_program(model: Backbone, mesh: Mesh, variables_shardings):
-  """The jitted evaluation step of `model` (``evaluation.make_eval_step``) on `mesh`."""
-  return evaluation.compile_eval_step(model, mesh, variables_shardings)
+def eval_program(model: Backbone, mesh: Mesh, variables_shardings,
+                 forward: Callable | None = None):
+  """The jitted evaluation step of `model` (``evaluation.make_eval_step``) on `mesh`;
+  forward(variables, images) -> logits instead of ``model.apply`` where given."""
+  return evaluation.compile_eval_step(model, mesh, variables_shardings, forward)
 
 
 def _batch_struct(mesh: Mesh, shape, dtype):
