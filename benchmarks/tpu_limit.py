@@ -6,9 +6,10 @@ fused widths without the fusion steps, as the TPU compiler sees them (compiled, 
 
 For each config, compiles three forwards on the topology: the plain one (r=0), the fused
 one (eval.py's program at the config's r) and the steps-free one: the same evaluation
-step around ``mctf_jax.tools.benchmark.steps_free_forward``, whose blocks run at the fused
-token counts (the fusing blocks' attention at their input width, as MCTF's one-step-ahead
-attention has it) while the fusion steps' own work (scores, matching, merges) is taken
+step around ``mctf_jax.tools.benchmark.steps_free_forward(model, slice_probs=True)``,
+whose blocks run at the fused token counts (a fusing block's softmax over its input
+tokens, as MCTF's one-step-ahead attention has it, its product with the values of the
+kept tokens only) while the fusion steps' own work (scores, matching, merges) is taken
 out. No form of those steps can make the fused program leaner than that one, so
 steps-free / plain is the limit of fused / plain on that chip, and the gap between the
 fused and the steps-free programs is what the fusion steps cost there. With
@@ -72,9 +73,14 @@ def load(name: str, dtype: str):
 def forward_of(model, kind: str):
   """forward(variables, images) -> logits of the plain, fused or steps-free program."""
   if kind == "steps free":
-    return steps_free_forward(model)
+    return lean_steps_free(model)
   program = model.with_fusion(r=0) if kind == "plain" else model
   return lambda variables, images: program.apply(variables, images)
+
+
+def lean_steps_free(model):
+  """The steps-free forward in its leaner form on a TPU (the probabilities sliced)."""
+  return steps_free_forward(model, slice_probs=True)
 
 
 def compile_forwards(config, tgt: aot.Target, per_chip: int) -> dict:
@@ -85,7 +91,7 @@ def compile_forwards(config, tgt: aot.Target, per_chip: int) -> dict:
   return {"plain": aot.compile_forward(config, tgt, 0, name="forward, plain"),
           "fused": aot.compile_forward(config, tgt, r, name="forward, fused"),
           "steps free": aot.compile_forward(config, tgt, r, name="forward, steps free",
-                                            forward=steps_free_forward)}
+                                            forward=lean_steps_free)}
 
 
 def bare_train_step(forward, learning_rate: float = 1e-3):

@@ -116,6 +116,16 @@ def test_steps_free_forward_runs_the_blocks_at_the_fused_token_counts(tiny_varia
   want = jax.jit(plain.apply)(tiny_variables, x)
   got = jax.jit(benchmark.steps_free_forward(plain))(tiny_variables, x)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # Probabilities sliced to the kept tokens: the values' products shrink from (T, T) to
+  # (O, O) per head in each fusing block, and nothing else changes.
+  sliced = flops.jaxpr_macs(jax.make_jaxpr(benchmark.steps_free_forward(model, slice_probs=True))(
+      tiny_variables, images))
+  head_dim = model.config.embed_dim // model.config.num_heads
+  shrink = sum(2 * model.config.num_heads * head_dim * (p.tokens_in ** 2 - p.tokens_out ** 2)
+               for p in model.schedule().layers if p.fuses)
+  assert shrink > 0 and sliced == traced - shrink
+  got = jax.jit(benchmark.steps_free_forward(plain, slice_probs=True))(tiny_variables, x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
   with pytest.raises(ValueError, match="one_step_ahead='off'"):
     benchmark.steps_free_forward(mctf_jax.create_model(tiny_config(one_step_ahead="off")))
   result = benchmark.compare(tiny_config(), tiny_variables, batch_size=2, repeats=2,
