@@ -62,20 +62,26 @@ KINDS = ("plain", "fused", "steps free")
 
 def load(name: str, dtype: str):
   """configs/<name>.py in `dtype` (compute and parameters), the student alone (no
-  teacher: the bare steps have none), the forward at the config's r."""
+  teacher: the bare steps have none), no dropout or stochastic depth (the steps-free
+  forward has none), the forward at the config's r."""
   config = mctf_jax.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
   config.model.dtype = config.model.param_dtype = dtype
+  for rate in ("drop_path_rate", "dropout_rate", "performer_dropout_rate"):
+    if rate in config.model:
+      config.model[rate] = 0.0
   config.fusion.teacher_r_max = 0.0
   config.eval.r_values = ()
   return config
 
 
-def forward_of(model, kind: str):
-  """forward(variables, images) -> logits of the plain, fused or steps-free program."""
+def train_forward(model, kind: str):
+  """forward(variables, images) -> logits of the plain, fused or steps-free program as a
+  train step runs it (``train=True``: the fused tokens left in the layout the backward
+  pass prefers, which inference programs keep token-major; no dropout at rate 0)."""
   if kind == "steps free":
     return lean_steps_free(model)
   program = model.with_fusion(r=0) if kind == "plain" else model
-  return lambda variables, images: program.apply(variables, images)
+  return lambda variables, images: program.apply(variables, images, train=True)
 
 
 def lean_steps_free(model):
@@ -111,7 +117,7 @@ def compile_train_steps(config, tgt: aot.Target, per_chip: int) -> dict:
   """The three bare train steps at per_chip images, parameters donated."""
   config.batch_size = config.eval_batch_size = per_chip * len(tgt.devices)
   mesh = aot.make_mesh(config, tgt)
-  model = programs.model_for_mesh(config, mesh)
+  model = programs.model_for_mesh(config, mesh).with_fusion(r=aot.eval_r_values(config)[0])
   variables = programs.abstract_variables(model, mesh)
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
@@ -120,7 +126,7 @@ def compile_train_steps(config, tgt: aot.Target, per_chip: int) -> dict:
   shardings = jax.tree.map(lambda x: x.sharding, args)
   results = {}
   for kind in KINDS:
-    step = jax.jit(bare_train_step(forward_of(model, kind)), in_shardings=shardings,
+    step = jax.jit(bare_train_step(train_forward(model, kind)), in_shardings=shardings,
                    out_shardings=(shardings[0], parallel.replicated(mesh)),
                    donate_argnums=(0,))
     traced = aot.traced_step_flops(step, *args)
@@ -144,6 +150,9 @@ def main(argv):
     for name in FLAGS.configs:
       config = load(name, FLAGS.dtype)
       fusion = mctf_jax.fusion_config(config)
+      if not aot.eval_r_values(config)[0]:
+        print(f"  {name}: skipped: nothing fuses at its r", flush=True)
+        continue
       if fusion.method != "mctf" or fusion.one_step_ahead != "approx":
         print(f"  {name}: skipped: the steps-free program follows MCTF's one-step-ahead "
               f"attention; this config has fusion.method={fusion.method!r}, "

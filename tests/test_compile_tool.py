@@ -200,23 +200,26 @@ def test_benchmark_script_on_cpu(tmp_path):
 
 
 def test_limit_benchmark_on_cpu(tmp_path):
-  """benchmarks/tpu_limit.py compiles the plain, fused and steps-free forwards (here the
-  digits config's, on two CPU devices): the steps-free program, the fused widths without
-  the fusion steps, has the fused program's products less the steps' own, and fewer bytes;
-  a config without MCTF's one-step-ahead attention is skipped with the reason."""
+  """benchmarks/tpu_limit.py compiles the plain, fused and steps-free forwards and bare
+  train steps (here the digits config's, on two CPU devices): the steps-free program, the
+  fused widths without the fusion steps, has fewer products than the fused one and fewer
+  bytes; a config without MCTF's one-step-ahead attention is skipped with the reason."""
   out = tmp_path / "limit.json"
   proc = run([os.path.join(ROOT, "benchmarks", "tpu_limit.py"), "--configs=tome,digits",
-              "--topologies=cpu:2", "--batch_per_chip=4", f"--json={out}"], launch_env())
+              "--topologies=cpu:2", "--programs=eval,train", "--batch_per_chip=4",
+              "--train_batch_per_chip=2", f"--json={out}"], launch_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tome: skipped: the steps-free program follows MCTF's one-step-ahead" in proc.stdout
   (row,) = json.loads(out.read_text())
-  assert row["config"] == "digits" and "train" not in row
-  figures = {k: c for k, c in row["eval"]["programs"].items()}
-  assert (figures["steps free"]["traced_flops"] < figures["fused"]["traced_flops"]
-          < figures["plain"]["traced_flops"])
-  assert figures["steps free"]["bytes_accessed"] < figures["fused"]["bytes_accessed"]
-  assert row["eval"]["steps_free_ratios"]["bytes_accessed"] < 1
+  assert row["config"] == "digits"
+  for program in ("eval", "train"):
+    figures = row[program]["programs"]
+    assert (figures["steps free"]["traced_flops"] < figures["fused"]["traced_flops"]
+            < figures["plain"]["traced_flops"])
+    assert figures["steps free"]["bytes_accessed"] < figures["fused"]["bytes_accessed"]
+    assert row[program]["steps_free_ratios"]["bytes_accessed"] < 1
   assert "forward, steps free / forward, plain: FLOPs" in proc.stdout
+  assert "train step, steps free / train step, plain: FLOPs" in proc.stdout
 
 
 def test_benchmark_configs_with_and_without_the_teacher():
