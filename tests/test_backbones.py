@@ -16,7 +16,7 @@ import mctf_jax
 from mctf_jax import checkpoint, convert, cost, models
 from mctf_jax.fusion import padded
 from mctf_jax.fusion.config import TOME_FIXED
-from mctf_jax.tools import flops
+from mctf_jax.tools import benchmark, flops
 from mctf_jax.training.plan import teacher_plan
 from mctf_jax.training.train_step import TrainState, make_train_step
 from conftest import ROOT, digits_config, init_variables, run
@@ -302,3 +302,19 @@ def test_train_py_and_eval_py_end_to_end(arch, trained, tmp_path, env):
   assert (tmp_path / "results.csv").read_text().splitlines()[0] == \
       "r,tokens_out,gflops,img_per_s,top1,top5,images"
   assert "GFLOPs" in done.stdout and "top-1" in done.stdout
+
+
+@pytest.mark.parametrize("arch", tuple(models.names()))
+def test_steps_free_forward_runs_on_every_backbone(arch):
+  """The benchmarks' limit (blocks at the fused widths, no fusion step) runs on every
+  backbone, in both forms: at r=0 it is the plain forward; fused, finite logits of the
+  right shape."""
+  model, variables, images = _setup(arch)
+  plain = model.with_fusion(r=0)
+  want = jax.jit(plain.apply)(variables, images)
+  for slice_probs in (False, True):
+    got = jax.jit(benchmark.steps_free_forward(plain, slice_probs=slice_probs))(variables, images)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    fused = jax.jit(benchmark.steps_free_forward(model, slice_probs=slice_probs))(variables,
+                                                                                 images)
+    assert fused.shape == want.shape and bool(jnp.all(jnp.isfinite(fused)))
