@@ -67,12 +67,7 @@ def config_for(name: str, chips: int, *, dtype: str, batch_per_chip: int, teache
 def main(argv):
   cli.begin_script(argv, FLAGS)
   rows = []
-  for topology in FLAGS.topologies:
-    try:
-      tgt = aot.target(topology)
-    except MctfError as e:
-      cli.fail(str(e))
-    print(tgt.describe(), flush=True)
+  for topology, tgt in aot.each_target(FLAGS.topologies):
     for name in FLAGS.configs:
       config = config_for(name, len(tgt.devices), dtype=FLAGS.dtype,
                           batch_per_chip=FLAGS.batch_per_chip, teacher=FLAGS.teacher)

@@ -141,12 +141,7 @@ def main(argv):
   if unknown:
     cli.fail(f"--programs={','.join(FLAGS.programs)}: unknown {unknown}; expected eval, train")
   rows = []
-  for topology in FLAGS.topologies:
-    try:
-      tgt = aot.target(topology)
-    except MctfError as e:
-      cli.fail(str(e))
-    print(tgt.describe(), flush=True)
+  for topology, tgt in aot.each_target(FLAGS.topologies):
     for name in FLAGS.configs:
       config = load(name, FLAGS.dtype)
       fusion = mctf_jax.fusion_config(config)

@@ -173,6 +173,18 @@ def target(topology: str) -> Target:
   return Target(topology, "tpu", devices, hbm * GiB, "HBM", devices[0].device_kind)
 
 
+def each_target(topologies):
+  """(topology, Target) for each of a script's --topologies, each described as it comes; a
+  bad one ends the script with its one-line error."""
+  for topology in topologies:
+    try:
+      tgt = target(topology)
+    except MctfError as e:
+      cli.fail(str(e))
+    print(tgt.describe(), flush=True)
+    yield topology, tgt
+
+
 def gpu_target_config(model: str) -> str:
   """XLA's description of a GPU model (a GpuTargetConfigProto, text format): what its GPU
   compiler would otherwise query from the device."""
