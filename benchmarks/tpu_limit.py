@@ -97,7 +97,7 @@ def compile_forwards(config, tgt: aot.Target, per_chip: int) -> dict:
   return {"plain": aot.compile_forward(config, tgt, 0, name="forward, plain"),
           "fused": aot.compile_forward(config, tgt, r, name="forward, fused"),
           "steps free": aot.compile_forward(config, tgt, r, name="forward, steps free",
-                                            forward=lean_steps_free)}
+                                            forward_of=lean_steps_free)}
 
 
 def bare_train_step(forward, learning_rate: float = 1e-3):

@@ -416,16 +416,16 @@ def compile_train(config, tgt: Target, *, name: str = "train step") -> ProgramCo
 
 
 def compile_forward(config, tgt: Target, r, *, name: str | None = None,
-                    forward: Callable | None = None) -> ProgramCost:
-  """eval.py's evaluation step at `r` on the target's mesh; with `forward`, the same step
-  around forward(model) (a function of (variables, images)) instead of ``model.apply``."""
+                    forward_of: Callable | None = None) -> ProgramCost:
+  """eval.py's evaluation step at `r` on the target's mesh; with `forward_of`, the same step
+  around forward_of(model) (a function of (variables, images)) instead of ``model.apply``."""
   mesh = make_mesh(config, tgt)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   model = programs.model_for_mesh(config, mesh).with_fusion(r=r)
   variables = programs.abstract_variables(model, mesh)
   batch = programs.eval_batch(config, model, mesh)
   step = programs.eval_program(model, mesh, jax.tree.map(lambda x: x.sharding, variables),
-                               None if forward is None else forward(model))
+                               None if forward_of is None else forward_of(model))
   traced = traced_step_flops(step, variables, batch)
   return measure(name or f"forward r={r}", r, lambda: step.lower(variables, batch), traced,
                  mesh.devices.size, tgt)
